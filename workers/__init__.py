@@ -1,0 +1,1 @@
+"""Training and measurement workers: torch, numpy and tokenizers only (never ray or duckdb)."""

@@ -1,0 +1,123 @@
+"""One run: train the model and measure its FFN spectra on the schedule (DESIGN §1–2).
+
+`run(config, dataset)` takes a resolved run spec as a plain dict and returns plain results;
+it never touches the database (only the driver writes) and never imports ray.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from typing import Callable
+
+import numpy as np
+import torch
+
+from workers.data import Dataset, eval_batch, measurement_batch
+from workers.extract import measure
+from workers.model import GPT, GPTConfig
+from workers.optim import build_optimizers, lr_multiplier, set_lr
+
+Progress = Callable[[int, int], None]
+DIVERGED_PPL = 1000.0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible to this worker")
+    return torch.device(name)
+
+
+def measured_steps(steps: int, every: int) -> list[int]:
+    """Step 1, every `every` steps, and the final step."""
+    return sorted({1, steps, *range(every, steps + 1, every)})
+
+
+@torch.no_grad()
+def evaluate(model, windows: torch.Tensor, autocast_dtype, chunk: int = 64) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], chunk):
+        w = windows[i:i + chunk]
+        with torch.autocast(w.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            _, loss = model(w[:, :-1], w[:, 1:])
+        total += loss.item() * w.shape[0]
+        count += w.shape[0]
+    model.train()
+    return total / count
+
+
+def run(config: dict, ds: Dataset, progress: Progress | None = None, threads: int | None = None) -> dict:
+    """Train and measure one run; failures come back as status 'failed' with what was measured."""
+    result = {"status": "running", "error": None, "evals": [], "spectra": [],
+              "started_at": time.time(), "device": None}
+    try:
+        _run(config, ds, result, progress, threads)
+    except Exception:  # noqa: BLE001 - the driver records the failure, the sweep goes on
+        result["status"] = "failed"
+        result["error"] = traceback.format_exc(limit=8)
+    result["finished_at"] = time.time()
+    return result
+
+
+def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, threads: int | None) -> None:
+    tr, ms, mc = config["train"], config["measure"], config["model"]
+    device = pick_device(tr["device"])
+    result["device"] = str(device)
+    if threads and device.type == "cpu":
+        torch.set_num_threads(threads)
+    torch.manual_seed(tr["seed"])
+    rng = np.random.default_rng(tr["seed"])
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    cov_dtype = torch.float32 if device.type == "cuda" else torch.float64
+
+    cfg = GPTConfig(vocab_size=ds.vocab_size, context=config["data"]["context"], n_layer=mc["n_layer"],
+                    d_model=mc["d_model"], n_head=mc["n_head"], ffn_mult=mc["ffn_mult"])
+    model = GPT(cfg).to(device)
+    optimizers = build_optimizers(model, config["optimizer"])
+    T, B, steps = cfg.context, tr["batch_size"], tr["steps"]
+    train = torch.from_numpy(ds.train.astype(np.int64))
+    if train.numel() < T + 2:
+        raise ValueError("the training split is shorter than one context window")
+    evals = torch.from_numpy(eval_batch(ds, tr["eval_tokens"], T).astype(np.int64)).to(device)
+    token_strata = torch.from_numpy(ds.strata.astype(np.int64)).to(device)
+    fixed = torch.from_numpy(measurement_batch(ds, ms["tokens"], T).astype(np.int64)).to(device) \
+        if ms["source"] == "heldout" else None
+    schedule = set(measured_steps(steps, ms["every"]))
+
+    for step in range(1, steps + 1):
+        starts = torch.from_numpy(rng.integers(0, train.numel() - T - 1, size=B))
+        idx = starts[:, None] + torch.arange(T + 1)
+        batch = train[idx].to(device)
+        x, y = batch[:, :-1], batch[:, 1:]
+        set_lr(optimizers, lr_multiplier(step, steps, tr["warmup"], tr["warmdown"]))
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            _, loss = model(x, y)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        train_loss = loss.item()
+        if step in schedule or not math.isfinite(train_loss):
+            diverged = not math.isfinite(train_loss)
+            val_loss = evaluate(model, evals, autocast) if not diverged else math.nan
+            val_ppl = math.exp(val_loss) if math.isfinite(val_loss) and val_loss < 700 else math.inf
+            result["evals"].append({"step": step, "train_loss": train_loss, "val_loss": val_loss,
+                                    "val_ppl": val_ppl})
+            # an untrained model sits near ppl = vocab size, so the ppl rule starts after step 1
+            if diverged or (step > 1 and val_ppl > DIVERGED_PPL):
+                result["status"] = "diverged"
+                result["error"] = f"diverged at step {step}: train loss {train_loss}, val ppl {val_ppl}"
+                return  # keep the last finite measurements already taken
+            tokens = fixed if fixed is not None else x
+            for rec in measure(model, tokens, token_strata, sites=ms["sites"], strata=ms["strata"],
+                               min_tokens=ms["min_stratum_tokens"], autocast_dtype=autocast,
+                               cov_dtype=cov_dtype):
+                rec["step"] = step
+                result["spectra"].append(rec)
+        if progress is not None:
+            progress(step, steps)
+    result["status"] = "done"
