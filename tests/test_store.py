@@ -1,0 +1,136 @@
+import duckdb
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from spectraldb import store
+from spectraldb.errors import StoreError
+from spectraldb.spec import RunSpec
+from spectraldb.spectra import hard_rank
+
+runner = CliRunner()
+
+COLUMNS = {
+    "runs": ["run_id", "spec_name", "optimizer", "optimizer_name", "lr", "ffn_mult", "ffn_width", "d_model",
+             "n_layer", "n_head", "context", "vocab_size", "corpus", "seed", "steps", "batch_size",
+             "measure_source", "last_k", "status", "error", "final_val_loss", "final_val_ppl", "config",
+             "git_commit", "versions", "host", "device", "started_at", "finished_at", "duration_s"],
+    "evals": ["run_id", "step", "train_loss", "val_loss", "val_ppl"],
+    "spectra": ["run_id", "step", "layer", "site", "stratum", "n_tokens", "n_dim", "skipped",
+                "min_eigenvalue", "eigenvalues"],
+    "ranks": ["run_id", "step", "layer", "site", "stratum", "n_tokens", "soft_rank", "hard_rank",
+              "spectral_entropy"],
+}
+
+
+def columns(con, table):
+    return [r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
+        [table]).fetchall()]
+
+
+def test_migrations_create_exactly_these_columns(tmp_path):
+    with store.connect(tmp_path / "s.duckdb") as con:
+        for table, cols in COLUMNS.items():
+            assert columns(con, table) == cols
+        assert con.execute("SELECT max(version) FROM schema_version").fetchone()[0] == store.SCHEMA_VERSION
+    with store.connect(tmp_path / "s.duckdb") as con:  # idempotent
+        assert con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == len(store.migrations())
+
+
+def flat(rank: int, dim: int) -> np.ndarray:
+    eig = np.full(dim, 1e-12)
+    eig[:rank] = 1.0
+    return eig
+
+
+def fake_result(ranks_by_step_layer: dict, dim: int, status="done") -> dict:
+    spectra = []
+    for (step, layer), r in ranks_by_step_layer.items():
+        for site in ("pre", "post"):
+            spectra.append({"step": step, "layer": layer, "site": site, "stratum": "all", "n_tokens": 10 * dim,
+                            "n_dim": dim, "eigenvalues": flat(r, dim), "min_eigenvalue": 0.0})
+    steps = sorted({s for s, _ in ranks_by_step_layer})
+    return {"status": status, "error": None, "started_at": 0.0, "finished_at": 1.0, "device": "cpu",
+            "evals": [{"step": s, "train_loss": 5.0, "val_loss": 5.0, "val_ppl": 148.4} for s in steps],
+            "spectra": spectra}
+
+
+def test_points_view_takes_median_of_last_k_steps_then_over_layers(tmp_path):
+    db = tmp_path / "s.duckdb"
+    run = RunSpec.model_validate({"model": {"ffn_mult": 1, "d_model": 64}, "measure": {"last_k": 2, "every": 10},
+                                  "train": {"steps": 30}})
+    # layer 0: steps 10/20/30 → 5, 8, 12 (median of last 2 = 10); layer 1: 2, 20, 30 (= 25)
+    res = fake_result({(10, 0): 5, (20, 0): 8, (30, 0): 12, (10, 1): 2, (20, 1): 20, (30, 1): 30}, 64)
+    store.write_run(db, run, res, {"versions": {}})
+    with store.connect(db, read_only=True) as con:
+        rows = con.execute("SELECT metric, value, n_layers, low_n FROM points WHERE site='post' ORDER BY metric").fetchall()
+    assert rows == [("hard", pytest.approx(17.5), 2, False), ("soft", pytest.approx(17.5, rel=1e-6), 2, False)]
+
+
+def test_write_run_is_one_transaction(tmp_path, monkeypatch):
+    db = tmp_path / "s.duckdb"
+    run = RunSpec.model_validate({"train": {"steps": 200}})
+    res = fake_result({(100, 0): 3}, 256)
+    monkeypatch.setattr(store, "rank_rows", lambda rid, recs: [[rid, 1, 0, "post", "all", 1, None, None, None]])
+    with pytest.raises(duckdb.Error):
+        store.write_run(db, run, res, {})
+    with store.connect(db, read_only=True) as con:
+        for table in COLUMNS:
+            assert con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0
+
+
+def test_ranks_are_computed_from_stored_eigenvalues(tmp_path):
+    db = tmp_path / "s.duckdb"
+    run = RunSpec.model_validate({"train": {"steps": 200}})
+    store.write_run(db, run, fake_result({(100, 0): 7}, 256), {})
+    with store.connect(db, read_only=True) as con:
+        eig, hard = con.execute("SELECT s.eigenvalues, r.hard_rank FROM spectra s JOIN ranks r "
+                                "USING (run_id, step, layer, site, stratum) LIMIT 1").fetchone()
+    assert hard == pytest.approx(hard_rank(eig)) and hard == pytest.approx(7)
+    assert eig == sorted(eig, reverse=True)
+
+
+def test_not_a_store_and_newer_schema_are_exit_2(tmp_path):
+    junk = tmp_path / "junk.duckdb"
+    junk.write_text("this is not a database")
+    result = runner.invoke(app, ["query", "beta", "--db", str(junk)])
+    assert result.exit_code == 2 and "not a specdb store" in result.stderr
+    newer = tmp_path / "newer.duckdb"
+    with store.connect(newer) as con:
+        con.execute("INSERT INTO schema_version VALUES (999, 'future', now())")
+    with pytest.raises(StoreError, match="newer than this specdb"):
+        with store.connect(newer, read_only=True):
+            pass
+    result = runner.invoke(app, ["query", "beta", "--db", str(tmp_path / "missing.duckdb")])
+    assert result.exit_code == 2 and "no such store" in result.stderr
+
+
+def test_sql_is_read_only(tmp_path):
+    db = tmp_path / "s.duckdb"
+    store.write_run(db, RunSpec.model_validate({"train": {"steps": 200}}), fake_result({(100, 0): 7}, 256), {})
+    result = runner.invoke(app, ["sql", "DELETE FROM runs", "--db", str(db)])
+    assert result.exit_code == 2
+    result = runner.invoke(app, ["sql", "SELECT count(*) AS n FROM runs", "--db", str(db), "--format", "csv"])
+    assert result.exit_code == 0 and result.stdout == "n\n1\n"
+
+
+def test_query_beta_recovers_planted_exponents(tmp_path):
+    db = tmp_path / "s.duckdb"
+    for name, rank_of in (("adamw", lambda D: D // 4), ("muon", lambda D: 2 * int(np.sqrt(D)))):
+        for mult in (1, 4, 16, 64):
+            run = RunSpec.model_validate({"model": {"d_model": 16, "ffn_mult": mult}, "optimizer": name,
+                                          "train": {"steps": 200}})
+            D = run.model.ffn_width
+            store.write_run(db, run, fake_result({(100, 0): rank_of(D), (200, 0): rank_of(D)}, D), {})
+    result = runner.invoke(app, ["query", "beta", "--db", str(db), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    rows = {r["optimizer"]: r for r in json.loads(result.stdout)}
+    assert rows["AdamW"]["beta_hard"] == pytest.approx(1.0) and rows["AdamW"]["beta_soft"] == pytest.approx(1.0, abs=1e-6)
+    assert rows["Muon"]["beta_hard"] == pytest.approx(0.5) and rows["Muon"]["n_widths"] == 4
+    assert rows["Muon"]["delta_12"] == pytest.approx(0.0, abs=1e-6)
+    assert set(rows["Muon"]) == {"optimizer", "beta_hard", "beta_hard_low", "beta_hard_high", "r2_hard",
+                                 "beta_soft", "beta_soft_low", "beta_soft_high", "r2_soft", "delta_12", "n_widths"}
