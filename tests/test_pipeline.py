@@ -129,3 +129,17 @@ def test_query_while_a_sweep_is_writing(tmp_path, corpus):
     assert writer.returncode == 0, err
     assert rcs, "the sweep finished before any query could run"
     assert all(rc == 0 for rc, _ in rcs), rcs
+
+
+def test_readme_sql_examples_run_on_a_real_store(inline_store):
+    from pathlib import Path
+
+    _, db, _ = inline_store
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("```sql")[1].split("```")[0]
+    queries = [q.strip() for q in block.split(";") if q.strip()]
+    assert len(queries) >= 5
+    for q in queries:
+        result = runner.invoke(app, ["sql", "--db", str(db), "--format", "json", "--", q])
+        assert result.exit_code == 0, (q, result.output)
+        assert json.loads(result.stdout), q  # every example returns rows on a real sweep
