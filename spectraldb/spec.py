@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import re
+from fractions import Fraction
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -24,7 +25,7 @@ from spectraldb.errors import SpecError
 Site = Literal["pre", "post"]
 Stratum = Literal["all", "head", "mid", "tail"]
 Pair = Annotated[list[float], Field(min_length=2, max_length=2)]
-OPTIMIZER_NAMES = ("adamw", "muon")
+OPTIMIZER_NAMES = ("adamw", "muon", "normuon", "dion")
 ALIASES = {"ffn_mult": "model.ffn_mult", "seed": "train.seed"}
 # Fields that change how or where a run executes, not what it computes.
 NOT_HASHED = ("name", "store", "resources", "train.device", "optimizer.label")
@@ -74,7 +75,13 @@ class AdamWSpec(Section):
         return "AdamW"
 
 
-class MuonSpec(Section):
+class _LionScalars(Section):
+    """Matrix optimizers put the embedding and LM head on Lion (head lr ÷ √d_model)."""
+    scalar_lr: float | None = Field(None, gt=0)  # None = the optimizer's lr
+    lion_betas: Pair = [0.95, 0.98]
+
+
+class MuonSpec(_LionScalars):
     name: Literal["muon"]
     label: str | None = None
     lr: float = Field(0.02, gt=0)
@@ -84,18 +91,65 @@ class MuonSpec(Section):
     lr_scale: Literal["spectral", "keller"] = "spectral"
     ns: Literal["dion_quintic5", "keller", "polar_express5"] = "dion_quintic5"
     ns_dtype: Literal["auto", "bf16", "fp32"] = "auto"
-    scalar_lr: float | None = Field(None, gt=0)  # Lion on embedding/head; None = lr
-    lion_betas: Pair = [0.95, 0.98]
 
     def default_label(self) -> str:
         return "Muon"
 
 
+class NorMuonSpec(MuonSpec):
+    name: Literal["normuon"]  # type: ignore[assignment]
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    mode: Literal["preserve_norm", "match_rms"] = "preserve_norm"
+
+    def default_label(self) -> str:
+        return "NorMuon"
+
+
+class DionSpec(_LionScalars):
+    name: Literal["dion"]
+    label: str | None = None
+    lr: float = Field(0.02, gt=0)
+    mu: float = Field(0.95, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    rank_fraction: float = Field(1.0, gt=0, le=1)
+    rank_multiple_of: int = Field(1, ge=1)
+    eps: float = Field(1e-8, gt=0)
+    state_dtype: Literal["fp32", "bf16"] = "fp32"
+
+    def default_label(self) -> str:
+        f = Fraction(self.rank_fraction).limit_denominator(4096)
+        return f"Dion ({f.numerator}/{f.denominator})" if f.denominator != 1 else f"Dion ({f.numerator})"
+
+
+OPTIMIZER_SPECS = {"adamw": AdamWSpec, "muon": MuonSpec, "normuon": NorMuonSpec, "dion": DionSpec}
+
+
 def _optimizer_shorthand(v):
-    return {"name": v} if isinstance(v, str) else v
+    """`adamw` → {name: adamw}; {dion: {rank_fraction: 0.5}} → {name: dion, rank_fraction: 0.5}."""
+    if isinstance(v, str):
+        return {"name": v}
+    if isinstance(v, dict) and len(v) == 1 and "name" not in v:
+        (key, body), = v.items()
+        if key in OPTIMIZER_SPECS and isinstance(body, (dict, type(None))):
+            return {"name": key, **(body or {})}
+    return v
 
 
-OptimizerSpec = Annotated[Union[AdamWSpec, MuonSpec], Field(discriminator="name"),
+def optimizer_variants(v) -> list:
+    """A sweep entry {dion: {rank_fraction: [0.5, 0.0625]}} lists one optimizer per value
+    (several list-valued fields multiply); any other entry stands for itself."""
+    v = _optimizer_shorthand(v)
+    if not isinstance(v, dict):
+        return [v]
+    keys = [k for k, x in v.items() if isinstance(x, list) and k not in ("betas", "lion_betas")]
+    keys += [k for k in ("betas", "lion_betas") if isinstance(v.get(k), list) and v[k] and isinstance(v[k][0], list)]
+    if not keys:
+        return [v]
+    return [{**v, **dict(zip(keys, combo))} for combo in itertools.product(*(v[k] for k in keys))]
+
+
+OptimizerSpec = Annotated[Union[AdamWSpec, MuonSpec, NorMuonSpec, DionSpec], Field(discriminator="name"),
                           BeforeValidator(_optimizer_shorthand)]
 
 
@@ -292,7 +346,7 @@ def resolve_axis(key: str) -> tuple[str, ...]:
             raise KeyError(part)
         ann = fields[part].annotation
         if part == "optimizer" and i == 0:
-            model = (AdamWSpec, MuonSpec)
+            model = tuple(OPTIMIZER_SPECS.values())
         elif isinstance(ann, type) and issubclass(ann, BaseModel):
             model = ann
         elif i != len(path) - 1:
@@ -358,8 +412,11 @@ def _parse_axes(sweep: Any, src: Source) -> list[Axis]:
         else:
             ypath = ("sweep", key)
             check_list(key, values, ypath)
-            axes.append(Axis([resolve(key, ypath)], [str(key)], [(v,) for v in values],
-                             [[ypath + (i,)] for i in range(len(values))]))
+            path = resolve(key, ypath)
+            items = [(v, i) for i, v in enumerate(values)]
+            if path == ("optimizer",):  # {dion: {rank_fraction: [...]}} lists several variants
+                items = [(variant, i) for v, i in items for variant in optimizer_variants(v)]
+            axes.append(Axis([path], [str(key)], [(v,) for v, _ in items], [[ypath + (i,)] for _, i in items]))
     seen: dict[tuple, str] = {}
     for ax in axes:
         for k, name in zip(ax.keys, ax.names):
@@ -412,7 +469,28 @@ def expand(src: Source) -> Plan:
                             "are identical (a repeated value in an axis or zip group)")
         ids[run.run_id] = len(runs)
         runs.append(run)
+    disambiguate_labels(runs)
     return Plan(base.name, base.store, runs, axes)
+
+
+def disambiguate_labels(runs: list[RunSpec]) -> None:
+    """Give distinct optimizer configurations that share a default label distinct labels,
+    naming the fields that differ: AdamW (lr=0.0001) vs AdamW (lr=0.0003)."""
+    groups: dict[str, dict[str, dict]] = {}
+    for r in runs:
+        if r.optimizer.label is None:
+            cfg = r.optimizer.model_dump(mode="json", exclude={"label"})
+            groups.setdefault(r.label, {})[json.dumps(cfg, sort_keys=True)] = cfg
+    for label, configs in groups.items():
+        if len(configs) < 2:
+            continue
+        cfgs = list(configs.values())
+        differ = [k for k in cfgs[0] if len({json.dumps(c.get(k)) for c in cfgs}) > 1]
+        for r in runs:
+            if r.optimizer.label is None and r.label == label:
+                cfg = r.optimizer.model_dump(mode="json", exclude={"label"})
+                suffix = ", ".join(f"{k}={cfg[k]}" for k in differ)
+                r.optimizer.label = f"{label[:-1]}, {suffix})" if label.endswith(")") else f"{label} ({suffix})"
 
 
 # ---------------------------------------------------------------- loading

@@ -66,3 +66,20 @@ def test_bad_shards_are_one_line_errors(tmp_path, damage, message):
 def test_missing_corpus_names_the_fix(tmp_path):
     with pytest.raises(D.DataError, match="no such file or folder"):
         D.resolve_corpus(str(tmp_path / "nope"))
+
+
+def test_val_named_shards_are_the_heldout_split(tmp_path):
+    rng = np.random.default_rng(1)
+    train = np.concatenate(([D.GPT2_EOT], rng.integers(0, 50000, 300)))
+    val = np.concatenate(([D.GPT2_EOT], rng.integers(0, 50000, 100)))
+    D.write_shard(tmp_path / "fineweb_train_000001.bin", train)
+    D.write_shard(tmp_path / "fineweb_val_000000.bin", val)
+    ds = D.prepare({"corpus": str(tmp_path), "vocab_size": 50257, "heldout_fraction": 0.1}, tmp_path / "c")
+    assert np.array_equal(ds.train, train) and np.array_equal(ds.heldout, val)
+    assert ds.counts.sum() == train.size
+
+
+def test_token_ids_outside_the_vocabulary_are_rejected(tmp_path):
+    D.write_shard(tmp_path / "a.bin", np.array([D.GPT2_EOT, 1, 2, 60000, D.GPT2_EOT, 3]))
+    with pytest.raises(D.DataError, match="outside the vocabulary"):
+        D.prepare({"corpus": str(tmp_path), "vocab_size": 50257, "heldout_fraction": 0.5}, tmp_path / "c")

@@ -28,7 +28,7 @@ BAD = [
          - {name: adamw}
          - {name: muon}
          - {name: adamx}
-     """, "experiments.yaml:6 sweep.optimizer[2]: unknown optimizer 'adamx' (expected one of: adamw, muon)"),
+     """, "experiments.yaml:6 sweep.optimizer[2]: unknown optimizer 'adamx' (expected one of: adamw, muon, normuon, dion)"),
     ("model:\n  d_model: 64\n  colour: red\n", "experiments.yaml:3 model.colour: unknown key 'colour'"),
     ("train:\n  steps: ten\n", "experiments.yaml:2 train.steps: Input should be a valid integer, got 'ten'"),
     ("train:\n  steps: 2.5\n", "experiments.yaml:2 train.steps: Input should be a valid integer, got 2.5"),
@@ -112,15 +112,15 @@ def test_override_is_validated_like_the_file(tmp_path):
     assert result.exit_code == 2 and "model.ffn_mult" in result.stderr
 
 
-def test_shipped_experiments_yaml_plans_eight_runs(tmp_path):
+def test_shipped_experiments_yaml_plans_the_five_arms(tmp_path):
     plan, _ = load_spec(ROOT / "experiments.yaml")
-    assert len(plan.runs) == 8
-    assert {r.label for r in plan.runs} == {"AdamW", "Muon"}
+    assert len(plan.runs) == 20
+    assert {r.label for r in plan.runs} == {"AdamW", "Muon", "NorMuon", "Dion (1/2)", "Dion (1/16)"}
     assert sorted({r.model.ffn_mult for r in plan.runs}) == [1, 2, 4, 8]
     result = runner.invoke(app, ["plan", str(ROOT / "experiments.yaml"), "--db", str(tmp_path / "x.duckdb"),
                                  "--format", "json"])
     assert result.exit_code == 0
-    assert "8 runs: 8 new" in result.stderr
+    assert "20 runs: 20 new" in result.stderr
     assert not (tmp_path / "x.duckdb").exists()  # planning writes nothing
 
 

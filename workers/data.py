@@ -34,7 +34,7 @@ class DataError(ValueError):
 class Dataset:
     key: str
     vocab_size: int
-    train: np.ndarray  # int32 token ids, documents joined by EOT
+    train: np.ndarray  # token ids (int32 for text, uint16 for shards), documents joined by EOT
     heldout: np.ndarray
     counts: np.ndarray  # (vocab_size,) unigram counts of the training split
     strata: np.ndarray  # (vocab_size,) int8: 0 head, 1 mid, 2 tail
@@ -91,7 +91,8 @@ def read_shard(path: Path) -> np.ndarray:
     held = (size - SHARD_HEADER_INTS * 4) // 2
     if held < n:
         raise DataError(f"{path}: truncated: header says {n} tokens, file holds {held}")
-    return np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_INTS * 4).astype(np.int32)
+    # memory-mapped: a paper-scale shard is never read whole until a split needs it
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4, shape=(n,))
 
 
 def write_shard(path: Path, tokens: np.ndarray) -> None:
@@ -166,12 +167,15 @@ def prepare(data: dict, cache_dir: Path | None = None) -> Dataset:
     frac = float(data["heldout_fraction"])
     cache_dir = Path(cache_dir or default_cache_dir())
     if kind == "shards":
-        tokens = np.concatenate([read_shard(p) for p in files])
-        if tokens.size and tokens.max() >= GPT2_VOCAB:
-            raise DataError(f"corpus {data['corpus']}: token id {tokens.max()} outside the GPT-2 vocabulary")
-        if (tokens == GPT2_EOT).sum() < 1:
-            raise DataError(f"corpus {data['corpus']}: no <|endoftext|> separators, cannot split by document")
-        train, heldout = _split_tokens(tokens, GPT2_EOT, frac)
+        val = [p for p in files if "val" in p.name]
+        if val and len(val) < len(files):  # llm.c / modded-nanogpt layout: *_val_* shards are held out
+            train = _concat([read_shard(p) for p in files if p not in val])
+            heldout = _concat([read_shard(p) for p in val])
+        else:
+            tokens = _concat([read_shard(p) for p in files])
+            if not (tokens == GPT2_EOT).any():
+                raise DataError(f"corpus {data['corpus']}: no <|endoftext|> separators, cannot split by document")
+            train, heldout = _split_tokens(tokens, GPT2_EOT, frac)
         vocab = GPT2_VOCAB
         key = hashlib.sha256(f"shards|{_hash_files(files)}|{frac}".encode()).hexdigest()[:16]
     else:
@@ -197,8 +201,25 @@ def prepare(data: dict, cache_dir: Path | None = None) -> Dataset:
             tmp = cache_dir / f"dataset-{key}.tmp.npz"
             np.savez(tmp, train=train, heldout=heldout, vocab_size=vocab)
             os.replace(tmp, cached)  # atomic: parallel sweeps never read half a cache file
-    counts = np.bincount(train, minlength=vocab)[:vocab]
+    counts = unigram_counts(train, vocab)
+    if counts.size > vocab:
+        raise DataError(f"corpus {data['corpus']}: token id {counts.size - 1} outside the vocabulary of {vocab}")
     return Dataset(key, vocab, train, heldout, counts, frequency_strata(counts))
+
+
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def unigram_counts(tokens: np.ndarray, vocab: int, chunk: int = 1 << 26) -> np.ndarray:
+    """Counts per token id, in chunks (bincount widens its input to int64)."""
+    counts = np.zeros(vocab, dtype=np.int64)
+    for i in range(0, tokens.size, chunk):
+        c = np.bincount(tokens[i:i + chunk], minlength=vocab)
+        if c.size > counts.size:
+            counts = np.concatenate([counts, np.zeros(c.size - counts.size, np.int64)])
+        counts[: c.size] += c
+    return counts
 
 
 def _read_documents(files: list[Path]) -> list[str]:

@@ -1,7 +1,8 @@
-"""Optimizers of the study (OPTIMIZERS.md): pure update functions plus thin Optimizer classes.
+"""Optimizers of the study (OPTIMIZERS.md), their parameter routing and the LR schedule.
 
-AdamW comes from torch.optim. Muon runs on the hidden 2-D block matrices only; the embedding
-and the LM head go to Lion (head lr divided by √d_model), routed by name, never by ndim.
+AdamW comes from torch.optim. Muon, NorMuon and Dion (workers.muon, workers.dion) run on the
+hidden 2-D block matrices only; the embedding and the LM head go to Lion (head lr divided by
+√d_model), routed by name, never by ndim.
 """
 
 from __future__ import annotations
@@ -11,71 +12,11 @@ from typing import Iterable
 
 import torch
 
-# Odd quintic schedules p(σ) = aσ + bσ³ + cσ⁵, one (a, b, c) per Newton–Schulz step (§5).
-NS_SCHEDULES: dict[str, tuple[tuple[float, float, float], ...]] = {
-    "keller": ((3.4445, -4.7750, 2.0315),) * 5,
-    "dion_quintic5": (
-        (4.0848, -6.8946, 2.9270),
-        (3.9505, -6.3029, 2.6377),
-        (3.7418, -5.5913, 2.3037),
-        (2.8769, -3.1427, 1.2046),
-        (2.8366, -3.0525, 1.2012),
-    ),
-    "polar_express5": (
-        (8.156554524902461, -22.48329292557795, 15.878769915207462),
-        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-    ),
-}
-# (Frobenius safety factor, eps) used to normalise the input of each schedule.
-NS_NORMALISATION = {"keller": (1.0, 1e-7), "dion_quintic5": (1.0, 1e-7), "polar_express5": (1.02, 1e-6)}
+from workers.dion import Dion, dion_rank, dion_update  # noqa: F401  (re-exported)
+from workers.muon import (NS_SCHEDULES, Muon, NorMuon, lr_scale, muon_update,  # noqa: F401
+                          normuon_normalize, orthogonalize)
 
-
-def orthogonalize(G: torch.Tensor, schedule: str = "dion_quintic5",
-                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Approximate the polar factor UVᵀ of G (torch's op order: keller in bf16 is bitwise torch)."""
-    assert G.ndim == 2, "orthogonalize needs a matrix"
-    safety, eps = NS_NORMALISATION[schedule]
-    X = G.to(dtype)
-    tall = G.size(0) > G.size(1)
-    if tall:
-        X = X.T  # iterate on the wide orientation: the Gram matrix is the small one
-    if safety == 1.0:
-        X = X.div(X.norm().clamp(min=eps))
-    else:
-        X = X.div(X.norm() * safety + eps)
-    for a, b, c in NS_SCHEDULES[schedule]:
-        A = X @ X.T
-        B = torch.addmm(A, A, A, beta=b, alpha=c)
-        X = torch.addmm(X, B, X, beta=a)
-    return X.T if tall else X
-
-
-def lr_scale(shape: torch.Size, mode: str) -> float:
-    """Per-matrix lr factor for an (out, in) weight (OPTIMIZERS §2.2)."""
-    fan_out, fan_in = shape
-    if mode == "spectral":
-        return math.sqrt(fan_out / fan_in)
-    if mode == "keller":
-        return math.sqrt(max(1.0, fan_out / fan_in))
-    raise ValueError(f"unknown lr_scale {mode!r}")
-
-
-def ns_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is bf16 on a GPU and float32 on a CPU, where bf16 matmuls measured ~20× slower."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
-def muon_update(grad, buf, momentum: float, nesterov: bool, schedule: str,
-                dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """EMA momentum (in place on buf) then orthogonalisation of the (Nesterov) direction."""
-    buf.lerp_(grad, 1 - momentum)
-    update = grad.lerp(buf, momentum) if nesterov else buf
-    return orthogonalize(update, schedule, dtype)
+MATRIX_OPTIMIZERS = ("muon", "normuon", "dion")
 
 
 def lion_update(grad, exp_avg, beta1: float, beta2: float) -> torch.Tensor:
@@ -83,37 +24,6 @@ def lion_update(grad, exp_avg, beta1: float, beta2: float) -> torch.Tensor:
     update = exp_avg.lerp(grad, 1 - beta1).sign_()
     exp_avg.lerp_(grad, 1 - beta2)
     return update
-
-
-class Muon(torch.optim.Optimizer):
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.01,
-                 lr_scale="spectral", ns="dion_quintic5", ns_dtype="auto"):
-        if ns not in NS_SCHEDULES:
-            raise ValueError(f"unknown Newton–Schulz schedule {ns!r}")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        lr_scale=lr_scale, ns=ns, ns_dtype=ns_dtype)
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.ndim != 2:
-                    raise ValueError(f"Muon only takes 2-D parameters, got shape {tuple(p.shape)}")
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None if closure is None else closure()
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-                grad = p.grad.float()
-                u = muon_update(grad, state["momentum_buffer"], g["momentum"], g["nesterov"], g["ns"],
-                                ns_dtype(g["ns_dtype"], p.device))
-                p.mul_(1 - g["lr"] * g["weight_decay"])
-                p.add_(u.to(p.dtype), alpha=-g["lr"] * lr_scale(p.shape, g["lr_scale"]))
-        return loss
 
 
 class Lion(torch.optim.Optimizer):
@@ -175,17 +85,24 @@ def build_optimizers(model: torch.nn.Module, spec: dict) -> list[torch.optim.Opt
               {"params": _params(no_decay), "weight_decay": 0.0}]
         return [torch.optim.AdamW([g for g in pg if g["params"]], lr=spec["lr"],
                                   betas=tuple(spec["betas"]), eps=spec["eps"])]
-    if name == "muon":
-        muon = Muon(_params(groups["matrix"]), lr=spec["lr"], momentum=spec["momentum"],
-                    nesterov=spec["nesterov"], weight_decay=spec["weight_decay"],
-                    lr_scale=spec["lr_scale"], ns=spec["ns"], ns_dtype=spec.get("ns_dtype", "auto"))
-        scalar_lr = spec.get("scalar_lr") or spec["lr"]
-        pg = [{"params": _params(groups["embedding"] + groups["other"]), "lr": scalar_lr},
-              {"params": _params(groups["head"]), "lr": scalar_lr / math.sqrt(d_model)}]
-        lion = Lion([g for g in pg if g["params"]], lr=scalar_lr, betas=tuple(spec["lion_betas"]),
-                    weight_decay=0.0)
-        return [muon, lion]
-    raise ValueError(f"unknown optimizer {name!r}")
+    if name not in MATRIX_OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}")
+    matrices = _params(groups["matrix"])
+    common = dict(lr=spec["lr"], weight_decay=spec["weight_decay"])
+    if name == "dion":
+        matrix_opt = Dion(matrices, mu=spec["mu"], rank_fraction=spec["rank_fraction"],
+                          rank_multiple_of=spec["rank_multiple_of"], eps=spec["eps"],
+                          state_dtype=spec["state_dtype"], seed=torch.initial_seed(), **common)
+    else:
+        muon_args = dict(momentum=spec["momentum"], nesterov=spec["nesterov"], lr_scale=spec["lr_scale"],
+                         ns=spec["ns"], ns_dtype=spec["ns_dtype"], **common)
+        matrix_opt = (Muon(matrices, **muon_args) if name == "muon" else
+                      NorMuon(matrices, beta2=spec["beta2"], eps=spec["eps"], mode=spec["mode"], **muon_args))
+    scalar_lr = spec.get("scalar_lr") or spec["lr"]
+    pg = [{"params": _params(groups["embedding"] + groups["other"]), "lr": scalar_lr},
+          {"params": _params(groups["head"]), "lr": scalar_lr / math.sqrt(d_model)}]
+    lion = Lion([g for g in pg if g["params"]], lr=scalar_lr, betas=tuple(spec["lion_betas"]), weight_decay=0.0)
+    return [matrix_opt, lion]
 
 
 def lr_multiplier(step: int, total: int, warmup: int = 0, warmdown: float = 0.2) -> float:

@@ -79,8 +79,8 @@ def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, thr
     model = GPT(cfg).to(device)
     optimizers = build_optimizers(model, config["optimizer"])
     T, B, steps = cfg.context, tr["batch_size"], tr["steps"]
-    train = torch.from_numpy(ds.train.astype(np.int64))
-    if train.numel() < T + 2:
+    train = ds.train  # numpy (uint16 shards or int32): gather each batch, never copy the corpus
+    if train.size < T + 2:
         raise ValueError("the training split is shorter than one context window")
     evals = torch.from_numpy(eval_batch(ds, tr["eval_tokens"], T).astype(np.int64)).to(device)
     token_strata = torch.from_numpy(ds.strata.astype(np.int64)).to(device)
@@ -89,9 +89,8 @@ def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, thr
     schedule = set(measured_steps(steps, ms["every"]))
 
     for step in range(1, steps + 1):
-        starts = torch.from_numpy(rng.integers(0, train.numel() - T - 1, size=B))
-        idx = starts[:, None] + torch.arange(T + 1)
-        batch = train[idx].to(device)
+        starts = rng.integers(0, train.size - T - 1, size=B)
+        batch = torch.from_numpy(train[starts[:, None] + np.arange(T + 1)].astype(np.int64)).to(device)
         x, y = batch[:, :-1], batch[:, 1:]
         set_lr(optimizers, lr_multiplier(step, steps, tr["warmup"], tr["warmdown"]))
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):

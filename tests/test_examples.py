@@ -1,0 +1,59 @@
+"""Every shipped spec loads, validates and plans with the run count the study needs."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from spectraldb.spec import load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = {
+    "paper_160m_width_sweep.yaml": (40, {"AdamW", "Muon", "NorMuon", "Dion (1/2)", "Dion (1/16)"}),
+    "paper_350m_width_sweep.yaml": (16, {"AdamW", "Muon", "NorMuon", "Dion (1/16)"}),
+    "paper_160m_dion_rank_sweep.yaml": (40, {"AdamW", "Dion (1/2)", "Dion (1/4)", "Dion (1/8)", "Dion (1/16)"}),
+    "paper_160m_matched_loss.yaml": (24, {"AdamW", "Dion (1/16)"}),
+}
+
+
+def test_every_shipped_yaml_is_covered():
+    assert {p.name for p in (ROOT / "examples").glob("*.yaml")} == set(EXAMPLES)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_example_validates_and_plans(name, tmp_path):
+    count, labels = EXAMPLES[name]
+    plan, _ = load_spec(ROOT / "examples" / name)
+    assert len(plan.runs) == count
+    assert {r.label for r in plan.runs} == labels
+    result = CliRunner().invoke(app, ["plan", str(ROOT / "examples" / name), "--db", str(tmp_path / "p.duckdb")])
+    assert result.exit_code == 0 and f"{count} runs: {count} new" in result.stderr
+
+
+def test_paper_shapes():
+    runs = load_spec(ROOT / "examples" / "paper_160m_width_sweep.yaml")[0].runs
+    r = runs[0]
+    assert (r.model.d_model, r.model.n_layer, r.model.n_head, r.data.context) == (768, 12, 12, 512)
+    assert (r.train.steps, r.train.batch_size, r.measure.every, r.measure.source) == (6000, 1024, 200, "train_batch")
+    assert sorted({x.model.ffn_mult for x in runs}) == [1, 2, 3, 4, 5, 6, 7, 8]
+    big = load_spec(ROOT / "examples" / "paper_350m_width_sweep.yaml")[0].runs[0]
+    assert (big.model.d_model, big.model.n_layer, big.model.n_head, big.train.steps, big.measure.every) == \
+        (1024, 24, 32, 8000, 400)
+
+
+def ids(name, labels=None, steps=None):
+    runs = load_spec(ROOT / "examples" / name)[0].runs
+    return {r.run_id for r in runs if (labels is None or r.label in labels) and (steps is None or r.train.steps == steps)}
+
+
+def test_rank_sweep_shares_run_ids_with_width_sweep():
+    shared = ids("paper_160m_width_sweep.yaml") & ids("paper_160m_dion_rank_sweep.yaml")
+    assert shared == ids("paper_160m_dion_rank_sweep.yaml", {"AdamW", "Dion (1/2)", "Dion (1/16)"})
+    assert len(shared) == 24
+
+
+def test_matched_loss_shares_its_6000_step_runs():
+    shared = ids("paper_160m_width_sweep.yaml") & ids("paper_160m_matched_loss.yaml")
+    assert shared == ids("paper_160m_matched_loss.yaml", steps=6000) and len(shared) == 16
+    assert len(ids("paper_160m_matched_loss.yaml", {"AdamW"}, steps=12000)) == 8
