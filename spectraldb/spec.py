@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from fractions import Fraction
 from dataclasses import dataclass, field
@@ -29,6 +30,10 @@ OPTIMIZER_NAMES = ("adamw", "muon", "normuon", "dion")
 ALIASES = {"ffn_mult": "model.ffn_mult", "seed": "train.seed"}
 # Fields that change how or where a run executes, not what it computes.
 NOT_HASHED = ("name", "store", "resources", "train.device", "optimizer.label")
+# Fields added after run ids were first issued: left out of the hash while they hold the
+# value that reproduces the earlier behaviour, so existing stores keep their run ids.
+HASHED_UNLESS_DEFAULT = {"model.pos": "rope", "model.norm": "pre", "model.postln_frac": None,
+                         "model.activation": "relu2", "measure.keep_eigenvalues": "all"}
 
 
 class Section(BaseModel):
@@ -47,6 +52,16 @@ class ModelSpec(Section):
     d_model: int = Field(64, ge=8)
     n_head: int = Field(4, ge=1)
     ffn_mult: float = Field(4.0, gt=0)
+    pos: Literal["rope", "nope", "learned"] = "rope"
+    norm: Literal["pre", "post"] = "pre"
+    postln_frac: float | None = Field(None, ge=0, le=1)  # norm: post → first ⌊L·frac⌋ blocks; None = all
+    activation: Literal["relu2", "gelu"] = "relu2"
+
+    @property
+    def n_post_norm(self) -> int:
+        if self.norm != "post":
+            return 0
+        return math.floor(self.n_layer * (1.0 if self.postln_frac is None else self.postln_frac))
 
     @property
     def ffn_width(self) -> int:
@@ -161,6 +176,7 @@ class MeasureSpec(Section):
     tokens: int = Field(32768, ge=64)
     source: Literal["heldout", "train_batch"] = "heldout"
     min_stratum_tokens: int = Field(1000, ge=2)
+    keep_eigenvalues: Literal["all", "last_k"] = "all"  # ranks are always kept
 
     @model_validator(mode="after")
     def _unique(self):
@@ -193,12 +209,13 @@ class RunSpec(Section):
     @property
     def run_id(self) -> str:
         doc = self.model_dump(mode="json")
-        for path in NOT_HASHED:
+        for path in NOT_HASHED + tuple(HASHED_UNLESS_DEFAULT):
             *parents, leaf = path.split(".")
             node = doc
             for p in parents:
                 node = node[p]
-            node.pop(leaf, None)
+            if path in NOT_HASHED or node.get(leaf) == HASHED_UNLESS_DEFAULT[path]:
+                node.pop(leaf, None)
         blob = json.dumps(doc, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -212,8 +229,10 @@ def cross_checks(run: RunSpec) -> tuple[tuple, str] | None:
     m = run.model
     if m.d_model % m.n_head:
         return ("model", "n_head"), f"d_model {m.d_model} is not divisible by n_head {m.n_head}"
-    if (m.d_model // m.n_head) % 2:
+    if m.pos == "rope" and (m.d_model // m.n_head) % 2:
         return ("model", "n_head"), f"head dim {m.d_model // m.n_head} is odd; RoPE needs an even head dim"
+    if m.postln_frac is not None and m.norm != "post":
+        return ("model", "postln_frac"), "postln_frac applies only with norm: post"
     if abs(m.ffn_mult * m.d_model - round(m.ffn_mult * m.d_model)) > 1e-9:
         return ("model", "ffn_mult"), f"ffn_mult {m.ffn_mult} × d_model {m.d_model} is not a whole width"
     if run.measure.every > run.train.steps:

@@ -47,3 +47,40 @@ def renyi_rank(eigs, alpha: float) -> float:
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     return float(math.exp(math.log((p**alpha).sum()) / (1.0 - alpha)))
+
+
+RENYI_ALPHAS = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0, math.inf)
+
+
+def alpha_name(alpha: float) -> str:
+    """Column-safe name of a Rényi order: 0.5 → '0_5', 2.0 → '2', inf → 'inf'."""
+    if math.isinf(alpha):
+        return "inf"
+    return f"{alpha:g}".replace(".", "_")
+
+
+def eee(eigs) -> float:
+    """Eigenvalue early enrichment (NerVE): (2/D)·Σ_k (S_k − k/D), clamped to [0, 1].
+
+    S_k is the share of the top k eigenvalues: 0 for a flat spectrum, (D−1)/D for a one-hot one.
+    """
+    p = np.sort(_probabilities(eigs))[::-1]
+    D = p.size
+    S = np.cumsum(p)
+    value = 2.0 / D * float((S - np.arange(1, D + 1) / D).sum())
+    return min(1.0, max(0.0, value))
+
+
+def js_divergence(eigs_a, eigs_b) -> float:
+    """Jensen–Shannon divergence (natural log, in [0, ln 2]) between two spectra, each
+    normalised and sorted descending, matched index by index."""
+    p = np.sort(_probabilities(eigs_a))[::-1]
+    q = np.sort(_probabilities(eigs_b))[::-1]
+    if p.size != q.size:
+        raise ValueError(f"spectra differ in size: {p.size} vs {q.size}")
+    m = (p + q) / 2
+
+    def kl(a, b):
+        return float((a * np.log(a / b)).sum())
+
+    return min(math.log(2), max(0.0, (kl(p, m) + kl(q, m)) / 2))

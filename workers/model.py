@@ -4,6 +4,10 @@ Decoder-only; RoPE on q/k followed by parameter-free QK RMSNorm; parameter-free 
 pre-norm blocks; ReLU² FFN `c_fc (d→D) → act → c_proj (D→d)`; no biases; untied embedding
 and LM head. Linear init has variance 1/fan_in · min(1, fan_out/fan_in) (the "spectral" init).
 The measured sites are the output of `mlp.c_fc` (pre) and the input of `mlp.c_proj` (post).
+
+Architecture factors: `pos` rope | nope | learned (a `wpe` table added to the embedding);
+`norm` pre | post, with the first ⌊n_layer·postln_frac⌋ blocks post-norm (the final norm is
+always kept); `activation` relu2 | gelu; `n_head` changes attention rank, not parameter count.
 """
 
 from __future__ import annotations
@@ -24,10 +28,22 @@ class GPTConfig:
     d_model: int = 64
     n_head: int = 4
     ffn_mult: float = 4.0
+    pos: str = "rope"
+    norm: str = "pre"
+    postln_frac: float | None = None  # with norm 'post': None means every block
+    activation: str = "relu2"
 
     @property
     def ffn_width(self) -> int:
         return int(round(self.ffn_mult * self.d_model))
+
+    @property
+    def n_post_norm(self) -> int:
+        """How many leading blocks are post-norm."""
+        if self.norm != "post":
+            return 0
+        frac = 1.0 if self.postln_frac is None else self.postln_frac
+        return math.floor(self.n_layer * frac)
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -61,14 +77,17 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.c_v = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.rotary = Rotary(self.head_dim, cfg.context)
+        self.rotary = Rotary(self.head_dim, cfg.context) if cfg.pos == "rope" else None
+        self.causal = True  # tests switch it off to check NoPE's permutation equivariance
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = (m(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
                    for m in (self.c_q, self.c_k, self.c_v))  # (B, nh, T, hd)
-        q, k = rms_norm(self.rotary(q)), rms_norm(self.rotary(k))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        q, k = rms_norm(q), rms_norm(k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -77,18 +96,23 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(cfg.d_model, cfg.ffn_width, bias=False)
         self.c_proj = nn.Linear(cfg.ffn_width, cfg.d_model, bias=False)
+        self.act = (lambda h: F.relu(h).square()) if cfg.activation == "relu2" else F.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU²
+        return self.c_proj(self.act(self.c_fc(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, post_norm: bool = False):
         super().__init__()
         self.attn = CausalSelfAttention(cfg)
         self.mlp = MLP(cfg)
+        self.post_norm = post_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.post_norm:  # normalise the residual stream after each sub-block
+            x = rms_norm(x + self.attn(x))
+            return rms_norm(x + self.mlp(x))
         x = x + self.attn(rms_norm(x))
         return x + self.mlp(rms_norm(x))
 
@@ -99,8 +123,10 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.d_model),
-            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            h=nn.ModuleList(Block(cfg, post_norm=i < cfg.n_post_norm) for i in range(cfg.n_layer)),
         ))
+        if cfg.pos == "learned":
+            self.transformer["wpe"] = nn.Embedding(cfg.context, cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
 
@@ -115,6 +141,8 @@ class GPT(nn.Module):
 
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.transformer.wte(idx)  # (B, T, d)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(idx.shape[1], device=idx.device))
         for block in self.transformer.h:
             x = block(x)
         return rms_norm(x)

@@ -75,7 +75,9 @@ def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, thr
     cov_dtype = torch.float32 if device.type == "cuda" else torch.float64
 
     cfg = GPTConfig(vocab_size=ds.vocab_size, context=config["data"]["context"], n_layer=mc["n_layer"],
-                    d_model=mc["d_model"], n_head=mc["n_head"], ffn_mult=mc["ffn_mult"])
+                    d_model=mc["d_model"], n_head=mc["n_head"], ffn_mult=mc["ffn_mult"],
+                    pos=mc.get("pos", "rope"), norm=mc.get("norm", "pre"), postln_frac=mc.get("postln_frac"),
+                    activation=mc.get("activation", "relu2"))
     model = GPT(cfg).to(device)
     optimizers = build_optimizers(model, config["optimizer"])
     T, B, steps = cfg.context, tr["batch_size"], tr["steps"]
