@@ -112,47 +112,121 @@ def plan(spec: Path = typer.Argument(..., help="Spec file"), db: Optional[str] =
 
 
 @app.command()
-def status(db: Optional[str] = DbOpt, fmt: str = FormatOpt):
-    """Runs in the store by status, with each failure's last error line."""
+def status(db: Optional[str] = DbOpt, fmt: str = FormatOpt,
+           runs: bool = typer.Option(False, "--runs", help="One row per run instead of per status.")):
+    """Runs in the store by status with their size, and each unfinished run's last error line."""
     from spectraldb.store import connect
 
     _check_format(fmt)
+    path = Path(db or DEFAULT_DB)
     try:
-        with connect(db or DEFAULT_DB, read_only=True) as con:
-            rows = con.execute("""SELECT status, count(*) AS runs, string_agg(DISTINCT optimizer, ', ') AS optimizers
-                                  FROM runs GROUP BY status ORDER BY status""").fetchall()
-            failed = con.execute("SELECT run_id, optimizer, ffn_mult, error FROM runs "
-                                 "WHERE status <> 'done' ORDER BY run_id").fetchall()
+        with connect(path, read_only=True) as con:
+            sizes = """WITH size AS (SELECT run_id, count(*) AS spectra,
+                                            sum(coalesce(len(eigenvalues), 0)) * 8 / 1048576.0 AS eig_mib
+                                     FROM spectra GROUP BY run_id)"""
+            if runs:
+                cur = con.execute(sizes + """ SELECT r.run_id, r.optimizer, r.ffn_mult, r.seed, r.steps, r.status,
+                    r.final_val_ppl AS val_ppl, coalesce(s.spectra, 0) AS spectra, coalesce(s.eig_mib, 0) AS eigenvalue_mib
+                    FROM runs r LEFT JOIN size s USING (run_id) ORDER BY r.optimizer, r.ffn_mult, r.seed""")
+            else:
+                cur = con.execute(sizes + """ SELECT r.status, count(*) AS runs,
+                    string_agg(DISTINCT r.optimizer, ', ' ORDER BY r.optimizer) AS optimizers,
+                    coalesce(sum(s.eig_mib), 0) AS eigenvalue_mib, coalesce(avg(s.eig_mib), 0) AS mib_per_run
+                    FROM runs r LEFT JOIN size s USING (run_id) GROUP BY r.status ORDER BY r.status""")
+            cols = [d[0] for d in cur.description]
+            rows = [dict(zip(cols, r)) for r in cur.fetchall()]
+            unfinished = con.execute("SELECT run_id, optimizer, ffn_mult, status, error FROM runs "
+                                     "WHERE status <> 'done' ORDER BY run_id").fetchall()
     except StoreError as exc:
         fail(str(exc), 2)
-    render([{"status": s, "runs": n, "optimizers": o} for s, n, o in rows], fmt)
-    for rid, opt, mult, err in failed:
+    render(rows, fmt, cols)
+    typer.echo(f"store {path}: {path.stat().st_size / 1048576:.1f} MiB on disk", err=True)
+    for rid, opt, mult, st, err in unfinished:
         last = (err or "").strip().splitlines()[-1:] or [""]
-        typer.echo(f"{rid} {opt} ffn_mult={mult:g}: {last[0]}", err=True)
+        typer.echo(f"{st} {rid} {opt} ffn_mult={mult:g}: {last[0]}", err=True)
+
+
+StratumOpt = typer.Option("all", help="all | head | mid | tail")
+SiteOpt = typer.Option("post", help="pre | post")
+DivergedOpt = typer.Option(False, "--include-diverged", help="Keep diverged runs in the fits.")
+
+
+def _query(fn, columns, fmt, db, stratum="all", site="post", include_diverged=False, **kwargs):
+    """Validate the common options, run a query function, print rows and the exclusion note."""
+    from spectraldb.queries import excluded_diverged
+    from spectraldb.store import connect
+
+    _check_format(fmt)
+    if stratum not in ("all", "head", "mid", "tail"):
+        fail(f"--stratum: unknown stratum {stratum!r} (expected one of: all, head, mid, tail)", 2)
+    if site is not None and site not in ("pre", "post"):
+        fail(f"--site: unknown site {site!r} (expected pre or post)", 2)
+    try:
+        with connect(db or DEFAULT_DB, read_only=True) as con:
+            rows = fn(con, stratum=stratum, include_diverged=include_diverged,
+                      **({"site": site} if site is not None else {}), **kwargs)
+            n = 0 if include_diverged else excluded_diverged(con)
+    except StoreError as exc:
+        fail(str(exc), 2)
+    render(rows, fmt, columns)
+    if n:
+        typer.echo(f"excluded {n} diverged run{'s' if n > 1 else ''} (--include-diverged to keep them)", err=True)
+
+
+FIT_KEYS = ["beta_hard", "beta_hard_low", "beta_hard_high", "r2_hard", "beta_soft", "beta_soft_low",
+            "beta_soft_high", "r2_soft", "delta_12", "n_widths"]
 
 
 @query_app.command("beta")
-def query_beta(stratum: str = typer.Option("all", help="all | head | mid | tail"),
-               site: str = typer.Option("post", help="pre | post"),
+def query_beta(stratum: str = StratumOpt, site: str = SiteOpt, include_diverged: bool = DivergedOpt,
                db: Optional[str] = DbOpt, fmt: str = FormatOpt):
     """β_hard, β_soft and Δ₁,₂ of rank vs FFN width per optimizer.
 
     Example: specdb query beta --stratum tail --format json
     """
     from spectraldb.queries import BETA_KEYS, beta
-    from spectraldb.store import connect
 
-    _check_format(fmt)
-    if stratum not in ("all", "head", "mid", "tail"):
-        fail(f"--stratum: unknown stratum {stratum!r} (expected one of: all, head, mid, tail)", 2)
-    if site not in ("pre", "post"):
-        fail(f"--site: unknown site {site!r} (expected pre or post)", 2)
-    try:
-        with connect(db or DEFAULT_DB, read_only=True) as con:
-            rows = beta(con, stratum, site)
-    except StoreError as exc:
-        fail(str(exc), 2)
-    render(rows, fmt, list(BETA_KEYS))
+    _query(beta, list(BETA_KEYS), fmt, db, stratum, site, include_diverged)
+
+
+@query_app.command("dynamics")
+def query_dynamics(stratum: str = StratumOpt, site: str = SiteOpt, include_diverged: bool = DivergedOpt,
+                   db: Optional[str] = DbOpt, fmt: str = FormatOpt):
+    """β_hard and β_soft at every measured step, per optimizer (β over training).
+
+    Example: specdb query dynamics --stratum tail --format csv
+    """
+    from spectraldb.queries import dynamics
+
+    _query(dynamics, ["optimizer", "step"] + FIT_KEYS, fmt, db, stratum, site, include_diverged)
+
+
+@query_app.command("depth")
+def query_depth(stratum: str = StratumOpt, site: str = SiteOpt, include_diverged: bool = DivergedOpt,
+                db: Optional[str] = DbOpt, fmt: str = FormatOpt):
+    """β per layer, per optimizer (depth profile).
+
+    Example: specdb query depth --site pre
+    """
+    from spectraldb.queries import depth
+
+    _query(depth, ["optimizer", "layer"] + FIT_KEYS, fmt, db, stratum, site, include_diverged)
+
+
+@query_app.command("renyi")
+def query_renyi(ffn_mult: float = typer.Option(..., "--ffn-mult", help="The width to read (an ffn_mult of the sweep)."),
+                step: Optional[int] = typer.Option(None, help="Measured step (default: each run's final step)."),
+                stratum: str = StratumOpt, include_diverged: bool = DivergedOpt,
+                db: Optional[str] = DbOpt, fmt: str = FormatOpt):
+    """Rényi ranks R_α at pre and post and the reinjection ratio ρ_α = R_α(post)/R_α(pre) per
+    optimizer, median over layers (ρ with its min and max over layers), α ∈ {0.5, 1, 1.5, 2, 3, 5, ∞}.
+
+    Example: specdb query renyi --ffn-mult 4 --stratum tail
+    """
+    from spectraldb.queries import renyi
+
+    _query(renyi, ["optimizer", "alpha", "pre", "post", "rho", "rho_min", "rho_max", "js_divergence", "n_layers"],
+           fmt, db, stratum, None, include_diverged, ffn_mult=ffn_mult, step=step)
 
 
 @app.command()

@@ -32,6 +32,7 @@ def plan_rows(plan: Plan, db: str | Path) -> list[dict]:
 
 
 def todo(plan: Plan, db: str | Path, retry_failed: bool = False) -> list[RunSpec]:
+    store.migrate(db)  # an older store is upgraded by the next `specdb run`
     known = store.statuses(db)
     skip = COMPLETE if retry_failed else COMPLETE + ("failed",)
     return [r for r in plan.runs if known.get(r.run_id) not in skip]

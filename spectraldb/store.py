@@ -32,6 +32,7 @@ def migrations() -> list[tuple[int, str, str]]:
 
 
 SCHEMA_VERSION = migrations()[-1][0]
+BACKFILL = {}  # migration number → Python step run inside its transaction (filled below)
 
 
 def _is_lock_error(exc: Exception) -> bool:
@@ -85,11 +86,41 @@ def _check_version(con, path: Path, migrate: bool) -> None:
             for number, name, sql in migrations():
                 if number > current:
                     con.execute(sql)
+                    if number in BACKFILL:
+                        BACKFILL[number](con)
                     con.execute("INSERT INTO schema_version VALUES (?, ?, ?)", [number, name, _now()])
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
             raise
+
+
+def _backfill_metrics(con) -> None:
+    """Migration 002: compute the new metrics of runs stored before it from their eigenvalues."""
+    rows = con.execute("""SELECT run_id, step, layer, site, stratum, n_tokens, eigenvalues FROM spectra
+                          WHERE eigenvalues IS NOT NULL ORDER BY run_id""").fetchall()
+    by_run: dict[str, list[dict]] = {}
+    for rid, step, layer, site, stratum, n, eig in rows:
+        by_run.setdefault(rid, []).append({"step": step, "layer": layer, "site": site, "stratum": stratum,
+                                           "n_tokens": n, "eigenvalues": eig})
+    for rid, records in by_run.items():
+        for row in rank_rows(rid, records):
+            con.execute("""UPDATE ranks SET renyi_0_5 = ?, renyi_1 = ?, renyi_1_5 = ?, renyi_2 = ?, renyi_3 = ?,
+                           renyi_5 = ?, renyi_inf = ?, eee = ?
+                           WHERE run_id = ? AND step = ? AND layer = ? AND site = ? AND stratum = ?""",
+                        row[9:] + row[:5])
+        reinj = reinjection_rows(rid, records)
+        if reinj:
+            con.executemany(f"INSERT INTO reinjection VALUES ({', '.join('?' * len(reinj[0]))})", reinj)
+    con.execute("""UPDATE runs SET pos = 'rope', norm = 'pre', postln_frac = 0, activation = 'relu2',
+                   keep_eigenvalues = 'all' WHERE pos IS NULL""")
+
+
+def migrate(path: str | Path) -> None:
+    """Bring an existing store up to this program's schema (a no-op when it is current)."""
+    if Path(path).exists():
+        with connect(path):
+            pass
 
 
 def _now() -> datetime:
@@ -109,14 +140,43 @@ def statuses(path: str | Path) -> dict[str, str]:
 
 
 def rank_rows(run_id: str, records: list[dict]) -> list[list]:
+    """One ranks row per computed spectrum: soft, hard, entropy, the Rényi family, EEE."""
     rows = []
     for r in records:
         if r["eigenvalues"] is None:
             continue
         eig = r["eigenvalues"]
+        renyi = [spectra.renyi_rank(eig, a) for a in spectra.RENYI_ALPHAS]
         rows.append([run_id, r["step"], r["layer"], r["site"], r["stratum"], r["n_tokens"],
-                     spectra.soft_rank(eig), spectra.hard_rank(eig), spectra.spectral_entropy(eig)])
+                     spectra.soft_rank(eig), spectra.hard_rank(eig), spectra.spectral_entropy(eig),
+                     *renyi, spectra.eee(eig)])
     return rows
+
+
+def reinjection_rows(run_id: str, records: list[dict]) -> list[list]:
+    """JS(pre, post) and ρ_α = R_α(post)/R_α(pre) where both sites were computed."""
+    by = {(r["step"], r["layer"], r["site"], r["stratum"]): r["eigenvalues"] for r in records}
+    rows = []
+    for (step, layer, site, stratum), pre in by.items():
+        post = by.get((step, layer, "post", stratum))
+        if site != "pre" or pre is None or post is None:
+            continue
+        rho = [spectra.renyi_rank(post, a) / spectra.renyi_rank(pre, a) for a in spectra.RENYI_ALPHAS]
+        rows.append([run_id, step, layer, stratum, spectra.js_divergence(pre, post), *rho])
+    return rows
+
+
+def _kept(records: list[dict], last_k: int) -> list[dict]:
+    """Drop the eigenvalues (not the record) of all but the last `last_k` measured steps."""
+    keep = set(sorted({r["step"] for r in records})[-last_k:])
+    return [r if r["step"] in keep else {**r, "eigenvalues": None} for r in records]
+
+
+RUN_COLUMNS = ("run_id", "spec_name", "optimizer", "optimizer_name", "lr", "ffn_mult", "ffn_width", "d_model",
+               "n_layer", "n_head", "context", "vocab_size", "corpus", "seed", "steps", "batch_size",
+               "measure_source", "last_k", "status", "error", "final_val_loss", "final_val_ppl", "config",
+               "git_commit", "versions", "host", "device", "started_at", "finished_at", "duration_s",
+               "pos", "norm", "postln_frac", "activation", "keep_eigenvalues")
 
 
 def write_run(path: str | Path, run, result: dict, provenance: dict, spec_name: str = "") -> None:
@@ -138,26 +198,34 @@ def write_run(path: str | Path, run, result: dict, provenance: dict, spec_name: 
         provenance.get("git_commit"), json.dumps(provenance.get("versions", {})), provenance.get("host"),
         result.get("device"), _ts(result.get("started_at")), _ts(result.get("finished_at")),
         (result["finished_at"] - result["started_at"]) if result.get("finished_at") else None,
+        run.model.pos, run.model.norm, run.model.n_post_norm / run.model.n_layer, run.model.activation,
+        run.measure.keep_eigenvalues,
     ]
     eval_rows = [[rid, e["step"], _finite(e["train_loss"]), _finite(e["val_loss"]), _finite(e["val_ppl"])]
                  for e in evals]
+    records = result.get("spectra", [])
+    rank = rank_rows(rid, records)
+    reinjection = reinjection_rows(rid, records)
+    stored = _kept(records, run.measure.last_k) if run.measure.keep_eigenvalues == "last_k" else records
     spec_rows = [[rid, s["step"], s["layer"], s["site"], s["stratum"], s["n_tokens"], s["n_dim"],
-                  s["eigenvalues"] is None, s["min_eigenvalue"],
+                  s["min_eigenvalue"] is None, s["min_eigenvalue"],
                   None if s["eigenvalues"] is None else [float(v) for v in s["eigenvalues"]]]
-                 for s in result.get("spectra", [])]
-    rank = rank_rows(rid, result.get("spectra", []))
+                 for s in stored]
     with connect(path) as con:
         con.execute("BEGIN")
         try:
-            for table in ("ranks", "spectra", "evals", "runs"):
+            for table in ("reinjection", "ranks", "spectra", "evals", "runs"):
                 con.execute(f"DELETE FROM {table} WHERE run_id = ?", [rid])
-            con.execute(f"INSERT INTO runs VALUES ({', '.join('?' * len(run_row))})", run_row)
+            con.execute(f"INSERT INTO runs BY NAME SELECT {', '.join(f'? AS {c}' for c in RUN_COLUMNS)}", run_row)
             if eval_rows:
                 con.executemany("INSERT INTO evals VALUES (?, ?, ?, ?, ?)", eval_rows)
             if spec_rows:
                 con.executemany("INSERT INTO spectra VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", spec_rows)
             if rank:
-                con.executemany("INSERT INTO ranks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rank)
+                con.executemany(f"INSERT INTO ranks VALUES ({', '.join('?' * len(rank[0]))})", rank)
+            if reinjection:
+                con.executemany(f"INSERT INTO reinjection VALUES ({', '.join('?' * len(reinjection[0]))})",
+                                reinjection)
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
@@ -169,3 +237,6 @@ def _finite(x):
         return None
     x = float(x)
     return x if x == x and abs(x) != float("inf") else None
+
+
+BACKFILL[2] = _backfill_metrics

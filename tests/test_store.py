@@ -15,12 +15,16 @@ COLUMNS = {
     "runs": ["run_id", "spec_name", "optimizer", "optimizer_name", "lr", "ffn_mult", "ffn_width", "d_model",
              "n_layer", "n_head", "context", "vocab_size", "corpus", "seed", "steps", "batch_size",
              "measure_source", "last_k", "status", "error", "final_val_loss", "final_val_ppl", "config",
-             "git_commit", "versions", "host", "device", "started_at", "finished_at", "duration_s"],
+             "git_commit", "versions", "host", "device", "started_at", "finished_at", "duration_s",
+             "pos", "norm", "postln_frac", "activation", "keep_eigenvalues"],
     "evals": ["run_id", "step", "train_loss", "val_loss", "val_ppl"],
     "spectra": ["run_id", "step", "layer", "site", "stratum", "n_tokens", "n_dim", "skipped",
                 "min_eigenvalue", "eigenvalues"],
     "ranks": ["run_id", "step", "layer", "site", "stratum", "n_tokens", "soft_rank", "hard_rank",
-              "spectral_entropy"],
+              "spectral_entropy", "renyi_0_5", "renyi_1", "renyi_1_5", "renyi_2", "renyi_3", "renyi_5",
+              "renyi_inf", "eee"],
+    "reinjection": ["run_id", "step", "layer", "stratum", "js_divergence", "rho_0_5", "rho_1", "rho_1_5",
+                    "rho_2", "rho_3", "rho_5", "rho_inf"],
 }
 
 
@@ -65,7 +69,8 @@ def test_points_view_takes_median_of_last_k_steps_then_over_layers(tmp_path):
     res = fake_result({(10, 0): 5, (20, 0): 8, (30, 0): 12, (10, 1): 2, (20, 1): 20, (30, 1): 30}, 64)
     store.write_run(db, run, res, {"versions": {}})
     with store.connect(db, read_only=True) as con:
-        rows = con.execute("SELECT metric, value, n_layers, low_n FROM points WHERE site='post' ORDER BY metric").fetchall()
+        rows = con.execute("SELECT metric, value, n_layers, low_n FROM points WHERE site='post' "
+                           "AND metric IN ('soft', 'hard') ORDER BY metric").fetchall()
     assert rows == [("hard", pytest.approx(17.5), 2, False), ("soft", pytest.approx(17.5, rel=1e-6), 2, False)]
 
 
@@ -73,7 +78,7 @@ def test_write_run_is_one_transaction(tmp_path, monkeypatch):
     db = tmp_path / "s.duckdb"
     run = RunSpec.model_validate({"train": {"steps": 200}})
     res = fake_result({(100, 0): 3}, 256)
-    monkeypatch.setattr(store, "rank_rows", lambda rid, recs: [[rid, 1, 0, "post", "all", 1, None, None, None]])
+    monkeypatch.setattr(store, "rank_rows", lambda rid, recs: [[rid, 1, 0, "post", "all", 1] + [None] * 11])
     with pytest.raises(duckdb.Error):
         store.write_run(db, run, res, {})
     with store.connect(db, read_only=True) as con:
