@@ -375,6 +375,8 @@ def resolve_axis(key: str) -> tuple[str, ...]:
 
 def _set(doc: dict, path: tuple, value) -> dict:
     out = json.loads(json.dumps(doc))
+    if path[0] == "optimizer" and len(path) > 1:  # optimizer.lr on the default or a shorthand optimizer
+        out["optimizer"] = _optimizer_shorthand(out.get("optimizer", "adamw"))
     node = out
     for p in path[:-1]:
         if not isinstance(node.get(p), dict):

@@ -143,3 +143,38 @@ def test_readme_sql_examples_run_on_a_real_store(inline_store):
         result = runner.invoke(app, ["sql", "--db", str(db), "--format", "json", "--", q])
         assert result.exit_code == 0, (q, result.output)
         assert json.loads(result.stdout), q  # every example returns rows on a real sweep
+
+
+def test_a_run_forced_to_diverge_is_recorded_and_the_sweep_completes(tmp_path, corpus):
+    spec = tmp_path / "d.yaml"
+    spec.write_text(tiny_spec(corpus, tmp_path / "d.duckdb",
+                              "sweep:\n  zip:\n    - {seed: [0, 1], optimizer.lr: [0.003, 1.0e+8]}\n"))
+    result = runner.invoke(app, ["run", str(spec), "--executor", "inline"])
+    assert result.exit_code == 3, result.output
+    con = duckdb.connect(str(tmp_path / "d.duckdb"), read_only=True)
+    try:
+        rows = con.execute("SELECT lr, status, error FROM runs ORDER BY lr").fetchall()
+        last = con.execute("SELECT max(e.step) FROM evals e JOIN runs r USING (run_id) WHERE r.status = 'diverged'").fetchone()[0]
+        measured = con.execute("SELECT count(*) FROM spectra s JOIN runs r USING (run_id) WHERE r.status = 'diverged'").fetchone()[0]
+    finally:
+        con.close()
+    assert [r[1] for r in rows] == ["done", "diverged"] and "diverged at step" in rows[1][2]
+    assert last < 6 and measured > 0  # stopped early, its measurements before divergence kept
+    status = runner.invoke(app, ["status", "--db", str(tmp_path / "d.duckdb")])
+    assert "diverged" in status.stdout and "diverged at step" in status.stderr
+    plan = runner.invoke(app, ["plan", str(spec), "--format", "json"])
+    assert sorted(r["status"] for r in json.loads(plan.stdout)) == ["diverged", "done"]
+
+
+def test_architecture_factors_are_typed_run_columns(tmp_path, corpus):
+    spec = tmp_path / "a.yaml"
+    spec.write_text(tiny_spec(corpus, tmp_path / "a.duckdb", "sweep:\n  zip:\n    - {model.pos: [nope, learned], "
+                              "model.norm: [post, pre], model.activation: [gelu, relu2]}\n", steps=3))
+    result = runner.invoke(app, ["run", str(spec), "--executor", "inline"])
+    assert result.exit_code == 0, result.output
+    con = duckdb.connect(str(tmp_path / "a.duckdb"), read_only=True)
+    rows = con.execute("SELECT pos, norm, postln_frac, activation FROM runs ORDER BY pos").fetchall()
+    n_reinj = con.execute("SELECT count(*) FROM reinjection").fetchone()[0]
+    con.close()
+    assert rows == [("learned", "pre", 0.0, "relu2"), ("nope", "post", 1.0, "gelu")]
+    assert n_reinj > 0

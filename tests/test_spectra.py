@@ -49,3 +49,39 @@ def test_gaussian_sample_hard_rank_follows_marchenko_pastur():
     eig = StreamingCovariance(D).update(x).eigenvalues()
     assert hard_rank(eig) == pytest.approx(D / (1 + D / N), rel=0.03)
     assert hard_rank(eig) < D * 0.97  # sampling noise visibly lowers the rank of a flat spectrum
+
+
+from spectraldb.spectra import RENYI_ALPHAS, eee, js_divergence  # noqa: E402
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_renyi_ranks_are_non_increasing_in_alpha(seed):
+    eig = np.random.default_rng(seed).exponential(size=40) ** 3
+    values = [renyi_rank(eig, a) for a in RENYI_ALPHAS]
+    assert all(a >= b - 1e-9 for a, b in zip(values, values[1:]))
+    assert renyi_rank(eig, 0.5) <= 40 + 1e-9
+
+
+def test_every_renyi_rank_is_d_on_a_flat_spectrum():
+    for a in RENYI_ALPHAS:
+        assert renyi_rank(np.ones(23), a) == pytest.approx(23)
+
+
+def test_eee_known_answers():
+    assert eee(np.ones(50)) == pytest.approx(0.0, abs=1e-12)
+    one_hot = np.zeros(1000)
+    one_hot[0] = 1.0
+    assert eee(one_hot) == pytest.approx(0.999, abs=1e-6)
+    # p = (.4, .3, .2, .1): S = (.4, .7, .9, 1), k/D = (.25, .5, .75, 1) → (2/4)·0.5
+    assert eee([1, 3, 2, 4]) == pytest.approx(0.25)
+
+
+def test_js_divergence_bounds():
+    rng = np.random.default_rng(0)
+    a, b = rng.exponential(size=30), rng.exponential(size=30) ** 4
+    assert js_divergence(a, a) == pytest.approx(0.0, abs=1e-12)
+    assert 0 < js_divergence(a, b) <= math.log(2)
+    assert js_divergence(a, b) == pytest.approx(js_divergence(b, a))
+    one_hot = np.zeros(2000)
+    one_hot[0] = 1.0
+    assert js_divergence(one_hot, np.ones(2000)) == pytest.approx(math.log(2), rel=0.01)

@@ -15,6 +15,10 @@ SITES = ("pre", "post")
 STRATA = ("head", "mid", "tail")  # 'all' is the merge of the three, so it costs nothing extra
 
 
+class NonFiniteActivations(ArithmeticError):
+    """The model produced inf/NaN activations: the run has diverged."""
+
+
 class StreamingCovariance:
     """Mean-centred feature covariance C = (X−μ)ᵀ(X−μ)/(N−1), accumulated chunk by chunk."""
 
@@ -55,6 +59,8 @@ class StreamingCovariance:
     def spectrum(self) -> tuple[np.ndarray, float]:
         """(eigenvalues descending and clamped at 1e-12, the most negative raw eigenvalue)."""
         c = torch.from_numpy(self.covariance())
+        if not torch.isfinite(c).all():
+            raise NonFiniteActivations("non-finite FFN activations: the covariance has inf or NaN entries")
         eig = torch.linalg.eigvalsh((c + c.T) / 2).numpy()[::-1].copy()
         return np.clip(eig, 1e-12, None), float(eig.min())
 

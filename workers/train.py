@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from workers.data import Dataset, eval_batch, measurement_batch
-from workers.extract import measure
+from workers.extract import NonFiniteActivations, measure
 from workers.model import GPT, GPTConfig
 from workers.optim import build_optimizers, lr_multiplier, set_lr
 
@@ -103,22 +103,29 @@ def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, thr
         model.zero_grad(set_to_none=True)
         train_loss = loss.item()
         if step in schedule or not math.isfinite(train_loss):
-            diverged = not math.isfinite(train_loss)
-            val_loss = evaluate(model, evals, autocast) if not diverged else math.nan
+            val_loss = evaluate(model, evals, autocast) if math.isfinite(train_loss) else math.nan
             val_ppl = math.exp(val_loss) if math.isfinite(val_loss) and val_loss < 700 else math.inf
             result["evals"].append({"step": step, "train_loss": train_loss, "val_loss": val_loss,
                                     "val_ppl": val_ppl})
             # an untrained model sits near ppl = vocab size, so the ppl rule starts after step 1
-            if diverged or (step > 1 and val_ppl > DIVERGED_PPL):
-                result["status"] = "diverged"
-                result["error"] = f"diverged at step {step}: train loss {train_loss}, val ppl {val_ppl}"
-                return  # keep the last finite measurements already taken
+            if not math.isfinite(val_loss) or (step > 1 and val_ppl > DIVERGED_PPL):
+                return _diverged(result, f"diverged at step {step}: train loss {train_loss}, val ppl {val_ppl}")
             tokens = fixed if fixed is not None else x
-            for rec in measure(model, tokens, token_strata, sites=ms["sites"], strata=ms["strata"],
-                               min_tokens=ms["min_stratum_tokens"], autocast_dtype=autocast,
-                               cov_dtype=cov_dtype):
+            try:
+                records = measure(model, tokens, token_strata, sites=ms["sites"], strata=ms["strata"],
+                                  min_tokens=ms["min_stratum_tokens"], autocast_dtype=autocast,
+                                  cov_dtype=cov_dtype)
+            except NonFiniteActivations as exc:
+                return _diverged(result, f"diverged at step {step}: {exc}")
+            for rec in records:
                 rec["step"] = step
                 result["spectra"].append(rec)
         if progress is not None:
             progress(step, steps)
     result["status"] = "done"
+
+
+def _diverged(result: dict, message: str) -> None:
+    """Stop the run; the measurements of earlier steps stay in the result."""
+    result["status"] = "diverged"
+    result["error"] = message
