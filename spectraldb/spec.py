@@ -525,7 +525,22 @@ def parse_yaml(text: str, name: str) -> tuple[Any, Any]:
         where = f"{name}:{mark.line + 1}" if mark else name
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError(f"{where} malformed YAML: {problem}") from None
+    _reject_duplicate_keys(node, name, ())
     return doc, node
+
+
+def _reject_duplicate_keys(node, name: str, path: tuple) -> None:
+    """YAML lets a later key silently replace an earlier one; in a spec that hides a mistake."""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for k, v in node.value:
+            if k.value in seen:
+                raise SpecError(f"{name}:{k.start_mark.line + 1} {fmt_path(path + (k.value,))}: duplicate key")
+            seen.add(k.value)
+            _reject_duplicate_keys(v, name, path + (k.value,))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _reject_duplicate_keys(v, name, path + (i,))
 
 
 def apply_override(doc: dict, text: str) -> tuple[dict, str, str]:

@@ -14,6 +14,10 @@ EXAMPLES = {
     "paper_350m_width_sweep.yaml": (16, {"AdamW", "Muon", "NorMuon", "Dion (1/16)"}),
     "paper_160m_dion_rank_sweep.yaml": (40, {"AdamW", "Dion (1/2)", "Dion (1/4)", "Dion (1/8)", "Dion (1/16)"}),
     "paper_160m_matched_loss.yaml": (24, {"AdamW", "Dion (1/16)"}),
+    "paper_160m_architecture_vs_optimizer.yaml": (80, {"AdamW", "Muon", "NorMuon", "Dion (1/2)", "Dion (1/16)"}),
+    "paper_160m_postln.yaml": (96, {"AdamW (lr=0.0001)", "AdamW (lr=0.0003)", "Muon", "NorMuon", "Dion (1/2)",
+                                    "Dion (1/16)"}),
+    "paper_160m_nope.yaml": (80, {"AdamW", "Muon", "NorMuon", "Dion (1/2)", "Dion (1/16)"}),
 }
 
 
@@ -57,3 +61,14 @@ def test_matched_loss_shares_its_6000_step_runs():
     shared = ids("paper_160m_width_sweep.yaml") & ids("paper_160m_matched_loss.yaml")
     assert shared == ids("paper_160m_matched_loss.yaml", steps=6000) and len(shared) == 16
     assert len(ids("paper_160m_matched_loss.yaml", {"AdamW"}, steps=12000)) == 8
+
+
+def test_architecture_specs_share_their_reference_half_with_the_width_sweep():
+    width = ids("paper_160m_width_sweep.yaml")
+    runs = load_spec(ROOT / "examples" / "paper_160m_architecture_vs_optimizer.yaml")[0].runs
+    assert {r.run_id for r in runs if r.model.n_head == 12} == width
+    assert not {r.run_id for r in runs if r.model.n_head == 6} & width
+    nope = load_spec(ROOT / "examples" / "paper_160m_nope.yaml")[0].runs
+    assert {r.run_id for r in nope if r.model.pos == "rope"} == width
+    postln = load_spec(ROOT / "examples" / "paper_160m_postln.yaml")[0].runs
+    assert {r.model.n_post_norm for r in postln} == {3, 6, 9, 12}

@@ -44,6 +44,7 @@ BAD = [
     ("sweep:\n  zip:\n    - {train.steps: [600, 1200], measure.every: [100]}\n",
      "experiments.yaml:3 sweep.zip[0]: zipped lists differ in length (2, 1)"),
     ("train: {steps: 10\n", "experiments.yaml:2 malformed YAML"),
+    ("train:\n  steps: 10\n  seed: 1\n  steps: 20\n", "experiments.yaml:4 train.steps: duplicate key"),
     ("- just\n- a list\n", "experiments.yaml:1 spec: expected a mapping at the top level"),
 ]
 
