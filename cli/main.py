@@ -28,6 +28,7 @@ SetOpt = typer.Option(None, "--set", "-S", help="Override a spec field: -S train
 
 
 def fail(message: str, code: int) -> None:
+    """Diagnostics go to stderr as one line; data never does."""
     typer.echo(message, err=True)
     raise typer.Exit(code)
 
@@ -149,10 +150,11 @@ def status(db: Optional[str] = DbOpt, fmt: str = FormatOpt,
 StratumOpt = typer.Option("all", help="all | head | mid | tail")
 SiteOpt = typer.Option("post", help="pre | post")
 DivergedOpt = typer.Option(False, "--include-diverged", help="Keep diverged runs in the fits.")
+WhereOpt = typer.Option(None, "--where", help='Predicate on the runs table, e.g. "n_head = 12 AND seed < 3".')
 
 
 def _query(fn, columns, fmt, db, stratum="all", site="post", include_diverged=False, **kwargs):
-    """Validate the common options, run a query function, print rows and the exclusion note."""
+    """Validate the common options, run a query function, print rows (stdout) and notes (stderr)."""
     from spectraldb.queries import excluded_diverged
     from spectraldb.store import connect
 
@@ -163,12 +165,17 @@ def _query(fn, columns, fmt, db, stratum="all", site="post", include_diverged=Fa
         fail(f"--site: unknown site {site!r} (expected pre or post)", 2)
     try:
         with connect(db or DEFAULT_DB, read_only=True) as con:
-            rows = fn(con, stratum=stratum, include_diverged=include_diverged,
-                      **({"site": site} if site is not None else {}), **kwargs)
+            answer = fn(con, stratum=stratum, include_diverged=include_diverged,
+                        **({"site": site} if site is not None else {}), **kwargs)
             n = 0 if include_diverged else excluded_diverged(con)
-    except StoreError as exc:
+    except (StoreError, SpecError) as exc:
         fail(str(exc), 2)
+    rows = answer.rows
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
     render(rows, fmt, columns)
+    for note in answer.notes:
+        typer.echo(note, err=True)
     if n:
         typer.echo(f"excluded {n} diverged run{'s' if n > 1 else ''} (--include-diverged to keep them)", err=True)
 
@@ -179,38 +186,105 @@ FIT_KEYS = ["beta_hard", "beta_hard_low", "beta_hard_high", "r2_hard", "beta_sof
 
 @query_app.command("beta")
 def query_beta(stratum: str = StratumOpt, site: str = SiteOpt, include_diverged: bool = DivergedOpt,
-               db: Optional[str] = DbOpt, fmt: str = FormatOpt):
-    """β_hard, β_soft and Δ₁,₂ of rank vs FFN width per optimizer.
+               by: Optional[List[str]] = typer.Option(None, "--by", help="Group by these runs factors "
+                                                      "(default: optimizer), e.g. --by optimizer,n_head"),
+               metric: Optional[str] = typer.Option(None, help="soft | hard | renyi:α | eee (default: hard and soft)"),
+               window: Optional[int] = typer.Option(None, help="Median over the last K measured steps "
+                                                    "(default: each run's measure.last_k)"),
+               layer: str = typer.Option("agg", help="agg (median over layers) | each (one fit per layer)"),
+               step: Optional[int] = typer.Option(None, help="Fit at this measured step instead of the window."),
+               where: Optional[str] = WhereOpt, db: Optional[str] = DbOpt, fmt: str = FormatOpt):
+    """β of rank vs FFN width per group: β_hard, β_soft, Δ₁,₂, 95% t-intervals, R², widths.
 
-    Example: specdb query beta --stratum tail --format json
+    With two or more seeds per width, points are seed means and a seed-bootstrap 95% interval
+    (beta_*_boot_low/high) is printed beside the t-interval. Groups with fewer than 3 widths get
+    no fit; fits on exactly 3 are flagged.
+
+    Examples:
+
+      specdb query beta --stratum tail
+
+      specdb query beta --by optimizer,n_head --metric renyi:3 --where "steps = 6000" --format json
     """
-    from spectraldb.queries import BETA_KEYS, beta
+    from spectraldb.queries import beta, check_factors
 
-    _query(beta, list(BETA_KEYS), fmt, db, stratum, site, include_diverged)
+    try:
+        factors = check_factors(by or [])
+    except SpecError as exc:
+        fail(str(exc), 2)
+    _query(beta, None, fmt, db, stratum, site, include_diverged, by=factors,
+           metric=metric, window=window, layer=layer, step=step, where=where)
 
 
 @query_app.command("dynamics")
 def query_dynamics(stratum: str = StratumOpt, site: str = SiteOpt, include_diverged: bool = DivergedOpt,
-                   db: Optional[str] = DbOpt, fmt: str = FormatOpt):
+                   where: Optional[str] = WhereOpt, db: Optional[str] = DbOpt, fmt: str = FormatOpt):
     """β_hard and β_soft at every measured step, per optimizer (β over training).
 
     Example: specdb query dynamics --stratum tail --format csv
     """
     from spectraldb.queries import dynamics
 
-    _query(dynamics, ["optimizer", "step"] + FIT_KEYS, fmt, db, stratum, site, include_diverged)
+    _query(dynamics, None, fmt, db, stratum, site, include_diverged, where=where)
 
 
 @query_app.command("depth")
 def query_depth(stratum: str = StratumOpt, site: str = SiteOpt, include_diverged: bool = DivergedOpt,
-                db: Optional[str] = DbOpt, fmt: str = FormatOpt):
+                where: Optional[str] = WhereOpt, db: Optional[str] = DbOpt, fmt: str = FormatOpt):
     """β per layer, per optimizer (depth profile).
 
     Example: specdb query depth --site pre
     """
     from spectraldb.queries import depth
 
-    _query(depth, ["optimizer", "layer"] + FIT_KEYS, fmt, db, stratum, site, include_diverged)
+    _query(depth, None, fmt, db, stratum, site, include_diverged, where=where)
+
+
+@query_app.command("matched")
+def query_matched(stratum: str = StratumOpt, site: str = SiteOpt, include_diverged: bool = DivergedOpt,
+                  by: Optional[List[str]] = typer.Option(None, "--by", help="Group factors (default: optimizer,steps)"),
+                  metric: str = typer.Option("hard", help="soft | hard | renyi:α | eee"),
+                  ppl_tol: float = typer.Option(0.03, "--ppl-tol", help="Relative perplexity tolerance."),
+                  min_dbeta: float = typer.Option(0.1, "--min-dbeta", help="Smallest |Δβ| worth reporting."),
+                  where: Optional[str] = WhereOpt, db: Optional[str] = DbOpt, fmt: str = FormatOpt):
+    """Pairs of groups with matched validation perplexity but divergent β ("matched loss does
+    not imply matched geometry"). Perplexity is compared width by width and as a mean over the sweep.
+
+    Example: specdb query matched --stratum tail --ppl-tol 0.05
+    """
+    from spectraldb.queries import check_factors, check_metric, matched
+
+    try:
+        factors = check_factors(by or ["optimizer,steps"])
+        check_metric(metric)
+    except SpecError as exc:
+        fail(str(exc), 2)
+    _query(matched, None, fmt, db, stratum, site, include_diverged, by=factors, metric=metric,
+           ppl_tol=ppl_tol, min_dbeta=min_dbeta, where=where)
+
+
+@query_app.command("delta")
+def query_delta(arch: str = typer.Option("n_head", "--arch", help="Architecture factor: n_head, pos, norm, "
+                                         "postln_frac, activation, n_layer, d_model, context"),
+                baseline: str = typer.Option("adamw", help="Baseline optimizer (label or name)."),
+                reference: Optional[str] = typer.Option(None, help="Reference architecture value "
+                                                        "(default: the one with most runs)."),
+                site: str = SiteOpt, include_diverged: bool = DivergedOpt, where: Optional[str] = WhereOpt,
+                db: Optional[str] = DbOpt, fmt: str = FormatOpt):
+    """Optimizer gain vs architecture shift of β, per stratum × metric × optimizer; prints "k of n".
+
+    A comparison passes when max_o β_o − β_baseline (at the reference architecture) exceeds
+    |β_o(variant) − β_o(reference)|.
+
+    Example: specdb query delta --arch n_head --baseline adamw --reference 12
+    """
+    from spectraldb.queries import delta
+
+    def run(con, stratum, include_diverged, site):
+        return delta(con, arch, baseline=baseline, reference=reference, site=site,
+                     include_diverged=include_diverged, where=where)
+
+    _query(run, None, fmt, db, "all", site, include_diverged)
 
 
 @query_app.command("renyi")
@@ -230,24 +304,70 @@ def query_renyi(ffn_mult: float = typer.Option(..., "--ffn-mult", help="The widt
 
 
 @app.command()
-def sql(query: str = typer.Argument(..., help="A SELECT statement"), db: Optional[str] = DbOpt,
-        fmt: str = FormatOpt):
-    """Run read-only SQL against the store (tables runs, evals, spectra, ranks; view points)."""
-    import duckdb
+def sql(query: Optional[str] = typer.Argument(None, help='A SELECT statement, or "-" to read it from stdin'),
+        file: Optional[Path] = typer.Option(None, "--file", help="Read the statement from this file."),
+        db: Optional[str] = DbOpt, fmt: str = FormatOpt):
+    """Read-only SQL over the store: tables runs, evals, spectra, ranks, reinjection; views
+    rank_metrics, layer_points, points, betas. Only SELECT (and EXPLAIN) statements run; the
+    store is opened read-only and file access is disabled.
 
-    from spectraldb.store import connect
+    Examples:
+
+      specdb sql "SELECT optimizer, metric, beta FROM betas WHERE stratum = 'tail'"
+
+      specdb sql --file q.sql --format csv
+
+      echo "SELECT count(*) FROM runs" | specdb sql -
+    """
+    from spectraldb.sqlshell import run_sql
 
     _check_format(fmt)
+    if file is not None:
+        if not file.is_file():
+            fail(f"--file: {file}: no such file", 2)
+        text = file.read_text(encoding="utf-8")
+    elif query is None or query == "-":
+        text = sys.stdin.read()
+    else:
+        text = query
     try:
-        with connect(db or DEFAULT_DB, read_only=True) as con:
-            cur = con.execute(query)
-            cols = [d[0] for d in cur.description] if cur.description else []
-            rows = [dict(zip(cols, r)) for r in cur.fetchall()]
+        cols, rows = run_sql(db or DEFAULT_DB, text)
+    except (StoreError, SpecError) as exc:
+        fail(str(exc), 2)
+    render(rows, fmt, cols)
+
+
+@app.command()
+def export(directory: Path = typer.Argument(..., help="Folder to write (created if missing)"),
+           fmt: str = typer.Option("parquet", "--format", "-f", help="parquet | csv"),
+           db: Optional[str] = DbOpt):
+    """Write every table and view of the store to DIR as one parquet or csv file each.
+
+    Example: specdb export --format parquet exported/
+    """
+    from spectraldb.store import export_all
+
+    if fmt not in ("parquet", "csv"):
+        fail(f"--format: unknown export format {fmt!r} (expected parquet or csv)", 2)
+    try:
+        written = export_all(db or DEFAULT_DB, directory, fmt)
     except StoreError as exc:
         fail(str(exc), 2)
-    except duckdb.Error as exc:
-        fail(f"sql: {str(exc).splitlines()[0]}", 2)
-    render(rows, fmt, cols)
+    for name, n in written:
+        typer.echo(f"{directory / f'{name}.{fmt}'}: {n} rows", err=True)
+
+
+@app.command()
+def schema():
+    """Print the JSON Schema of a spec file (for editor completion and validation).
+
+    Example: specdb schema > specdb.schema.json
+    """
+    import json
+
+    from spectraldb.spec import json_schema
+
+    typer.echo(json.dumps(json_schema(), indent=2))
 
 
 def main() -> None:

@@ -1,20 +1,39 @@
 """The study's questions as functions over a read-only store connection (DESIGN §1, §5).
 
-Points come from the SQL views (`points`, `layer_points`, `rank_metrics`); fits are
-spectraldb.fits.power_law of ln(rank) on ln(D) across widths, seeds averaged first.
-Diverged runs are left out unless `include_diverged`; failed runs never enter a fit.
+A run's value for (layer, site, stratum, metric) is the median over its last K measured steps
+(or the value at one step); its point is the median over layers; points of the same width are
+averaged over seeds; β is power_law(width, point) per group. Diverged runs are left out unless
+`include_diverged`; failed runs never enter a fit. Every value the user passes reaches SQL as a
+bound parameter, except `where`, which is checked to be a single expression.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass, field
 
+import numpy as np
+
+from spectraldb.errors import SpecError
 from spectraldb.fits import power_law
 from spectraldb.spectra import RENYI_ALPHAS, alpha_name
 
 BETA_KEYS = ("optimizer", "beta_hard", "beta_hard_low", "beta_hard_high", "r2_hard", "beta_soft",
              "beta_soft_low", "beta_soft_high", "r2_soft", "delta_12", "n_widths")
+METRICS = {"soft": "soft_rank", "hard": "hard_rank", "eee": "eee",
+           **{f"renyi:{'inf' if math.isinf(a) else f'{a:g}'}": f"renyi_{alpha_name(a)}" for a in RENYI_ALPHAS}}
+FACTORS = ("optimizer", "optimizer_name", "lr", "d_model", "n_layer", "n_head", "context", "vocab_size",
+           "corpus", "steps", "batch_size", "measure_source", "pos", "norm", "postln_frac", "activation",
+           "spec_name", "ffn_mult", "seed")
+MIN_WIDTHS = 3
+BOOTSTRAP = 2000
+
+
+@dataclass
+class Answer:
+    rows: list[dict]
+    notes: list[str] = field(default_factory=list)
 
 
 def _statuses(include_diverged: bool) -> list[str]:
@@ -25,67 +44,179 @@ def excluded_diverged(con) -> int:
     return con.execute("SELECT count(*) FROM runs WHERE status = 'diverged'").fetchone()[0]
 
 
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise SpecError(f"--metric: unknown metric {metric!r} (expected one of: {', '.join(METRICS)})")
+    return METRICS[metric]
+
+
+def check_factors(names) -> tuple[str, ...]:
+    names = tuple(n.strip() for part in names for n in part.split(",") if n.strip())
+    for n in names:
+        if n not in FACTORS:
+            raise SpecError(f"--by: unknown factor {n!r} (expected one of: {', '.join(FACTORS)})")
+    return names or ("optimizer",)
+
+
+def check_where(con, where: str | None) -> str:
+    """A user predicate on `runs`: exactly one SELECT-able expression, nothing else."""
+    if not where:
+        return "TRUE"
+    sql = f"SELECT run_id FROM runs WHERE ({where})"
+    try:
+        statements = con.extract_statements(sql)
+    except Exception as exc:  # noqa: BLE001 - duckdb's parser errors have several types
+        raise SpecError(f"--where: not a valid predicate on runs ({str(exc).splitlines()[0]})") from None
+    if len(statements) != 1 or ";" in where or "--" in where or "/*" in where:
+        raise SpecError(f"--where: must be one predicate on the runs table, e.g. \"n_head = 12 AND seed < 3\"")
+    try:
+        con.execute(f"EXPLAIN {sql}")
+    except Exception as exc:  # noqa: BLE001
+        raise SpecError(f"--where: {str(exc).splitlines()[0]}") from None
+    return where
+
+
+def run_values(con, metrics, *, stratum="all", site="post", window=None, step=None, by_layer=False,
+               by_step=False, where=None, include_diverged=False) -> list[tuple]:
+    """(run_id, layer | None, step | None, {metric: value}) per run (and layer / step)."""
+    cols = [check_metric(m) for m in metrics]
+    where = check_where(con, where)
+    aggs = ", ".join(f"median(k.{c}) AS m{i}" for i, c in enumerate(cols))
+    outer = ", ".join(f"median(m{i})" for i in range(len(cols)))
+    if by_step:
+        step_clause, params = "TRUE", []
+    elif step is not None:
+        step_clause, params = "k.step = ?", [step]
+    else:
+        step_clause, params = "st.from_end <= coalesce(?, sel.last_k)", [window]
+    keys = "run_id" + (", layer" if by_layer else "") + (", step" if by_step else "")
+    sql = f"""
+        WITH sel AS (SELECT run_id, last_k FROM runs WHERE status IN (SELECT unnest(?)) AND ({where})),
+        st AS (SELECT run_id, step, dense_rank() OVER (PARTITION BY run_id ORDER BY step DESC) AS from_end
+               FROM (SELECT DISTINCT k.run_id, k.step FROM ranks k SEMI JOIN sel USING (run_id)
+                     WHERE k.site = ? AND k.stratum = ?)),
+        per_layer AS (
+            SELECT k.run_id, k.layer, {"k.step," if by_step else ""} {aggs}
+            FROM ranks k JOIN st USING (run_id, step) JOIN sel USING (run_id)
+            WHERE k.site = ? AND k.stratum = ? AND {step_clause}
+            GROUP BY k.run_id, k.layer {", k.step" if by_step else ""})
+        SELECT {keys}, {outer} FROM per_layer GROUP BY {keys}"""
+    out = con.execute(sql, [_statuses(include_diverged), site, stratum, site, stratum, *params]).fetchall()
+    rows = []
+    for r in out:
+        i = 1
+        layer = r[i] if by_layer else None
+        i += by_layer
+        st = r[i] if by_step else None
+        i += by_step
+        rows.append((r[0], layer, st, dict(zip(metrics, r[i:]))))
+    return rows
+
+
+def run_factors(con, run_ids) -> dict[str, dict]:
+    cur = con.execute(f"SELECT run_id, ffn_width, final_val_ppl AS val_ppl, {', '.join(FACTORS)} FROM runs "
+                      "WHERE run_id IN (SELECT unnest(?))", [list(run_ids)])
+    names = [d[0] for d in cur.description]
+    return {r[0]: dict(zip(names, r)) for r in cur.fetchall()}
+
+
 def _num(x):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
-def _fits(series: dict[str, list[tuple[float, float]]]) -> dict:
-    """β, interval and R² per metric ('hard', 'soft') from (width, value) points; Δ₁,₂ and n."""
-    row: dict = {}
-    for metric in ("hard", "soft"):
-        pts = series.get(metric, [])
-        try:
-            fit = power_law([w for w, _ in pts], [v for _, v in pts])
-            row.update({f"beta_{metric}": fit.beta, f"beta_{metric}_low": _num(fit.ci_low),
-                        f"beta_{metric}_high": _num(fit.ci_high), f"r2_{metric}": fit.r2})
-        except ValueError:  # fewer than two widths
-            row.update({f"beta_{metric}": None, f"beta_{metric}_low": None, f"beta_{metric}_high": None,
-                        f"r2_{metric}": None})
-    row["delta_12"] = (row["beta_soft"] - row["beta_hard"]
-                       if row["beta_soft"] is not None and row["beta_hard"] is not None else None)
-    row["n_widths"] = len({w for w, _ in series.get("hard", [])})
-    return row
+def _bootstrap(widths, seed_values, rng) -> tuple[float, float]:
+    """95% percentile interval of β from resampling seeds within each width."""
+    lx = np.log(np.asarray(widths, dtype=float))
+    cols = []
+    for vals in seed_values:
+        v = np.asarray(vals, dtype=float)
+        idx = rng.integers(0, v.size, size=(BOOTSTRAP, v.size))
+        cols.append(np.log(v[idx].mean(axis=1)))
+    ly = np.stack(cols, axis=1)  # (B, n)
+    xc = lx - lx.mean()
+    slopes = ((ly - ly.mean(axis=1, keepdims=True)) * xc).sum(axis=1) / (xc**2).sum()
+    lo, hi = np.percentile(slopes, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
-def _grouped_fits(rows, key_names: tuple[str, ...]) -> list[dict]:
-    """rows: (*key, width, metric, value) → one fit row per key."""
-    series: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    for *key, width, metric, value in rows:
-        series[tuple(key)][metric].append((width, value))
-    return [{**dict(zip(key_names, key)), **_fits(by_metric)} for key, by_metric in series.items()]
+def fit_groups(points, metrics, key_names, notes, label=lambda k: " / ".join(map(str, k))) -> list[dict]:
+    """points: (key tuple, width, seed, {metric: value}) → one row of fits per key."""
+    series: dict[tuple, dict[float, list]] = defaultdict(lambda: defaultdict(list))
+    for key, width, _seed, values in points:
+        series[key][width].append(values)
+    rng = np.random.default_rng(0)
+    rows = []
+    for key in sorted(series, key=lambda k: tuple(str(x) for x in k)):
+        by_width = dict(sorted(series[key].items()))
+        widths = list(by_width)
+        row = dict(zip(key_names, key))
+        multi_seed = any(len(v) > 1 for v in by_width.values())
+        if len(widths) < MIN_WIDTHS:
+            notes.append(f"{label(key)}: {len(widths)} width{'s' if len(widths) != 1 else ''}; "
+                         f"a fit needs at least {MIN_WIDTHS} (refused)")
+        elif len(widths) == MIN_WIDTHS:
+            notes.append(f"{label(key)}: fit on only {MIN_WIDTHS} widths")
+        for m in metrics:
+            suffix = "" if len(metrics) == 1 and m not in ("hard", "soft") else f"_{m}"
+            seeds = [[v[m] for v in by_width[w] if v[m] is not None] for w in widths]
+            fit = None
+            if len(widths) >= MIN_WIDTHS and all(seeds):
+                fit = power_law(widths, [float(np.mean(s)) for s in seeds])
+            row[f"beta{suffix}"] = fit.beta if fit else None
+            row[f"beta{suffix}_low"] = _num(fit.ci_low) if fit else None
+            row[f"beta{suffix}_high"] = _num(fit.ci_high) if fit else None
+            row[f"r2{suffix}"] = fit.r2 if fit else None
+            if multi_seed:
+                lo, hi = _bootstrap(widths, seeds, rng) if fit else (None, None)
+                row[f"beta{suffix}_boot_low"], row[f"beta{suffix}_boot_high"] = lo, hi
+        if "hard" in metrics and "soft" in metrics:
+            b = row.get("beta_soft"), row.get("beta_hard")
+            row["delta_12"] = b[0] - b[1] if None not in b else None
+        row["n_widths"] = len(widths)
+        if multi_seed:
+            row["n_seeds"] = max(len(v) for v in by_width.values())
+        rows.append(row)
+    return rows
 
 
-def beta(con, stratum: str = "all", site: str = "post", include_diverged: bool = False) -> list[dict]:
-    """β_hard, β_soft and Δ₁,₂ = β_soft − β_hard per optimizer (median over the last K steps,
-    then over layers; seeds averaged)."""
-    rows = con.execute(
-        """SELECT optimizer, ffn_width, metric, avg(value) FROM points
-           WHERE status IN (SELECT unnest(?)) AND stratum = ? AND site = ? AND metric IN ('soft', 'hard')
-           GROUP BY ALL ORDER BY optimizer, ffn_width, metric""",
-        [_statuses(include_diverged), stratum, site]).fetchall()
-    return [{k: r[k] for k in BETA_KEYS} for r in _grouped_fits(rows, ("optimizer",))]
+def _points(con, by, metrics, **kw):
+    vals = run_values(con, metrics, **kw)
+    facts = run_factors(con, {v[0] for v in vals})
+    return vals, facts
 
 
-def dynamics(con, stratum: str = "all", site: str = "post", include_diverged: bool = False) -> list[dict]:
+def beta(con, stratum: str = "all", site: str = "post", include_diverged: bool = False, *, by=("optimizer",),
+         metric: str | None = None, window: int | None = None, layer: str = "agg", step: int | None = None,
+         where: str | None = None) -> Answer:
+    """β of rank vs FFN width per group (default: per optimizer; hard, soft and Δ₁,₂)."""
+    metrics = (metric,) if metric else ("hard", "soft")
+    if layer not in ("agg", "each"):
+        raise SpecError(f"--layer: expected agg or each, got {layer!r}")
+    vals, facts = _points(con, by, metrics, stratum=stratum, site=site, window=window, step=step,
+                          by_layer=layer == "each", where=where, include_diverged=include_diverged)
+    extra = ("layer",) if layer == "each" else ()
+    pts = [(tuple(facts[r][f] for f in by) + ((lay,) if extra else ()), facts[r]["ffn_width"], facts[r]["seed"], v)
+           for r, lay, _, v in vals]
+    notes: list[str] = []
+    rows = fit_groups(pts, metrics, tuple(by) + extra, notes)
+    if metric:
+        rows = [{**{k: r[k] for k in tuple(by) + extra}, "metric": metric,
+                 **{k: v for k, v in r.items() if k not in tuple(by) + extra}} for r in rows]
+    return Answer(rows, notes)
+
+
+def dynamics(con, stratum: str = "all", site: str = "post", include_diverged: bool = False, **kw) -> Answer:
     """β_hard and β_soft at every measured step (each run's point: median over layers)."""
-    rows = con.execute(
-        """WITH per_run AS (
-               SELECT run_id, step, metric, median(value) AS value FROM rank_metrics
-               WHERE site = ? AND stratum = ? AND metric IN ('soft', 'hard') GROUP BY ALL)
-           SELECT r.optimizer, p.step, r.ffn_width, p.metric, avg(p.value)
-           FROM per_run p JOIN runs r USING (run_id) WHERE r.status IN (SELECT unnest(?))
-           GROUP BY ALL ORDER BY ALL""", [site, stratum, _statuses(include_diverged)]).fetchall()
-    return _grouped_fits(rows, ("optimizer", "step"))
+    vals, facts = _points(con, ("optimizer",), ("hard", "soft"), stratum=stratum, site=site, by_step=True,
+                          include_diverged=include_diverged, **kw)
+    pts = [((facts[r]["optimizer"], s), facts[r]["ffn_width"], facts[r]["seed"], v) for r, _, s, v in vals]
+    notes: list[str] = []
+    return Answer(fit_groups(pts, ("hard", "soft"), ("optimizer", "step"), notes), notes)
 
 
-def depth(con, stratum: str = "all", site: str = "post", include_diverged: bool = False) -> list[dict]:
+def depth(con, stratum: str = "all", site: str = "post", include_diverged: bool = False, **kw) -> Answer:
     """β per layer (each run's layer value: median over its last K measured steps)."""
-    rows = con.execute(
-        """SELECT r.optimizer, l.layer, r.ffn_width, l.metric, avg(l.value)
-           FROM layer_points l JOIN runs r USING (run_id)
-           WHERE l.site = ? AND l.stratum = ? AND l.metric IN ('soft', 'hard') AND r.status IN (SELECT unnest(?))
-           GROUP BY ALL ORDER BY ALL""", [site, stratum, _statuses(include_diverged)]).fetchall()
-    return _grouped_fits(rows, ("optimizer", "layer"))
+    return beta(con, stratum, site, include_diverged, layer="each", **kw)
 
 
 def renyi(con, ffn_mult: float, step: int | None = None, stratum: str = "all",
@@ -117,4 +248,116 @@ def renyi(con, ffn_mult: float, step: int | None = None, stratum: str = "all",
                         "post": value.get((o, f"renyi:{name}", "post")), "rho": stats[3 * i],
                         "rho_min": stats[3 * i + 1], "rho_max": stats[3 * i + 2], "js_divergence": js,
                         "n_layers": n_layers})
-    return out
+    return Answer(out)
+
+
+def _label(key) -> str:
+    return " / ".join(str(k) for k in key)
+
+
+def matched(con, stratum: str = "all", site: str = "post", include_diverged: bool = False, *,
+            by=("optimizer", "steps"), metric: str = "hard", ppl_tol: float = 0.03, min_dbeta: float = 0.1,
+            where: str | None = None) -> Answer:
+    """Pairs of groups whose validation perplexity matches within `ppl_tol` (relative; width by
+    width, or as a mean over the sweep) while their β differs by at least `min_dbeta`."""
+    vals, facts = _points(con, by, (metric,), stratum=stratum, site=site, where=where,
+                          include_diverged=include_diverged)
+    pts, ppl = [], defaultdict(lambda: defaultdict(list))
+    for r, _, _, v in vals:
+        key = tuple(facts[r][f] for f in by)
+        pts.append((key, facts[r]["ffn_width"], facts[r]["seed"], v))
+        if facts[r]["val_ppl"] is not None:
+            ppl[key][facts[r]["ffn_width"]].append(facts[r]["val_ppl"])
+    notes: list[str] = []
+    fits = {tuple(row[k] for k in by): row for row in fit_groups(pts, (metric,), tuple(by), notes)}
+    b = "" if metric not in ("hard", "soft") else f"_{metric}"
+    rows = []
+    keys = sorted(fits, key=lambda k: tuple(str(x) for x in k))
+    for i, ka in enumerate(keys):
+        for kb in keys[i + 1:]:
+            fa, fb = fits[ka], fits[kb]
+            common = sorted(set(ppl[ka]) & set(ppl[kb]))
+            if fa[f"beta{b}"] is None or fb[f"beta{b}"] is None or not common:
+                continue
+            pa = [float(np.mean(ppl[ka][w])) for w in common]
+            pb = [float(np.mean(ppl[kb][w])) for w in common]
+            gaps = [abs(x - y) / ((x + y) / 2) for x, y in zip(pa, pb)]
+            ma, mb = float(np.mean(pa)), float(np.mean(pb))
+            mean_gap = abs(ma - mb) / ((ma + mb) / 2)
+            dbeta = fb[f"beta{b}"] - fa[f"beta{b}"]
+            if (max(gaps) <= ppl_tol or mean_gap <= ppl_tol) and abs(dbeta) >= min_dbeta:
+                rows.append({
+                    "group_a": _label(ka), "group_b": _label(kb), "metric": metric,
+                    "beta_a": fa[f"beta{b}"], "beta_a_low": fa[f"beta{b}_low"], "beta_a_high": fa[f"beta{b}_high"],
+                    "beta_b": fb[f"beta{b}"], "beta_b_low": fb[f"beta{b}_low"], "beta_b_high": fb[f"beta{b}_high"],
+                    "dbeta": dbeta, "ppl_a": ma, "ppl_b": mb, "ppl_gap": mean_gap, "max_width_gap": max(gaps),
+                    "matched_by_width": max(gaps) <= ppl_tol,
+                    "width_gaps": " ".join(f"{w}:{g:.3f}" for w, g in zip(common, gaps))})
+    notes.append(f"{len(rows)} matched pair{'s' if len(rows) != 1 else ''} with |Δβ| ≥ {min_dbeta:g} "
+                 f"(perplexity within {ppl_tol:.0%}; {len(keys)} groups)")
+    return Answer(rows, notes)
+
+
+def delta(con, arch: str = "n_head", *, baseline: str = "adamw", reference: str | None = None,
+          site: str = "post", strata=("all", "head", "mid", "tail"), metrics=("hard", "soft"),
+          include_diverged: bool = False, where: str | None = None) -> Answer:
+    """Architecture shift |β(variant) − β(reference)| per optimizer against the optimizer gain
+    max_o β_o − β_baseline at the reference architecture; a comparison passes when gain > shift."""
+    if arch not in FACTORS or arch in ("optimizer", "optimizer_name", "ffn_mult", "seed"):
+        raise SpecError(f"--arch: {arch!r} is not an architecture factor of runs")
+    rows, notes = [], []
+    for stratum in strata:
+        vals, facts = _points(con, ("optimizer", arch), metrics, stratum=stratum, site=site, where=where,
+                              include_diverged=include_diverged)
+        pts = [((facts[r]["optimizer"], facts[r][arch]), facts[r]["ffn_width"], facts[r]["seed"], v)
+               for r, _, _, v in vals]
+        fits = fit_groups(pts, metrics, ("optimizer", "variant"), [])
+        if not fits:
+            continue
+        values = sorted({str(f["variant"]) for f in fits})
+        ref = reference if reference is not None else max(
+            values, key=lambda v: (sum(str(facts[r][arch]) == v for r in facts), -values.index(v)))
+        ref = _match_value(ref, values, arch)
+        base = _match_optimizer(baseline, {f["optimizer"] for f in fits}, facts)
+        for m in metrics:
+            beta = {(f["optimizer"], str(f["variant"])): f[f"beta_{m}"] for f in fits}
+            at_ref = {o: b for (o, v), b in beta.items() if v == ref and b is not None}
+            if base not in at_ref:
+                notes.append(f"{stratum}/{m}: no fit for baseline {base!r} at {arch}={ref}")
+                continue
+            gain = max(at_ref.values()) - at_ref[base]
+            for (o, v), b in sorted(beta.items()):
+                if v == ref or b is None or o not in at_ref:
+                    continue
+                shift = abs(b - at_ref[o])
+                rows.append({"stratum": stratum, "metric": m, "optimizer": o, "reference": ref, "variant": v,
+                             "beta_reference": at_ref[o], "beta_variant": b, "arch_shift": shift,
+                             "optimizer_gain": gain, "passes": gain > shift})
+    k = sum(r["passes"] for r in rows)
+    notes.append(f"{k} of {len(rows)} comparisons: optimizer gain > architecture shift ({arch})")
+    return Answer(rows, notes)
+
+
+def _match_value(ref: str, values: list[str], arch: str) -> str:
+    for v in values:
+        if v == ref or (_float(v) is not None and _float(v) == _float(ref)):
+            return v
+    raise SpecError(f"--reference: {arch}={ref} is not in the store (values: {', '.join(values)})")
+
+
+def _float(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _match_optimizer(baseline: str, labels: set, facts: dict) -> str:
+    if baseline in labels:
+        return baseline
+    by_name = {f["optimizer"] for f in facts.values()
+               if f["optimizer_name"] == baseline.lower() or f["optimizer"].lower() == baseline.lower()}
+    if len(by_name) == 1:
+        return by_name.pop()
+    raise SpecError(f"--baseline: {baseline!r} matches {len(by_name)} optimizer labels "
+                    f"({', '.join(sorted(by_name or labels))}); name one label exactly")

@@ -599,3 +599,18 @@ def load_spec(path: str | Path | None, overrides: list[str] = ()) -> tuple[Plan,
         src.overrides[key] = raw
     src.doc = doc
     return expand(src), src
+
+
+def json_schema() -> dict:
+    """JSON Schema of a spec file: every RunSpec field plus `sweep`."""
+    schema = RunSpec.model_json_schema()
+    schema["title"] = "specdb experiment spec"
+    schema["properties"]["sweep"] = {
+        "type": "object",
+        "description": "Axes: a dotted field path (or optimizer, ffn_mult, seed) mapped to a list of "
+                       "values; axes multiply. `zip` holds groups of axes that move together.",
+        "properties": {"zip": {"type": "array", "items": {"type": "object",
+                                                           "additionalProperties": {"type": "array"}}}},
+        "additionalProperties": {"type": "array", "minItems": 1},
+    }
+    return schema

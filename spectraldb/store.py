@@ -41,15 +41,18 @@ def _is_lock_error(exc: Exception) -> bool:
 
 
 @contextlib.contextmanager
-def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT_S):
-    """Open the store (creating and migrating it for writers), retrying while it is locked."""
+def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT_S, external_access: bool = True):
+    """Open the store (creating and migrating it for writers), retrying while it is locked.
+
+    `external_access=False` also forbids reading or writing other files through SQL."""
     path = Path(path)
     if read_only and not path.exists():
         raise StoreError(f"{path}: no such store (run `specdb run SPEC` first, or pass --db)")
     deadline = time.monotonic() + wait_s
+    config = {} if external_access else {"enable_external_access": False}
     while True:
         try:
-            con = duckdb.connect(str(path), read_only=read_only)
+            con = duckdb.connect(str(path), read_only=read_only, config=config)
             break
         except duckdb.Error as exc:
             if _is_lock_error(exc) and time.monotonic() < deadline:
@@ -240,3 +243,19 @@ def _finite(x):
 
 
 BACKFILL[2] = _backfill_metrics
+
+EXPORTED = ("runs", "evals", "spectra", "ranks", "reinjection", "rank_metrics", "layer_points", "points", "betas")
+
+
+def export_all(path: str | Path, directory: Path, fmt: str) -> list[tuple[str, int]]:
+    """Copy every table and view to DIR/<name>.<fmt>; returns (name, rows) per file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    options = "(FORMAT parquet)" if fmt == "parquet" else "(FORMAT csv, HEADER)"
+    out = []
+    with connect(path, read_only=True) as con:
+        for name in EXPORTED:
+            target = str(directory / f"{name}.{fmt}").replace("'", "''")
+            con.execute(f"COPY (SELECT * FROM {name}) TO '{target}' {options}")
+            out.append((name, con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]))
+    return out
