@@ -370,6 +370,54 @@ def schema():
     typer.echo(json.dumps(json_schema(), indent=2))
 
 
+@app.command()
+def plot(kind: str = typer.Argument(..., help="scaling | dynamics | depth | renyi"),
+         output: Path = typer.Option(..., "-o", "--output", help="FILE.png, .svg or .pdf"),
+         stratum: List[str] = typer.Option(["all"], "--stratum", help="Stratum; scaling takes several "
+                                           "(--stratum all,tail: one row of panels each)"),
+         site: str = SiteOpt, ffn_mult: Optional[float] = typer.Option(None, "--ffn-mult", help="Width for renyi."),
+         step: Optional[int] = typer.Option(None, help="Measured step for renyi (default: final)."),
+         include_diverged: bool = DivergedOpt, where: Optional[str] = WhereOpt, db: Optional[str] = DbOpt):
+    """Draw one of the study's figures.
+
+    scaling: rank vs FFN width (log–log) with fitted lines and 95% bands, hard and soft side by
+    side, one row per stratum; dynamics: β over training; depth: β per layer; renyi: R_α and ρ_α
+    against α at one width.
+
+    Examples:
+
+      specdb plot scaling --stratum all,tail -o scaling.png
+
+      specdb plot renyi --ffn-mult 4 -o renyi.svg
+    """
+    from spectraldb import plots
+    from spectraldb.store import connect
+
+    strata = [x.strip() for part in stratum for x in part.split(",") if x.strip()]
+    if kind not in ("scaling", "dynamics", "depth", "renyi"):
+        fail(f"plot: unknown figure {kind!r} (expected scaling, dynamics, depth or renyi)", 2)
+    if output.suffix.lower() not in (".png", ".svg", ".pdf"):
+        fail(f"-o: {output}: use a .png, .svg or .pdf file name", 2)
+    for st in strata:
+        if st not in ("all", "head", "mid", "tail"):
+            fail(f"--stratum: unknown stratum {st!r} (expected one of: all, head, mid, tail)", 2)
+    if kind == "renyi" and ffn_mult is None:
+        fail("--ffn-mult: the renyi figure needs a width (e.g. --ffn-mult 4)", 2)
+    try:
+        with connect(db or DEFAULT_DB, read_only=True) as con:
+            if kind == "scaling":
+                fig = plots.scaling(con, strata, site, include_diverged, where)
+            elif kind == "renyi":
+                fig = plots.renyi(con, ffn_mult, step, strata[0], include_diverged)
+            else:
+                fig = getattr(plots, kind)(con, strata[0], site, include_diverged, where)
+    except (StoreError, SpecError) as exc:
+        fail(str(exc), 2)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=130)
+    typer.echo(f"wrote {output}", err=True)
+
+
 def main() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     app()

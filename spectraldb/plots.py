@@ -1,0 +1,136 @@
+"""The study's figures (matplotlib, headless). Each function returns a Figure; the CLI saves it."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+
+from spectraldb import queries
+from spectraldb.fits import power_law
+
+METRIC_TITLES = {"hard": "hard rank (participation ratio)", "soft": "soft rank (exp entropy)"}
+
+
+def _figure(nrows: int, ncols: int, **kw):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.9 * nrows), squeeze=False, **kw)
+    return fig, axes
+
+
+def scaling(con, strata=("all",), site="post", include_diverged=False, where=None):
+    """Rank vs FFN width on log–log axes, one series per optimizer with its fitted line and the
+    95% confidence band of the fit; hard and soft side by side, one row per stratum."""
+    fig, axes = _figure(len(strata), 2)
+    for row, stratum in enumerate(strata):
+        vals = queries.run_values(con, ("hard", "soft"), stratum=stratum, site=site, where=where,
+                                  include_diverged=include_diverged)
+        facts = queries.run_factors(con, {v[0] for v in vals})
+        for col, metric in enumerate(("hard", "soft")):
+            ax = axes[row][col]
+            by = defaultdict(lambda: defaultdict(list))
+            for rid, _, _, v in vals:
+                by[facts[rid]["optimizer"]][facts[rid]["ffn_width"]].append(v[metric])
+            for i, (opt, pts) in enumerate(sorted(by.items())):
+                color = f"C{i}"
+                w = np.array(sorted(pts), dtype=float)
+                y = np.array([np.mean(pts[x]) for x in sorted(pts)])
+                ax.scatter(w, y, color=color, s=22, zorder=3)
+                label = opt
+                if len(w) >= 2:
+                    fit = power_law(w, y)
+                    grid = np.geomspace(w.min(), w.max(), 50)
+                    ax.plot(grid, np.exp(fit.intercept) * grid**fit.beta, color=color,
+                            label=f"{opt}: β={fit.beta:.2f}")
+                    if len(w) > 2:
+                        lo, hi = _band(np.log(w), np.log(y), np.log(grid), fit)
+                        ax.fill_between(grid, np.exp(lo), np.exp(hi), color=color, alpha=0.15, lw=0)
+                else:
+                    ax.plot(w, y, color=color, label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("FFN width D")
+            ax.set_ylabel(METRIC_TITLES[metric])
+            ax.set_title(f"{metric} rank vs width — {stratum} tokens, {site}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _band(lx, ly, lgrid, fit):
+    """95% confidence band of the mean response of an OLS line, in log space."""
+    from scipy.special import stdtrit
+
+    n = lx.size
+    resid = ly - (fit.intercept + fit.beta * lx)
+    s = math.sqrt(float((resid**2).sum()) / (n - 2))
+    sxx = float(((lx - lx.mean()) ** 2).sum())
+    half = stdtrit(n - 2, 0.975) * s * np.sqrt(1 / n + (lgrid - lx.mean()) ** 2 / sxx)
+    centre = fit.intercept + fit.beta * lgrid
+    return centre - half, centre + half
+
+
+def _beta_lines(rows, x_key, xlabel, title):
+    fig, axes = _figure(1, 2)
+    for col, metric in enumerate(("hard", "soft")):
+        ax = axes[0][col]
+        by = defaultdict(list)
+        for r in rows:
+            if r[f"beta_{metric}"] is not None:
+                by[r["optimizer"]].append((r[x_key], r[f"beta_{metric}"], r[f"beta_{metric}_low"], r[f"beta_{metric}_high"]))
+        for i, (opt, pts) in enumerate(sorted(by.items())):
+            pts.sort()
+            x = [p[0] for p in pts]
+            ax.plot(x, [p[1] for p in pts], marker="o", color=f"C{i}", label=opt)
+            lo = [p[2] if p[2] is not None else p[1] for p in pts]
+            hi = [p[3] if p[3] is not None else p[1] for p in pts]
+            ax.fill_between(x, lo, hi, color=f"C{i}", alpha=0.12, lw=0)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"β_{metric}")
+        ax.set_title(f"{title}: β_{metric}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def dynamics(con, stratum="all", site="post", include_diverged=False, where=None):
+    """β_hard and β_soft over training steps, one line per optimizer (band: 95% t-interval)."""
+    rows = queries.dynamics(con, stratum=stratum, site=site, include_diverged=include_diverged, where=where).rows
+    return _beta_lines(rows, "step", "training step", f"β over training ({stratum}, {site})")
+
+
+def depth(con, stratum="all", site="post", include_diverged=False, where=None):
+    """β per layer, one line per optimizer."""
+    rows = queries.depth(con, stratum=stratum, site=site, include_diverged=include_diverged, where=where).rows
+    return _beta_lines(rows, "layer", "layer", f"β by depth ({stratum}, {site})")
+
+
+def renyi(con, ffn_mult: float, step=None, stratum="all", include_diverged=False):
+    """R_α at pre and post and ρ_α = R_α(post)/R_α(pre) against α, one line per optimizer."""
+    rows = queries.renyi(con, ffn_mult, step, stratum, include_diverged).rows
+    fig, axes = _figure(1, 3)
+    alphas = [r["alpha"] for r in rows]
+    order = list(dict.fromkeys(alphas))
+    by = defaultdict(dict)
+    for r in rows:
+        by[r["optimizer"]][r["alpha"]] = r
+    for col, (key, ylabel) in enumerate((("pre", "R_α at pre (c_fc output)"), ("post", "R_α at post (after activation)"),
+                                         ("rho", "ρ_α = R_α(post) / R_α(pre)"))):
+        ax = axes[0][col]
+        for i, (opt, per_alpha) in enumerate(sorted(by.items())):
+            ax.plot(range(len(order)), [per_alpha[a][key] for a in order], marker="o", color=f"C{i}", label=opt)
+        ax.set_xticks(range(len(order)), [("∞" if a == "inf" else a) for a in order])
+        ax.set_xlabel("Rényi order α")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{ylabel.split(' ')[0]} — ffn_mult {ffn_mult:g}, {stratum}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
