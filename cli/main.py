@@ -269,6 +269,8 @@ def query_delta(arch: str = typer.Option("n_head", "--arch", help="Architecture 
                 baseline: str = typer.Option("adamw", help="Baseline optimizer (label or name)."),
                 reference: Optional[str] = typer.Option(None, help="Reference architecture value "
                                                         "(default: the one with most runs)."),
+                stratum: List[str] = typer.Option(["all,head,mid,tail"], "--stratum", help="Strata to compare "
+                                                  "(default: all four)"),
                 site: str = SiteOpt, include_diverged: bool = DivergedOpt, where: Optional[str] = WhereOpt,
                 db: Optional[str] = DbOpt, fmt: str = FormatOpt):
     """Optimizer gain vs architecture shift of β, per stratum × metric × optimizer; prints "k of n".
@@ -280,8 +282,13 @@ def query_delta(arch: str = typer.Option("n_head", "--arch", help="Architecture 
     """
     from spectraldb.queries import delta
 
+    strata = [x.strip() for part in stratum for x in part.split(",") if x.strip()]
+    for st in strata:
+        if st not in ("all", "head", "mid", "tail"):
+            fail(f"--stratum: unknown stratum {st!r} (expected one of: all, head, mid, tail)", 2)
+
     def run(con, stratum, include_diverged, site):
-        return delta(con, arch, baseline=baseline, reference=reference, site=site,
+        return delta(con, arch, baseline=baseline, reference=reference, site=site, strata=strata,
                      include_diverged=include_diverged, where=where)
 
     _query(run, None, fmt, db, "all", site, include_diverged)

@@ -8,7 +8,7 @@ from collections import defaultdict
 import numpy as np
 
 from spectraldb import queries
-from spectraldb.fits import power_law
+from spectraldb.fits import power_law, t_quantile
 
 METRIC_TITLES = {"hard": "hard rank (participation ratio)", "soft": "soft rank (exp entropy)"}
 
@@ -30,11 +30,11 @@ def scaling(con, strata=("all",), site="post", include_diverged=False, where=Non
     for row, stratum in enumerate(strata):
         vals = queries.run_values(con, ("hard", "soft"), stratum=stratum, site=site, where=where,
                                   include_diverged=include_diverged)
-        facts = queries.run_factors(con, {v[0] for v in vals})
+        facts = queries.run_factors(vals)
         for col, metric in enumerate(("hard", "soft")):
             ax = axes[row][col]
             by = defaultdict(lambda: defaultdict(list))
-            for rid, _, _, v in vals:
+            for rid, _, _, v, _, _ in vals:
                 by[facts[rid]["optimizer"]][facts[rid]["ffn_width"]].append(v[metric])
             for i, (opt, pts) in enumerate(sorted(by.items())):
                 color = f"C{i}"
@@ -65,13 +65,11 @@ def scaling(con, strata=("all",), site="post", include_diverged=False, where=Non
 
 def _band(lx, ly, lgrid, fit):
     """95% confidence band of the mean response of an OLS line, in log space."""
-    from scipy.special import stdtrit
-
     n = lx.size
     resid = ly - (fit.intercept + fit.beta * lx)
     s = math.sqrt(float((resid**2).sum()) / (n - 2))
     sxx = float(((lx - lx.mean()) ** 2).sum())
-    half = stdtrit(n - 2, 0.975) * s * np.sqrt(1 / n + (lgrid - lx.mean()) ** 2 / sxx)
+    half = t_quantile(0.975, n - 2) * s * np.sqrt(1 / n + (lgrid - lx.mean()) ** 2 / sxx)
     centre = fit.intercept + fit.beta * lgrid
     return centre - half, centre + half
 

@@ -27,7 +27,7 @@ FACTORS = ("optimizer", "optimizer_name", "lr", "d_model", "n_layer", "n_head", 
            "corpus", "steps", "batch_size", "measure_source", "pos", "norm", "postln_frac", "activation",
            "spec_name", "ffn_mult", "seed")
 MIN_WIDTHS = 3
-BOOTSTRAP = 2000
+BOOTSTRAP = 1000
 
 
 @dataclass
@@ -77,70 +77,133 @@ def check_where(con, where: str | None) -> str:
 
 
 def run_values(con, metrics, *, stratum="all", site="post", window=None, step=None, by_layer=False,
-               by_step=False, where=None, include_diverged=False) -> list[tuple]:
-    """(run_id, layer | None, step | None, {metric: value}) per run (and layer / step)."""
+               by_step=False, where=None, include_diverged=False, factors=FACTORS) -> list[tuple]:
+    """(run_id, layer | None, step | None, {metric: value}, {factor: value}, stratum) per run
+    (and layer / step).
+
+    The factors are ffn_width, val_ppl, stratum and every name in FACTORS, read in the same
+    query. `stratum` may be a list: then rows come per run × stratum (one scan for all)."""
     cols = [check_metric(m) for m in metrics]
     where = check_where(con, where)
-    aggs = ", ".join(f"median(k.{c}) AS m{i}" for i, c in enumerate(cols))
-    outer = ", ".join(f"median(m{i})" for i in range(len(cols)))
+    strata = [stratum] if isinstance(stratum, str) else list(stratum)
+    statuses = _statuses(include_diverged)
+    factors = tuple(dict.fromkeys(("optimizer", "seed", *(f for f in factors if f in FACTORS))))
+    fast = window is None and step is None and not by_layer and not by_step
+    if fast:  # the stored per-run aggregate (run_points) answers the default question directly
+        sql = f"""
+            SELECT p.run_id, p.stratum, {", ".join(f"max(p.value) FILTER (WHERE p.metric = ?) AS m{i}"
+                                                    for i in range(len(metrics)))},
+                   any_value(r.ffn_width) AS ffn_width, any_value(r.final_val_ppl) AS val_ppl,
+                   {", ".join(f"any_value(r.{f}) AS {f}" for f in factors)}
+            FROM run_points p JOIN runs r USING (run_id)
+            WHERE r.status IN ({", ".join("?" * len(statuses))}) AND ({where}) AND p.site = ?
+              AND p.stratum IN ({", ".join("?" * len(strata))})
+              AND p.metric IN ({", ".join("?" * len(metrics))})
+            GROUP BY p.run_id, p.stratum"""
+        cur = con.execute(sql, [*metrics, *statuses, site, *strata, *metrics])
+        return _rows(cur, metrics, by_layer, by_step)
     if by_step:
         step_clause, params = "TRUE", []
     elif step is not None:
         step_clause, params = "k.step = ?", [step]
     else:
-        step_clause, params = "st.from_end <= coalesce(?, sel.last_k)", [window]
-    keys = "run_id" + (", layer" if by_layer else "") + (", step" if by_step else "")
+        step_clause, params = "k.from_end <= coalesce(?::INTEGER, sel.last_k)", [window]
+    group = "run_id, stratum, layer" + (", step" if by_step else "")
+    keys = "run_id, stratum" + (", layer" if by_layer else "") + (", step" if by_step else "")
+    # plain placeholders (not IN (SELECT unnest(?))) keep the filters pushed into the scan
     sql = f"""
-        WITH sel AS (SELECT run_id, last_k FROM runs WHERE status IN (SELECT unnest(?)) AND ({where})),
-        st AS (SELECT run_id, step, dense_rank() OVER (PARTITION BY run_id ORDER BY step DESC) AS from_end
-               FROM (SELECT DISTINCT k.run_id, k.step FROM ranks k SEMI JOIN sel USING (run_id)
-                     WHERE k.site = ? AND k.stratum = ?)),
+        WITH sel AS (SELECT run_id, last_k FROM runs
+                     WHERE status IN ({", ".join("?" * len(statuses))}) AND ({where})),
         per_layer AS (
-            SELECT k.run_id, k.layer, {"k.step," if by_step else ""} {aggs}
-            FROM ranks k JOIN st USING (run_id, step) JOIN sel USING (run_id)
-            WHERE k.site = ? AND k.stratum = ? AND {step_clause}
-            GROUP BY k.run_id, k.layer {", k.step" if by_step else ""})
-        SELECT {keys}, {outer} FROM per_layer GROUP BY {keys}"""
-    out = con.execute(sql, [_statuses(include_diverged), site, stratum, site, stratum, *params]).fetchall()
+            SELECT {", ".join(f"k.{g.strip()}" for g in group.split(","))},
+                   {", ".join(f"median(k.{c}) AS m{i}" for i, c in enumerate(cols))}
+            FROM ranks k JOIN sel USING (run_id)
+            WHERE k.site = ? AND k.stratum IN ({", ".join("?" * len(strata))}) AND {step_clause}
+            GROUP BY {group}),
+        per_run AS (SELECT {keys}, {", ".join(f"median(m{i}) AS m{i}" for i in range(len(cols)))}
+                    FROM per_layer GROUP BY {keys})
+        SELECT p.*, r.ffn_width, r.final_val_ppl AS val_ppl, {", ".join(f"r.{f}" for f in factors)}
+        FROM per_run p JOIN runs r USING (run_id)"""
+    cur = con.execute(sql, [*statuses, site, *strata, *params])
+    return _rows(cur, metrics, by_layer, by_step)
+
+
+def _rows(cur, metrics, by_layer, by_step) -> list[tuple]:
+    """(run_id, layer, step, {metric: value}, factors, stratum); one factors dict per run, shared."""
+    names = [d[0] for d in cur.description]
+    n_keys = 2 + by_layer + by_step
+    n_vals = len(metrics)
+    fact_names = names[n_keys + n_vals:]
+    facts: dict[str, dict] = {}
     rows = []
-    for r in out:
-        i = 1
-        layer = r[i] if by_layer else None
-        i += by_layer
-        st = r[i] if by_step else None
-        i += by_step
-        rows.append((r[0], layer, st, dict(zip(metrics, r[i:]))))
+    for r in cur.fetchall():
+        f = facts.get(r[0])
+        if f is None:
+            f = facts[r[0]] = dict(zip(fact_names, r[n_keys + n_vals:]))
+        rows.append((r[0], r[2] if by_layer else None, r[2 + by_layer] if by_step else None,
+                     dict(zip(metrics, r[n_keys:n_keys + n_vals])), f, r[1]))
     return rows
 
 
-def run_factors(con, run_ids) -> dict[str, dict]:
-    cur = con.execute(f"SELECT run_id, ffn_width, final_val_ppl AS val_ppl, {', '.join(FACTORS)} FROM runs "
-                      "WHERE run_id IN (SELECT unnest(?))", [list(run_ids)])
-    names = [d[0] for d in cur.description]
-    return {r[0]: dict(zip(names, r)) for r in cur.fetchall()}
+def width_means(con, metrics, by, *, strata, site="post", where=None, include_diverged=False) -> list[tuple]:
+    """(stratum, group key, width, {metric: mean over seeds}, mean val_ppl) from run_points:
+    the seed average done in SQL, for questions that need no per-seed values (matched, delta)."""
+    for m in metrics:
+        check_metric(m)
+    where = check_where(con, where)
+    statuses = _statuses(include_diverged)
+    by = tuple(by)
+    sql = f"""
+        WITH per_run AS (
+            SELECT p.run_id, p.stratum, {", ".join(f"max(p.value) FILTER (WHERE p.metric = ?) AS m{i}"
+                                                    for i in range(len(metrics)))}
+            FROM run_points p JOIN runs r USING (run_id)
+            WHERE r.status IN ({", ".join("?" * len(statuses))}) AND ({where}) AND p.site = ?
+              AND p.stratum IN ({", ".join("?" * len(strata))}) AND p.metric IN ({", ".join("?" * len(metrics))})
+            GROUP BY p.run_id, p.stratum)
+        SELECT q.stratum, {", ".join(f"r.{f}" for f in by)}, r.ffn_width,
+               {", ".join(f"avg(q.m{i})" for i in range(len(metrics)))}, avg(r.final_val_ppl)
+        FROM per_run q JOIN runs r USING (run_id)
+        GROUP BY q.stratum, {", ".join(f"r.{f}" for f in by)}, r.ffn_width"""
+    out = []
+    for row in con.execute(sql, [*metrics, *statuses, site, *strata, *metrics]).fetchall():
+        k = len(by)
+        out.append((row[0], tuple(row[1:1 + k]), row[1 + k], dict(zip(metrics, row[2 + k:2 + k + len(metrics)])),
+                    row[-1]))
+    return out
+
+
+def run_factors(rows) -> dict[str, dict]:
+    """run_id → factors, from run_values rows."""
+    return {r[0]: r[4] for r in rows}
 
 
 def _num(x):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
-def _bootstrap(widths, seed_values, rng) -> tuple[float, float]:
-    """95% percentile interval of β from resampling seeds within each width."""
+def _bootstrap(widths, seed_values, draws) -> tuple[float, float]:
+    """95% percentile interval of β from resampling seeds within each width; `draws` holds one
+    (BOOTSTRAP, n_seeds) count matrix per width, shared by the metrics of a group."""
     lx = np.log(np.asarray(widths, dtype=float))
-    cols = []
-    for vals in seed_values:
-        v = np.asarray(vals, dtype=float)
-        idx = rng.integers(0, v.size, size=(BOOTSTRAP, v.size))
-        cols.append(np.log(v[idx].mean(axis=1)))
-    ly = np.stack(cols, axis=1)  # (B, n)
+    ly = np.stack([np.log(w @ np.asarray(v, dtype=float) / len(v)) for v, w in zip(seed_values, draws)],
+                  axis=1)  # (B, n)
     xc = lx - lx.mean()
     slopes = ((ly - ly.mean(axis=1, keepdims=True)) * xc).sum(axis=1) / (xc**2).sum()
     lo, hi = np.percentile(slopes, [2.5, 97.5])
     return float(lo), float(hi)
 
 
-def fit_groups(points, metrics, key_names, notes, label=lambda k: " / ".join(map(str, k))) -> list[dict]:
-    """points: (key tuple, width, seed, {metric: value}) → one row of fits per key."""
+def _resample_counts(rng, n: int) -> np.ndarray:
+    """(BOOTSTRAP, n) counts of each seed in a resample with replacement (rows sum to n)."""
+    idx = rng.integers(0, n, size=(BOOTSTRAP, n)) + np.arange(BOOTSTRAP)[:, None] * n
+    return np.bincount(idx.ravel(), minlength=BOOTSTRAP * n).reshape(BOOTSTRAP, n).astype(float)
+
+
+def fit_groups(points, metrics, key_names, notes, label=lambda k: " / ".join(map(str, k)),
+               bootstrap: bool = True) -> list[dict]:
+    """points: (key tuple, width, seed, {metric: value}) → one row of fits per key (with a
+    seed-bootstrap interval when some width has several seeds and `bootstrap`)."""
     series: dict[tuple, dict[float, list]] = defaultdict(lambda: defaultdict(list))
     for key, width, _seed, values in points:
         series[key][width].append(values)
@@ -150,7 +213,8 @@ def fit_groups(points, metrics, key_names, notes, label=lambda k: " / ".join(map
         by_width = dict(sorted(series[key].items()))
         widths = list(by_width)
         row = dict(zip(key_names, key))
-        multi_seed = any(len(v) > 1 for v in by_width.values())
+        multi_seed = bootstrap and any(len(v) > 1 for v in by_width.values())
+        draws = [_resample_counts(rng, len(by_width[w])) for w in widths] if multi_seed else None
         if len(widths) < MIN_WIDTHS:
             notes.append(f"{label(key)}: {len(widths)} width{'s' if len(widths) != 1 else ''}; "
                          f"a fit needs at least {MIN_WIDTHS} (refused)")
@@ -167,22 +231,21 @@ def fit_groups(points, metrics, key_names, notes, label=lambda k: " / ".join(map
             row[f"beta{suffix}_high"] = _num(fit.ci_high) if fit else None
             row[f"r2{suffix}"] = fit.r2 if fit else None
             if multi_seed:
-                lo, hi = _bootstrap(widths, seeds, rng) if fit else (None, None)
+                lo, hi = _bootstrap(widths, seeds, draws) if fit else (None, None)
                 row[f"beta{suffix}_boot_low"], row[f"beta{suffix}_boot_high"] = lo, hi
         if "hard" in metrics and "soft" in metrics:
             b = row.get("beta_soft"), row.get("beta_hard")
             row["delta_12"] = b[0] - b[1] if None not in b else None
         row["n_widths"] = len(widths)
-        if multi_seed:
+        if any(len(v) > 1 for v in by_width.values()):
             row["n_seeds"] = max(len(v) for v in by_width.values())
         rows.append(row)
     return rows
 
 
 def _points(con, by, metrics, **kw):
-    vals = run_values(con, metrics, **kw)
-    facts = run_factors(con, {v[0] for v in vals})
-    return vals, facts
+    vals = run_values(con, metrics, factors=tuple(by), **kw)
+    return [v[:4] for v in vals], run_factors(vals)
 
 
 def beta(con, stratum: str = "all", site: str = "post", include_diverged: bool = False, *, by=("optimizer",),
@@ -260,16 +323,15 @@ def matched(con, stratum: str = "all", site: str = "post", include_diverged: boo
             where: str | None = None) -> Answer:
     """Pairs of groups whose validation perplexity matches within `ppl_tol` (relative; width by
     width, or as a mean over the sweep) while their β differs by at least `min_dbeta`."""
-    vals, facts = _points(con, by, (metric,), stratum=stratum, site=site, where=where,
-                          include_diverged=include_diverged)
+    means = width_means(con, (metric,), by, strata=[stratum], site=site, where=where,
+                        include_diverged=include_diverged)
     pts, ppl = [], defaultdict(lambda: defaultdict(list))
-    for r, _, _, v in vals:
-        key = tuple(facts[r][f] for f in by)
-        pts.append((key, facts[r]["ffn_width"], facts[r]["seed"], v))
-        if facts[r]["val_ppl"] is not None:
-            ppl[key][facts[r]["ffn_width"]].append(facts[r]["val_ppl"])
+    for _, key, width, v, p in means:
+        pts.append((key, width, None, v))
+        if p is not None:
+            ppl[key][width].append(p)
     notes: list[str] = []
-    fits = {tuple(row[k] for k in by): row for row in fit_groups(pts, (metric,), tuple(by), notes)}
+    fits = {tuple(row[k] for k in by): row for row in fit_groups(pts, (metric,), tuple(by), notes, bootstrap=False)}
     b = "" if metric not in ("hard", "soft") else f"_{metric}"
     rows = []
     keys = sorted(fits, key=lambda k: tuple(str(x) for x in k))
@@ -306,19 +368,21 @@ def delta(con, arch: str = "n_head", *, baseline: str = "adamw", reference: str 
     if arch not in FACTORS or arch in ("optimizer", "optimizer_name", "ffn_mult", "seed"):
         raise SpecError(f"--arch: {arch!r} is not an architecture factor of runs")
     rows, notes = [], []
+    everything = width_means(con, metrics, ("optimizer", arch), strata=list(strata), site=site, where=where,
+                             include_diverged=include_diverged)
+    names = dict(con.execute("SELECT DISTINCT optimizer, optimizer_name FROM runs").fetchall())
     for stratum in strata:
-        vals, facts = _points(con, ("optimizer", arch), metrics, stratum=stratum, site=site, where=where,
-                              include_diverged=include_diverged)
-        pts = [((facts[r]["optimizer"], facts[r][arch]), facts[r]["ffn_width"], facts[r]["seed"], v)
-               for r, _, _, v in vals]
-        fits = fit_groups(pts, metrics, ("optimizer", "variant"), [])
+        pts = [(key, width, None, v) for st, key, width, v, _ in everything if st == stratum]
+        fits = fit_groups(pts, metrics, ("optimizer", "variant"), [], bootstrap=False)
         if not fits:
             continue
         values = sorted({str(f["variant"]) for f in fits})
-        ref = reference if reference is not None else max(
-            values, key=lambda v: (sum(str(facts[r][arch]) == v for r in facts), -values.index(v)))
-        ref = _match_value(ref, values, arch)
-        base = _match_optimizer(baseline, {f["optimizer"] for f in fits}, facts)
+        if reference is None:  # the value with the most fitted groups; ties → the first
+            reference_value = max(values, key=lambda v: (sum(str(f["variant"]) == v for f in fits), -values.index(v)))
+        else:
+            reference_value = reference
+        ref = _match_value(reference_value, values, arch)
+        base = _match_optimizer(baseline, {f["optimizer"] for f in fits}, names)
         for m in metrics:
             beta = {(f["optimizer"], str(f["variant"])): f[f"beta_{m}"] for f in fits}
             at_ref = {o: b for (o, v), b in beta.items() if v == ref and b is not None}
@@ -352,11 +416,12 @@ def _float(x):
         return None
 
 
-def _match_optimizer(baseline: str, labels: set, facts: dict) -> str:
+def _match_optimizer(baseline: str, labels: set, names: dict) -> str:
+    """A label, or an optimizer name that stands for exactly one label (names: label → name)."""
     if baseline in labels:
         return baseline
-    by_name = {f["optimizer"] for f in facts.values()
-               if f["optimizer_name"] == baseline.lower() or f["optimizer"].lower() == baseline.lower()}
+    by_name = {label for label in labels
+               if names.get(label) == baseline.lower() or label.lower() == baseline.lower()}
     if len(by_name) == 1:
         return by_name.pop()
     raise SpecError(f"--baseline: {baseline!r} matches {len(by_name)} optimizer labels "

@@ -175,6 +175,17 @@ def _kept(records: list[dict], last_k: int) -> list[dict]:
     return [r if r["step"] in keep else {**r, "eigenvalues": None} for r in records]
 
 
+# The run's aggregated values (as the layer_points view defines them), stored with the run.
+RUN_POINTS_SQL = """
+    INSERT INTO run_points
+    SELECT k.run_id, k.site, k.stratum, k.metric, median(k.value), count(*), min(k.n_tokens)
+    FROM (SELECT m.run_id, m.layer, m.site, m.stratum, m.metric, median(m.value) AS value,
+                 min(m.n_tokens) AS n_tokens
+          FROM rank_metrics m JOIN runs r USING (run_id)
+          WHERE m.run_id = ? AND m.from_end <= r.last_k
+          GROUP BY m.run_id, m.layer, m.site, m.stratum, m.metric) k
+    GROUP BY k.run_id, k.site, k.stratum, k.metric"""
+
 RUN_COLUMNS = ("run_id", "spec_name", "optimizer", "optimizer_name", "lr", "ffn_mult", "ffn_width", "d_model",
                "n_layer", "n_head", "context", "vocab_size", "corpus", "seed", "steps", "batch_size",
                "measure_source", "last_k", "status", "error", "final_val_loss", "final_val_ppl", "config",
@@ -207,7 +218,9 @@ def write_run(path: str | Path, run, result: dict, provenance: dict, spec_name: 
     eval_rows = [[rid, e["step"], _finite(e["train_loss"]), _finite(e["val_loss"]), _finite(e["val_ppl"])]
                  for e in evals]
     records = result.get("spectra", [])
-    rank = rank_rows(rid, records)
+    steps = sorted({r["step"] for r in records}, reverse=True)
+    from_end = {step: i + 1 for i, step in enumerate(steps)}
+    rank = [row + [from_end.get(row[1])] for row in rank_rows(rid, records)]
     reinjection = reinjection_rows(rid, records)
     stored = _kept(records, run.measure.last_k) if run.measure.keep_eigenvalues == "last_k" else records
     spec_rows = [[rid, s["step"], s["layer"], s["site"], s["stratum"], s["n_tokens"], s["n_dim"],
@@ -217,7 +230,7 @@ def write_run(path: str | Path, run, result: dict, provenance: dict, spec_name: 
     with connect(path) as con:
         con.execute("BEGIN")
         try:
-            for table in ("reinjection", "ranks", "spectra", "evals", "runs"):
+            for table in ("run_points", "reinjection", "ranks", "spectra", "evals", "runs"):
                 con.execute(f"DELETE FROM {table} WHERE run_id = ?", [rid])
             con.execute(f"INSERT INTO runs BY NAME SELECT {', '.join(f'? AS {c}' for c in RUN_COLUMNS)}", run_row)
             if eval_rows:
@@ -229,6 +242,7 @@ def write_run(path: str | Path, run, result: dict, provenance: dict, spec_name: 
             if reinjection:
                 con.executemany(f"INSERT INTO reinjection VALUES ({', '.join('?' * len(reinjection[0]))})",
                                 reinjection)
+            con.execute(RUN_POINTS_SQL, [rid])
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
@@ -244,7 +258,8 @@ def _finite(x):
 
 BACKFILL[2] = _backfill_metrics
 
-EXPORTED = ("runs", "evals", "spectra", "ranks", "reinjection", "rank_metrics", "layer_points", "points", "betas")
+EXPORTED = ("runs", "evals", "spectra", "ranks", "reinjection", "run_points", "rank_metrics", "layer_points",
+            "points", "betas")
 
 
 def export_all(path: str | Path, directory: Path, fmt: str) -> list[tuple[str, int]]:

@@ -22,7 +22,8 @@ COLUMNS = {
                 "min_eigenvalue", "eigenvalues"],
     "ranks": ["run_id", "step", "layer", "site", "stratum", "n_tokens", "soft_rank", "hard_rank",
               "spectral_entropy", "renyi_0_5", "renyi_1", "renyi_1_5", "renyi_2", "renyi_3", "renyi_5",
-              "renyi_inf", "eee"],
+              "renyi_inf", "eee", "from_end"],
+    "run_points": ["run_id", "site", "stratum", "metric", "value", "n_layers", "n_tokens"],
     "reinjection": ["run_id", "step", "layer", "stratum", "js_divergence", "rho_0_5", "rho_1", "rho_1_5",
                     "rho_2", "rho_3", "rho_5", "rho_inf"],
 }
