@@ -143,7 +143,8 @@ def _run_ray(plan, runs, datasets, db, prov, reporter, result, address) -> None:
         data_refs = {k: ray.put(ds) for k, ds in datasets.items()}  # shipped once, shared by runs
         pending = {}
         for r in runs:
-            task = _ray_task.options(num_cpus=r.resources.cpus, num_gpus=r.resources.gpus)
+            task = _ray_task.options(num_cpus=r.resources.cpus, num_gpus=r.resources.gpus,
+                                     max_retries=r.resources.max_retries)
             ref = task.remote(r.config(), data_refs[_data_key(r)], board, r.run_id,
                               max(1, int(r.resources.cpus)), datasets[_data_key(r)].vocab_size)
             pending[ref] = r
@@ -205,8 +206,11 @@ def _make_task():
         from workers.train import run as train_run
 
         throttle = Throttle(1.0)
+        kill_at = _fault_injection(run_id)
 
         def progress(step, steps):
+            if kill_at is not None and step == kill_at:
+                os._exit(1)  # simulate a worker process dying mid-run (fault tests only)
             if throttle.ready(step, steps):
                 board.report.remote(run_id, step, steps)
 
@@ -215,6 +219,20 @@ def _make_task():
         return res
 
     return task
+
+
+def _fault_injection(run_id: str) -> int | None:
+    """SPECDB_FAULT_KILL_AT="STEP:DIR" makes each run's first attempt kill its own worker process
+    at STEP (a marker file in DIR remembers the attempt). For the fault-tolerance tests."""
+    spec = os.environ.get("SPECDB_FAULT_KILL_AT")
+    if not spec:
+        return None
+    step, folder = spec.split(":", 1)
+    marker = Path(folder) / f"killed-{run_id}"
+    if marker.exists():
+        return None
+    marker.touch()
+    return int(step)
 
 
 _Board = _LazyRemote(_make_board)

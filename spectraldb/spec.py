@@ -189,7 +189,8 @@ class MeasureSpec(Section):
 
 class ResourcesSpec(Section):
     cpus: float = Field(1, gt=0)
-    gpus: float = Field(0, ge=0)
+    gpus: float = Field(0, ge=0)  # fractional: several small runs share one GPU
+    max_retries: int = Field(2, ge=0)  # re-runs of a run whose worker process died
 
 
 class RunSpec(Section):
@@ -394,9 +395,11 @@ class Axis:
     where: list[list[tuple]]      # YAML path of each value, for errors
 
 
-def _parse_axes(sweep: Any, src: Source) -> list[Axis]:
-    if sweep is None:
+def _parse_axes(sweep: Any, src: Source, present: bool = True) -> list[Axis]:
+    if not present:
         return []
+    if sweep is None or sweep == {}:
+        raise SpecError(f"{src.where(('sweep',))} sweep: no axes (list some, or remove `sweep:` for one run)")
     if not isinstance(sweep, dict):
         raise SpecError(f"{src.where(('sweep',))} sweep: expected a mapping of axis: [values]")
     axes = []
@@ -457,9 +460,10 @@ class Plan:
 
 def expand(src: Source) -> Plan:
     doc = dict(src.doc)
+    present = "sweep" in doc
     sweep = doc.pop("sweep", None)
     base = validate_run(doc, src)
-    axes = _parse_axes(sweep, src)
+    axes = _parse_axes(sweep, src, present)
     # Validate each axis value on its own first, so the error points at the value's line.
     for ax in axes:
         for vals, where in zip(ax.values, ax.where):
