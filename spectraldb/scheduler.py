@@ -96,10 +96,17 @@ def run_sweep(plan: Plan, db: str | Path, *, executor: str = "ray", address: str
     return result
 
 
+def checkpoint_path(run: RunSpec) -> str | None:
+    return str(Path(run.checkpoint.dir) / f"{run.run_id}.pt") if run.checkpoint else None
+
+
 def _store(plan, run, res, db, prov, reporter, result) -> None:
     ds_vocab = res.pop("_vocab", None)
     res.setdefault("vocab_size", ds_vocab)
     store.write_run(db, run, res, prov, plan.spec_name)
+    ckpt = checkpoint_path(run)
+    if ckpt and res["status"] != "failed" and not run.checkpoint.keep:
+        Path(ckpt).unlink(missing_ok=True)  # stored: the checkpoint has done its job
     result.statuses[run.run_id] = res["status"]
     detail = ""
     if res["evals"]:
@@ -121,7 +128,7 @@ def _run_inline(plan, runs, datasets, db, prov, reporter, result) -> None:
             if throttle.ready(step, steps):
                 reporter.step(r.run_id, r.label, step, steps)
 
-        res = train_run(r.config(), ds, progress)
+        res = train_run(r.config(), ds, progress, checkpoint=checkpoint_path(r))
         res["_vocab"] = ds.vocab_size
         _store(plan, r, res, db, prov, reporter, result)
 
@@ -146,7 +153,7 @@ def _run_ray(plan, runs, datasets, db, prov, reporter, result, address) -> None:
             task = _ray_task.options(num_cpus=r.resources.cpus, num_gpus=r.resources.gpus,
                                      max_retries=r.resources.max_retries)
             ref = task.remote(r.config(), data_refs[_data_key(r)], board, r.run_id,
-                              max(1, int(r.resources.cpus)), datasets[_data_key(r)].vocab_size)
+                              max(1, int(r.resources.cpus)), datasets[_data_key(r)].vocab_size, checkpoint_path(r))
             pending[ref] = r
         labels = {r.run_id: r.label for r in runs}
         while pending:
@@ -202,7 +209,7 @@ def _make_task():
     import ray
 
     @ray.remote(max_retries=2)
-    def task(config, ds, board, run_id, threads, vocab):
+    def task(config, ds, board, run_id, threads, vocab, checkpoint):
         from workers.train import run as train_run
 
         throttle = Throttle(1.0)
@@ -214,7 +221,7 @@ def _make_task():
             if throttle.ready(step, steps):
                 board.report.remote(run_id, step, steps)
 
-        res = train_run(config, ds, progress, threads)
+        res = train_run(config, ds, progress, threads, checkpoint=checkpoint)
         res["_vocab"] = vocab
         return res
 

@@ -29,7 +29,7 @@ Pair = Annotated[list[float], Field(min_length=2, max_length=2)]
 OPTIMIZER_NAMES = ("adamw", "muon", "normuon", "dion")
 ALIASES = {"ffn_mult": "model.ffn_mult", "seed": "train.seed"}
 # Fields that change how or where a run executes, not what it computes.
-NOT_HASHED = ("name", "store", "resources", "train.device", "optimizer.label")
+NOT_HASHED = ("name", "store", "resources", "checkpoint", "train.device", "optimizer.label")
 # Fields added after run ids were first issued: left out of the hash while they hold the
 # value that reproduces the earlier behaviour, so existing stores keep their run ids.
 HASHED_UNLESS_DEFAULT = {"model.pos": "rope", "model.norm": "pre", "model.postln_frac": None,
@@ -193,6 +193,12 @@ class ResourcesSpec(Section):
     max_retries: int = Field(2, ge=0)  # re-runs of a run whose worker process died
 
 
+class CheckpointSpec(Section):
+    every: int = Field(..., ge=1)           # save the whole training state every N steps
+    dir: str = "checkpoints"                # one file per run: <dir>/<run_id>.pt
+    keep: bool = False                      # keep the file after the run is stored
+
+
 class RunSpec(Section):
     name: str = "specdb"
     store: str = "specdb.duckdb"
@@ -202,6 +208,7 @@ class RunSpec(Section):
     optimizer: OptimizerSpec = Field(default_factory=lambda: AdamWSpec(name="adamw"))
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    checkpoint: CheckpointSpec | None = None
 
     @property
     def label(self) -> str:

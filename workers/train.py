@@ -7,8 +7,10 @@ it never touches the database (only the driver writes) and never imports ray.
 from __future__ import annotations
 
 import math
+import os
 import time
 import traceback
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -50,12 +52,18 @@ def evaluate(model, windows: torch.Tensor, autocast_dtype, chunk: int = 64) -> f
     return total / count
 
 
-def run(config: dict, ds: Dataset, progress: Progress | None = None, threads: int | None = None) -> dict:
-    """Train and measure one run; failures come back as status 'failed' with what was measured."""
+def run(config: dict, ds: Dataset, progress: Progress | None = None, threads: int | None = None,
+        checkpoint: str | Path | None = None) -> dict:
+    """Train and measure one run; failures come back as status 'failed' with what was measured.
+
+    With `checkpoint` (a file path) and `config["checkpoint"]["every"]`, the run saves its whole
+    state there every N steps and, if the file exists when it starts, resumes from it: a resumed
+    run ends with exactly the measurements of an uninterrupted one (bitwise on CPU).
+    """
     result = {"status": "running", "error": None, "evals": [], "spectra": [],
               "started_at": time.time(), "device": None}
     try:
-        _run(config, ds, result, progress, threads)
+        _run(config, ds, result, progress, threads, Path(checkpoint) if checkpoint else None)
     except Exception:  # noqa: BLE001 - the driver records the failure, the sweep goes on
         result["status"] = "failed"
         result["error"] = traceback.format_exc(limit=8)
@@ -63,7 +71,8 @@ def run(config: dict, ds: Dataset, progress: Progress | None = None, threads: in
     return result
 
 
-def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, threads: int | None) -> None:
+def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, threads: int | None,
+         ckpt_path: Path | None) -> None:
     tr, ms, mc = config["train"], config["measure"], config["model"]
     device = pick_device(tr["device"])
     result["device"] = str(device)
@@ -89,8 +98,12 @@ def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, thr
     fixed = torch.from_numpy(measurement_batch(ds, ms["tokens"], T).astype(np.int64)).to(device) \
         if ms["source"] == "heldout" else None
     schedule = set(measured_steps(steps, ms["every"]))
+    every = (config.get("checkpoint") or {}).get("every") if ckpt_path else None
+    first = 1
+    if every and ckpt_path.exists():
+        first = _restore(ckpt_path, model, optimizers, rng, result, device) + 1
 
-    for step in range(1, steps + 1):
+    for step in range(first, steps + 1):
         starts = rng.integers(0, train.size - T - 1, size=B)
         batch = torch.from_numpy(train[starts[:, None] + np.arange(T + 1)].astype(np.int64)).to(device)
         x, y = batch[:, :-1], batch[:, 1:]
@@ -120,9 +133,39 @@ def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, thr
             for rec in records:
                 rec["step"] = step
                 result["spectra"].append(rec)
+        if every and step % every == 0 and step < steps:
+            _save(ckpt_path, step, model, optimizers, rng, result)
         if progress is not None:
             progress(step, steps)
     result["status"] = "done"
+
+
+def _save(path: Path, step: int, model, optimizers, rng, result: dict) -> None:
+    """Everything the loop needs to continue exactly: weights, optimizer states, both RNGs, the
+    step (which fixes the data position, since batches come from the numpy RNG) and the
+    measurements so far. Written to a temporary file and renamed, so a crash never leaves half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+             "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+             "evals": result["evals"], "spectra": result["spectra"]}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _restore(path: Path, model, optimizers, rng, result: dict, device) -> int:
+    state = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(state["model"])
+    for opt, sd in zip(optimizers, state["optimizers"]):
+        opt.load_state_dict(sd)
+    rng.bit_generator.state = state["numpy_rng"]
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    result["evals"], result["spectra"] = state["evals"], state["spectra"]
+    result["resumed_from"] = state["step"]
+    return state["step"]
 
 
 def _diverged(result: dict, message: str) -> None:
