@@ -68,7 +68,9 @@ def run(spec: Path = typer.Argument(..., help="Spec file, e.g. experiments.yaml"
         address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local one)"),
         retry_failed: bool = typer.Option(False, "--retry-failed", help="Also re-run runs stored as failed."),
         cache_dir: Optional[Path] = typer.Option(None, envvar="SPECDB_CACHE",
-                                                 help="Tokenizer/dataset cache (default ~/.cache/specdb)")):
+                                                 help="Tokenizer/dataset cache (default ~/.cache/specdb)"),
+        max_in_flight: Optional[int] = typer.Option(None, "--max-in-flight", min=1,
+                                                    help="Submit at most N runs to Ray at a time.")):
     """Train and measure every run the spec declares that the store does not hold yet.
 
     Example: specdb run experiments.yaml -S train.steps=100
@@ -82,7 +84,7 @@ def run(spec: Path = typer.Argument(..., help="Spec file, e.g. experiments.yaml"
         plan = _load(spec, set_)
         path = db or plan.store
         result = run_sweep(plan, path, executor=executor, address=address, retry_failed=retry_failed,
-                           reporter=reporter_for(sys.stderr), cache_dir=cache_dir)
+                           reporter=reporter_for(sys.stderr), cache_dir=cache_dir, max_in_flight=max_in_flight)
     except (SpecError, StoreError) as exc:
         fail(str(exc), 2)
     if not result.statuses:
@@ -113,12 +115,31 @@ def plan(spec: Path = typer.Argument(..., help="Spec file"), db: Optional[str] =
 
 
 @app.command()
-def status(db: Optional[str] = DbOpt, fmt: str = FormatOpt,
+def status(spec: Optional[Path] = typer.Argument(None, help="A spec: count its runs (new ones too) and use its store."),
+           db: Optional[str] = DbOpt, fmt: str = FormatOpt,
            runs: bool = typer.Option(False, "--runs", help="One row per run instead of per status.")):
-    """Runs in the store by status with their size, and each unfinished run's last error line."""
+    """Runs by status with their size, failed/diverged runs with their error line, runs in
+    flight with their step (from a running `specdb run` on the same store), the store's size.
+
+    Examples: specdb status · specdb status experiments.yaml · specdb status --runs --format csv
+    """
+    from spectraldb.progress import read_sidecar
     from spectraldb.store import connect
 
     _check_format(fmt)
+    if spec is not None:
+        from spectraldb.scheduler import plan_rows
+
+        try:
+            plan_ = _load(spec, [])
+            rows = plan_rows(plan_, db or plan_.store)
+        except (SpecError, StoreError) as exc:
+            fail(str(exc), 2)
+        render([{"status": st, "runs": sum(r["status"] == st for r in rows)}
+                for st in ("new", "done", "diverged", "failed") if any(r["status"] == st for r in rows)], fmt)
+        db = db or plan_.store
+        if not Path(db).exists():
+            return
     path = Path(db or DEFAULT_DB)
     try:
         with connect(path, read_only=True) as con:
@@ -140,8 +161,11 @@ def status(db: Optional[str] = DbOpt, fmt: str = FormatOpt,
                                      "WHERE status <> 'done' ORDER BY run_id").fetchall()
     except StoreError as exc:
         fail(str(exc), 2)
-    render(rows, fmt, cols)
+    if spec is None:
+        render(rows, fmt, cols)
     typer.echo(f"store {path}: {path.stat().st_size / 1048576:.1f} MiB on disk", err=True)
+    for rid, info in read_sidecar(path).items():
+        typer.echo(f"in flight {rid} {info['label']}: step {info['step']}/{info['steps']}", err=True)
     for rid, opt, mult, st, err in unfinished:
         last = (err or "").strip().splitlines()[-1:] or [""]
         typer.echo(f"{st} {rid} {opt} ffn_mult={mult:g}: {last[0]}", err=True)

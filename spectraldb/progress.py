@@ -82,3 +82,61 @@ class Throttle:
             self.last = now
             return True
         return False
+
+
+class SidecarReporter:
+    """Wraps a reporter and mirrors the runs in flight to `<store>.progress.json`, so that
+    `specdb status` in another terminal can show them. Written atomically, at most once a second."""
+
+    def __init__(self, inner: PlainReporter, store_path):
+        import os
+        from pathlib import Path
+
+        self.inner = inner
+        self.path = Path(f"{store_path}.progress.json")
+        self.runs: dict[str, dict] = {}
+        self.pid = os.getpid()
+        self.throttle = Throttle(1.0)
+
+    def _write(self, force: bool = False) -> None:
+        import json
+        import os
+
+        if not force and not self.throttle.ready(0, 1):
+            return
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": self.pid, "updated": time.time(), "runs": self.runs}))
+        os.replace(tmp, self.path)
+
+    def start(self, total: int, skipped: int) -> None:
+        self.inner.start(total, skipped)
+        self._write(force=True)
+
+    def step(self, run_id: str, label: str, step: int, steps: int) -> None:
+        self.inner.step(run_id, label, step, steps)
+        self.runs[run_id] = {"label": label, "step": step, "steps": steps}
+        self._write()
+
+    def finish(self, run_id: str, label: str, status: str, seconds: float, detail: str = "") -> None:
+        self.inner.finish(run_id, label, status, seconds, detail)
+        self.runs.pop(run_id, None)
+        self._write(force=True)
+
+    def close(self) -> None:
+        self.inner.close()
+        self.path.unlink(missing_ok=True)
+
+
+def read_sidecar(store_path) -> dict:
+    """Runs in flight according to a live driver's sidecar ({} if none or its driver is gone)."""
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(f"{store_path}.progress.json")
+    try:
+        data = json.loads(path.read_text())
+        os.kill(int(data["pid"]), 0)  # the driver is still alive
+    except (OSError, ValueError, KeyError):
+        return {}
+    return data.get("runs", {})

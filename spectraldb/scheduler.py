@@ -16,7 +16,7 @@ from pathlib import Path
 
 from spectraldb import store
 from spectraldb.errors import SpecError
-from spectraldb.progress import PlainReporter, Throttle
+from spectraldb.progress import PlainReporter, SidecarReporter, Throttle
 from spectraldb.provenance import provenance
 from spectraldb.spec import Plan, RunSpec
 
@@ -75,12 +75,12 @@ def _data_key(r: RunSpec) -> str:
 
 def run_sweep(plan: Plan, db: str | Path, *, executor: str = "ray", address: str | None = None,
               retry_failed: bool = False, reporter: PlainReporter | None = None,
-              cache_dir=None) -> SweepResult:
+              cache_dir=None, max_in_flight: int | None = None) -> SweepResult:
     runs = todo(plan, db, retry_failed)
     result = SweepResult(total=len(plan.runs), skipped=len(plan.runs) - len(runs))
     if not runs:
         return result
-    reporter = reporter or PlainReporter()
+    reporter = SidecarReporter(reporter or PlainReporter(), db)
     datasets = prepare_data(runs, cache_dir)
     prov = provenance()
     reporter.start(len(runs), result.skipped)
@@ -88,7 +88,7 @@ def run_sweep(plan: Plan, db: str | Path, *, executor: str = "ray", address: str
         if executor == "inline":
             _run_inline(plan, runs, datasets, db, prov, reporter, result)
         elif executor == "ray":
-            _run_ray(plan, runs, datasets, db, prov, reporter, result, address)
+            _run_ray(plan, runs, datasets, db, prov, reporter, result, address, max_in_flight)
         else:
             raise SpecError(f"--executor: unknown executor {executor!r} (expected ray or inline)")
     finally:
@@ -133,7 +133,7 @@ def _run_inline(plan, runs, datasets, db, prov, reporter, result) -> None:
         _store(plan, r, res, db, prov, reporter, result)
 
 
-def _run_ray(plan, runs, datasets, db, prov, reporter, result, address) -> None:
+def _run_ray(plan, runs, datasets, db, prov, reporter, result, address, max_in_flight=None) -> None:
     import logging
 
     import ray
@@ -149,12 +149,19 @@ def _run_ray(plan, runs, datasets, db, prov, reporter, result, address) -> None:
         board = _Board.options(num_cpus=0).remote()
         data_refs = {k: ray.put(ds) for k, ds in datasets.items()}  # shipped once, shared by runs
         pending = {}
-        for r in runs:
-            task = _ray_task.options(num_cpus=r.resources.cpus, num_gpus=r.resources.gpus,
-                                     max_retries=r.resources.max_retries)
-            ref = task.remote(r.config(), data_refs[_data_key(r)], board, r.run_id,
-                              max(1, int(r.resources.cpus)), datasets[_data_key(r)].vocab_size, checkpoint_path(r))
-            pending[ref] = r
+        queue = list(runs)
+        cap = max_in_flight or len(runs)  # Ray queues the rest by resources; a cap bounds the driver
+
+        def submit():
+            while queue and len(pending) < cap:
+                r = queue.pop(0)
+                task = _ray_task.options(num_cpus=r.resources.cpus, num_gpus=r.resources.gpus,
+                                         max_retries=r.resources.max_retries)
+                ref = task.remote(r.config(), data_refs[_data_key(r)], board, r.run_id, max(1, int(r.resources.cpus)),
+                                  datasets[_data_key(r)].vocab_size, checkpoint_path(r))
+                pending[ref] = r
+
+        submit()
         labels = {r.run_id: r.label for r in runs}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
@@ -171,6 +178,7 @@ def _run_ray(plan, runs, datasets, db, prov, reporter, result, address) -> None:
                     res = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "evals": [],
                            "spectra": [], "started_at": now, "finished_at": now}
                 _store(plan, r, res, db, prov, reporter, result)
+            submit()
     finally:
         if started_here:
             ray.shutdown()

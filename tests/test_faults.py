@@ -42,7 +42,7 @@ def test_worker_killed_mid_run_is_retried_and_stored_once(tmp_path, corpus, monk
     monkeypatch.setenv("SPECDB_FAULT_KILL_AT", f"4:{markers}")
     spec = tmp_path / "k.yaml"
     spec.write_text(tiny_spec(corpus, tmp_path / "k.duckdb", "sweep:\n  ffn_mult: [1, 2]\n"))
-    result = runner.invoke(app, ["run", str(spec)])
+    result = runner.invoke(app, ["run", str(spec), "--max-in-flight", "1"])
     assert result.exit_code == 0, result.output
     assert len(list(markers.iterdir())) == 2  # both runs' first attempts died
     runs, per_run, orphans = table_counts(tmp_path / "k.duckdb")
@@ -171,3 +171,28 @@ def test_no_traceback_ever_reaches_the_user(tmp_path, doc):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     else:
         json.loads(result.stdout)
+
+
+def test_status_shows_a_spec_and_the_runs_in_flight(tmp_path, corpus):
+    db = tmp_path / "s.duckdb"
+    spec = tmp_path / "s.yaml"
+    spec.write_text(tiny_spec(corpus, db, "sweep:\n  seed: [0, 1, 2]\n", steps=150).replace("every: 3", "every: 50"))
+    before = runner.invoke(app, ["status", str(spec), "--format", "json"])
+    assert before.exit_code == 0 and json.loads(before.stdout) == [{"status": "new", "runs": 3}]
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "run", str(spec), "--executor", "inline"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and "in flight" not in seen:
+            time.sleep(0.3)
+            if db.exists():
+                q = subprocess.run([sys.executable, "-m", "cli.main", "status", "--db", str(db)],
+                                   capture_output=True, text=True)
+                seen = q.stderr
+    finally:
+        proc.communicate(timeout=300)
+    assert "in flight" in seen and "step" in seen
+    assert not (tmp_path / "s.duckdb.progress.json").exists()  # removed when the sweep ends
+    after = runner.invoke(app, ["status", str(spec), "--format", "json"])
+    assert json.loads(after.stdout) == [{"status": "done", "runs": 3}]
