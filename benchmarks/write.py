@@ -1,0 +1,51 @@
+"""Time `store.write_run` for one paper-scale run: can a single writer keep up?
+
+    python benchmarks/write.py [--d 3456] [--steps 31] [--keep all|last_k]
+
+Builds the result a 160M run returns (12 layers × 2 sites × 4 strata × `--steps` measured
+steps, D eigenvalues each) with random spectra and stores it into a fresh store, twice, printing
+the time of each write and the store's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from spectraldb import store
+from spectraldb.spec import RunSpec
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--d", type=int, default=3456)
+    ap.add_argument("--steps", type=int, default=31)
+    ap.add_argument("--keep", default="all")
+    a = ap.parse_args()
+    rng = np.random.default_rng(0)
+    db = Path(tempfile.mkdtemp()) / "w.duckdb"
+    for i in range(2):
+        run = RunSpec.model_validate({"model": {"d_model": 768, "n_layer": 12, "n_head": 12,
+                                                "ffn_mult": a.d / 768}, "train": {"steps": 6000, "seed": i},
+                                      "measure": {"every": 200, "last_k": 5, "keep_eigenvalues": a.keep}})
+        steps = [1] + [200 * k for k in range(1, a.steps)]
+        spectra = [{"step": s, "layer": layer, "site": site, "stratum": st, "n_tokens": 500_000, "n_dim": a.d,
+                    "eigenvalues": np.sort(rng.exponential(size=a.d))[::-1], "min_eigenvalue": 0.0}
+                   for s in steps for layer in range(12) for site in ("pre", "post")
+                   for st in ("all", "head", "mid", "tail")]
+        result = {"status": "done", "started_at": 0.0, "finished_at": 1.0, "spectra": spectra,
+                  "evals": [{"step": s, "train_loss": 3.0, "val_loss": 3.1, "val_ppl": 22.2} for s in steps]}
+        t = time.perf_counter()
+        store.write_run(db, run, result, {})
+        dt = time.perf_counter() - t
+        n = sum(len(s["eigenvalues"]) for s in spectra)
+        print(f"write {i + 1}: {dt:.1f} s for {len(spectra)} spectra, {n / 1e6:.1f} M eigenvalues "
+              f"(keep={a.keep}); store now {db.stat().st_size / 2**20:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
