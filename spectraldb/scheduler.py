@@ -146,7 +146,11 @@ def _run_ray(plan, runs, datasets, db, prov, reporter, result, address, max_in_f
         else:
             ray.init(num_cpus=os.cpu_count(), **kwargs)
     try:
-        board = _Board.options(num_cpus=0).remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # the progress board lives beside the driver, so losing a worker node never takes it along
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+        board = _Board.options(num_cpus=0, scheduling_strategy=here).remote()
         data_refs = {k: ray.put(ds) for k, ds in datasets.items()}  # shipped once, shared by runs
         pending = {}
         queue = list(runs)
@@ -165,7 +169,11 @@ def _run_ray(plan, runs, datasets, db, prov, reporter, result, address, max_in_f
         labels = {r.run_id: r.label for r in runs}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            for run_id, (step, steps) in ray.get(board.snapshot.remote()).items():
+            try:
+                snapshot = ray.get(board.snapshot.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - progress is best effort; results are what matter
+                snapshot = {}
+            for run_id, (step, steps) in snapshot.items():
                 if run_id in labels:
                     reporter.step(run_id, labels[run_id], step, steps)
             for ref in ready:
