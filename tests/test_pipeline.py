@@ -118,7 +118,8 @@ def test_query_while_a_sweep_is_writing(tmp_path, corpus):
     try:
         while writer.poll() is None:
             if db.exists():
-                q = subprocess.run([sys.executable, "-m", "cli.main", "query", "beta", "--db", str(db), "--format", "json"],
+                cmd = (["query", "beta"] if len(rcs) % 2 == 0 else ["sql", "SELECT count(*) AS n FROM runs"])
+                q = subprocess.run([sys.executable, "-m", "cli.main", *cmd, "--db", str(db), "--format", "json"],
                                    capture_output=True, text=True, env=env, timeout=60)
                 rcs.append((q.returncode, q.stderr))
                 if q.returncode == 0:

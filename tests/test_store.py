@@ -109,6 +109,9 @@ def test_not_a_store_and_newer_schema_are_exit_2(tmp_path):
     with pytest.raises(StoreError, match="newer than this specdb"):
         with store.connect(newer, read_only=True):
             pass
+    for cmd in (["query", "beta"], ["sql", "SELECT 1"], ["status"]):
+        result = runner.invoke(app, [*cmd, "--db", str(newer)])
+        assert result.exit_code == 2 and "newer than this specdb" in result.stderr
     result = runner.invoke(app, ["query", "beta", "--db", str(tmp_path / "missing.duckdb")])
     assert result.exit_code == 2 and "no such store" in result.stderr
 
