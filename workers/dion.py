@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from workers.muon import _MatrixOptimizer
+
 
 def dion_rank(m: int, n: int, fraction: float, multiple_of: int = 1) -> int:
     """r = k·⌈f·min(m, n)/k⌉, capped at min(m, n)."""
@@ -38,17 +40,13 @@ def dion_update(G: torch.Tensor, M: torch.Tensor, Q: torch.Tensor, mu: float, ep
     return (delta.T if transposed else delta), P, R
 
 
-class Dion(torch.optim.Optimizer):
+class Dion(_MatrixOptimizer):
     def __init__(self, params, lr=0.02, mu=0.95, weight_decay=0.01, rank_fraction=1.0, rank_multiple_of=1,
                  eps=1e-8, state_dtype="fp32", seed=0):
         super().__init__(params, dict(lr=lr, mu=mu, weight_decay=weight_decay, rank_fraction=rank_fraction,
                                       rank_multiple_of=rank_multiple_of, eps=eps))
         self.state_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[state_dtype]
         self.generator = torch.Generator().manual_seed(seed)  # Q's init, reproducible per run
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.ndim != 2:
-                    raise ValueError(f"Dion only takes 2-D parameters, got {tuple(p.shape)}")
 
     def _init_state(self, p, g) -> dict:
         m, n = p.shape
