@@ -55,18 +55,9 @@ class Dion(_MatrixOptimizer):
         return {"momentum": torch.zeros_like(p, dtype=self.state_dtype),
                 "Q": Q.to(device=p.device, dtype=self.state_dtype), "rank": r}
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None if closure is None else closure()
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state.update(self._init_state(p, g))
-                delta, _, _ = dion_update(p.grad, state["momentum"], state["Q"], g["mu"], g["eps"])
-                m, n = p.shape
-                p.mul_(1 - g["lr"] * g["weight_decay"])
-                p.add_(delta.to(p.dtype), alpha=-g["lr"] * math.sqrt(m / n))  # spectral scale, no max
-        return loss
+    def _direction(self, p, g, state) -> tuple[torch.Tensor, float]:
+        if not state:
+            state.update(self._init_state(p, g))
+        delta, _, _ = dion_update(p.grad, state["momentum"], state["Q"], g["mu"], g["eps"])
+        m, n = p.shape
+        return delta, math.sqrt(m / n)  # spectral scale √(fan_out/fan_in), no max(1, ·)

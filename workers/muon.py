@@ -97,12 +97,30 @@ def normuon_normalize(O: torch.Tensor, v: torch.Tensor, beta2: float, eps: float
 
 
 class _MatrixOptimizer(torch.optim.Optimizer):
+    """2-D parameters only; a subclass supplies `_direction(p, group, state) → (update, lr factor)`
+    and this applies decoupled weight decay and the step."""
+
     def __init__(self, params, defaults):
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(f"{type(self).__name__} only takes 2-D parameters, got {tuple(p.shape)}")
+
+    def _direction(self, p, g, state) -> tuple[torch.Tensor, float]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                u, scale = self._direction(p, g, self.state[p])
+                p.mul_(1 - g["lr"] * g["weight_decay"])
+                p.add_(u.to(p.dtype), alpha=-g["lr"] * scale)
+        return loss
 
 
 class Muon(_MatrixOptimizer):
@@ -120,18 +138,6 @@ class Muon(_MatrixOptimizer):
         O = muon_update(p.grad.float(), state["momentum_buffer"], g["momentum"], g["nesterov"], g["ns"],
                         ns_dtype(g["ns_dtype"], p.device))
         return O, lr_scale(p.shape, g["lr_scale"])
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None if closure is None else closure()
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                u, scale = self._direction(p, g, self.state[p])
-                p.mul_(1 - g["lr"] * g["weight_decay"])
-                p.add_(u.to(p.dtype), alpha=-g["lr"] * scale)
-        return loss
 
 
 class NorMuon(Muon):
