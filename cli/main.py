@@ -204,10 +204,6 @@ def _query(fn, columns, fmt, db, stratum="all", site="post", include_diverged=Fa
         typer.echo(f"excluded {n} diverged run{'s' if n > 1 else ''} (--include-diverged to keep them)", err=True)
 
 
-FIT_KEYS = ["beta_hard", "beta_hard_low", "beta_hard_high", "r2_hard", "beta_soft", "beta_soft_low",
-            "beta_soft_high", "r2_soft", "delta_12", "n_widths"]
-
-
 @query_app.command("beta")
 def query_beta(stratum: str = StratumOpt, site: str = SiteOpt, include_diverged: bool = DivergedOpt,
                by: Optional[List[str]] = typer.Option(None, "--by", help="Group by these runs factors "
@@ -338,8 +334,8 @@ def query_renyi(ffn_mult: float = typer.Option(..., "--ffn-mult", help="The widt
 def sql(query: Optional[str] = typer.Argument(None, help='A SELECT statement, or "-" to read it from stdin'),
         file: Optional[Path] = typer.Option(None, "--file", help="Read the statement from this file."),
         db: Optional[str] = DbOpt, fmt: str = FormatOpt):
-    """Read-only SQL over the store: tables runs, evals, spectra, ranks, reinjection; views
-    rank_metrics, layer_points, points, betas. Only SELECT (and EXPLAIN) statements run; the
+    """Read-only SQL over the store: tables runs, evals, spectra, ranks, reinjection, run_points;
+    views rank_metrics, layer_points, points, betas. Only SELECT (and EXPLAIN) statements run; the
     store is opened read-only and file access is disabled.
 
     Examples:

@@ -19,8 +19,6 @@ from spectraldb.errors import SpecError
 from spectraldb.fits import power_law
 from spectraldb.spectra import RENYI_ALPHAS, alpha_name
 
-BETA_KEYS = ("optimizer", "beta_hard", "beta_hard_low", "beta_hard_high", "r2_hard", "beta_soft",
-             "beta_soft_low", "beta_soft_high", "r2_soft", "delta_12", "n_widths")
 METRICS = {"soft": "soft_rank", "hard": "hard_rank", "eee": "eee",
            **{f"renyi:{'inf' if math.isinf(a) else f'{a:g}'}": f"renyi_{alpha_name(a)}" for a in RENYI_ALPHAS}}
 FACTORS = ("optimizer", "optimizer_name", "lr", "d_model", "n_layer", "n_head", "context", "vocab_size",

@@ -101,8 +101,6 @@ def checkpoint_path(run: RunSpec) -> str | None:
 
 
 def _store(plan, run, res, db, prov, reporter, result) -> None:
-    ds_vocab = res.pop("_vocab", None)
-    res.setdefault("vocab_size", ds_vocab)
     store.write_run(db, run, res, prov, plan.spec_name)
     ckpt = checkpoint_path(run)
     if ckpt and res["status"] != "failed" and not run.checkpoint.keep:
@@ -129,7 +127,7 @@ def _run_inline(plan, runs, datasets, db, prov, reporter, result) -> None:
                 reporter.step(r.run_id, r.label, step, steps)
 
         res = train_run(r.config(), ds, progress, checkpoint=checkpoint_path(r))
-        res["_vocab"] = ds.vocab_size
+        res["vocab_size"] = ds.vocab_size
         _store(plan, r, res, db, prov, reporter, result)
 
 
@@ -238,7 +236,7 @@ def _make_task():
                 board.report.remote(run_id, step, steps)
 
         res = train_run(config, ds, progress, threads, checkpoint=checkpoint)
-        res["_vocab"] = vocab
+        res["vocab_size"] = vocab
         return res
 
     return task

@@ -39,10 +39,6 @@ class Dataset:
     counts: np.ndarray  # (vocab_size,) unigram counts of the training split
     strata: np.ndarray  # (vocab_size,) int8: 0 head, 1 mid, 2 tail
 
-    def summary(self) -> dict:
-        return {"key": self.key, "vocab_size": self.vocab_size, "train_tokens": int(self.train.size),
-                "heldout_tokens": int(self.heldout.size)}
-
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SPECDB_CACHE", Path.home() / ".cache" / "specdb"))
