@@ -27,6 +27,21 @@ FormatOpt = typer.Option("table", "--format", "-f", help="table | json | csv | m
 SetOpt = typer.Option(None, "--set", "-S", help="Override a spec field: -S train.steps=50 (repeatable).")
 
 
+def duckdb_errors():
+    import duckdb
+
+    return duckdb.Error
+
+
+def evaluation_error(exc: Exception, where: str | None) -> str:
+    """A query that parsed and bound but failed while running. With a user predicate the message
+    names only the kind of error: DuckDB's text can quote the values it was evaluating."""
+    kind = str(exc).split(":", 1)[0].strip() or type(exc).__name__
+    if where:
+        return f"--where: the predicate failed while being evaluated ({kind}); check its types and functions"
+    return f"query failed: {str(exc).strip().splitlines()[0][:200]}"
+
+
 def fail(message: str, code: int) -> None:
     """Diagnostics go to stderr as one line; data never does."""
     typer.echo(message, err=True)
@@ -125,6 +140,7 @@ def status(spec: Optional[Path] = typer.Argument(None, help="A spec: count its r
     """
     from spectraldb.progress import read_sidecar
     from spectraldb.store import connect
+    from spectraldb.writer import Spool
 
     _check_format(fmt)
     if spec is not None:
@@ -164,6 +180,10 @@ def status(spec: Optional[Path] = typer.Argument(None, help="A spec: count its r
     if spec is None:
         render(rows, fmt, cols)
     typer.echo(f"store {path}: {path.stat().st_size / 1048576:.1f} MiB on disk", err=True)
+    spooled = Spool(path).pending()
+    if spooled:
+        typer.echo(f"{len(spooled)} finished run(s) waiting in {path}.spool to be committed "
+                   "(the next `specdb run` on this store commits them first)", err=True)
     for rid, info in read_sidecar(path).items():
         typer.echo(f"in flight {rid} {info['label']}: step {info['step']}/{info['steps']}", err=True)
     for rid, opt, mult, st, err in unfinished:
@@ -191,9 +211,11 @@ def _query(fn, columns, fmt, db, stratum="all", site="post", include_diverged=Fa
         with connect(db or DEFAULT_DB, read_only=True) as con:
             answer = fn(con, stratum=stratum, include_diverged=include_diverged,
                         **({"site": site} if site is not None else {}), **kwargs)
-            n = 0 if include_diverged else excluded_diverged(con)
+            n = 0 if include_diverged else excluded_diverged(con, kwargs.get("where"))
     except (StoreError, SpecError) as exc:
         fail(str(exc), 2)
+    except duckdb_errors() as exc:
+        fail(evaluation_error(exc, kwargs.get("where")), 2)
     rows = answer.rows
     if columns is None:
         columns = list(dict.fromkeys(k for r in rows for k in r))
@@ -307,11 +329,11 @@ def query_delta(arch: str = typer.Option("n_head", "--arch", help="Architecture 
         if st not in ("all", "head", "mid", "tail"):
             fail(f"--stratum: unknown stratum {st!r} (expected one of: all, head, mid, tail)", 2)
 
-    def run(con, stratum, include_diverged, site):
+    def run(con, stratum, include_diverged, site, where):
         return delta(con, arch, baseline=baseline, reference=reference, site=site, strata=strata,
                      include_diverged=include_diverged, where=where)
 
-    _query(run, None, fmt, db, "all", site, include_diverged)
+    _query(run, None, fmt, db, "all", site, include_diverged, where=where)
 
 
 @query_app.command("renyi")
@@ -440,6 +462,8 @@ def plot(kind: str = typer.Argument(..., help="scaling | dynamics | depth | reny
                 fig = getattr(plots, kind)(con, strata[0], site, include_diverged, where)
     except (StoreError, SpecError) as exc:
         fail(str(exc), 2)
+    except duckdb_errors() as exc:
+        fail(evaluation_error(exc, where), 2)
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=130)
     typer.echo(f"wrote {output}", err=True)

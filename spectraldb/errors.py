@@ -7,3 +7,7 @@ class SpecError(ValueError):
 
 class StoreError(RuntimeError):
     """The store cannot be opened or is newer than this program."""
+
+
+class StoreLocked(StoreError):
+    """Another process held the store for longer than we were willing to wait."""

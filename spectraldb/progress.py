@@ -26,6 +26,9 @@ class PlainReporter:
     def close(self) -> None:
         pass
 
+    def note(self, text: str) -> None:
+        self._print(text)
+
     def _print(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
 
@@ -63,6 +66,9 @@ class RichReporter(PlainReporter):
 
     def close(self) -> None:
         self.progress.stop()
+
+    def note(self, text: str) -> None:
+        self.progress.console.print(text)
 
 
 def reporter_for(stream=None) -> PlainReporter:
@@ -105,8 +111,11 @@ class SidecarReporter:
         if not force and not self.throttle.ready(0, 1):
             return
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": self.pid, "updated": time.time(), "runs": self.runs}))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps({"pid": self.pid, "updated": time.time(), "runs": self.runs}))
+            os.replace(tmp, self.path)
+        except OSError:  # best effort: a full disk must not stop a sweep over a progress display
+            tmp.unlink(missing_ok=True)
 
     def start(self, total: int, skipped: int) -> None:
         self.inner.start(total, skipped)
@@ -121,6 +130,9 @@ class SidecarReporter:
         self.inner.finish(run_id, label, status, seconds, detail)
         self.runs.pop(run_id, None)
         self._write(force=True)
+
+    def note(self, text: str) -> None:
+        self.inner.note(text)
 
     def close(self) -> None:
         self.inner.close()

@@ -9,6 +9,7 @@ bound parameter, except `where`, which is checked to be a single expression.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -38,8 +39,10 @@ def _statuses(include_diverged: bool) -> list[str]:
     return ["done", "diverged"] if include_diverged else ["done"]
 
 
-def excluded_diverged(con) -> int:
-    return con.execute("SELECT count(*) FROM runs WHERE status = 'diverged'").fetchone()[0]
+def excluded_diverged(con, where: str | None = None) -> int:
+    """Diverged runs that the predicate selects (all diverged runs without one)."""
+    return con.execute(f"SELECT count(*) FROM runs WHERE status = 'diverged' AND {check_where(con, where)}"
+                       ).fetchone()[0]
 
 
 def check_metric(metric: str) -> str:
@@ -56,22 +59,59 @@ def check_factors(names) -> tuple[str, ...]:
     return names or ("optimizer",)
 
 
+MAX_WHERE = 4096
+WHERE_HELP = 'one predicate on the runs table, e.g. "n_head = 12 AND seed < 3"'
+
+
 def check_where(con, where: str | None) -> str:
-    """A user predicate on `runs`: exactly one SELECT-able expression, nothing else."""
-    if not where:
+    """A user predicate on `runs`, as a fragment that selects run ids and nothing else.
+
+    DuckDB's own parser (json_serialize_sql) must see exactly `SELECT run_id FROM runs WHERE
+    <one expression>`: no set operation, CTE, GROUP BY, LIMIT, subquery, or column of another
+    table, so a `)` in the predicate cannot reach the surrounding query. The predicate is then
+    bound inside its own subquery; the connection itself cannot read files (store.connect)."""
+    if where is None or not where.strip():
         return "TRUE"
+    if len(where) > MAX_WHERE or "\x00" in where:
+        raise SpecError(f"--where: longer than {MAX_WHERE} characters or holds a NUL byte; {WHERE_HELP}")
     sql = f"SELECT run_id FROM runs WHERE ({where})"
     try:
-        statements = con.extract_statements(sql)
-    except Exception as exc:  # noqa: BLE001 - duckdb's parser errors have several types
-        raise SpecError(f"--where: not a valid predicate on runs ({str(exc).splitlines()[0]})") from None
-    if len(statements) != 1 or ";" in where or "--" in where or "/*" in where:
-        raise SpecError(f"--where: must be one predicate on the runs table, e.g. \"n_head = 12 AND seed < 3\"")
+        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+    except Exception:  # noqa: BLE001 - parser failures of every kind are the user's predicate
+        raise SpecError(f"--where: not a predicate DuckDB can parse; {WHERE_HELP}") from None
+    if tree.get("error"):
+        raise SpecError(f"--where: not a valid predicate ({str(tree.get('error_message', '')).splitlines()[0][:160]})")
+    stmts = tree.get("statements", [])
+    node = stmts[0].get("node", {}) if len(stmts) == 1 else {}
+    frm = node.get("from_table") or {}
+    if (node.get("type") != "SELECT_NODE" or node.get("modifiers") or node.get("cte_map", {}).get("map")
+            or node.get("group_expressions") or node.get("having") or node.get("qualify")
+            or node.get("sample") or len(node.get("select_list", [])) != 1
+            or frm.get("type") != "BASE_TABLE" or frm.get("table_name") != "runs"):
+        raise SpecError(f"--where: must be {WHERE_HELP}")
+    for part in _walk(node.get("where_clause")):
+        if part.get("class") == "SUBQUERY":
+            raise SpecError("--where: subqueries are not allowed; use columns of runs only")
+        names = part.get("column_names") if part.get("class") == "COLUMN_REF" else None
+        if names and (len(names) > 2 or (len(names) == 2 and names[0].lower() != "runs")):
+            raise SpecError(f"--where: {'.'.join(names)}: only columns of the runs table may be used")
     try:
         con.execute(f"EXPLAIN {sql}")
-    except Exception as exc:  # noqa: BLE001
-        raise SpecError(f"--where: {str(exc).splitlines()[0]}") from None
-    return where
+    except Exception as exc:  # noqa: BLE001 - binder errors name the column, never a value
+        raise SpecError(f"--where: {str(exc).splitlines()[0][:200]}") from None
+    return f"run_id IN (SELECT run_id FROM runs WHERE ({where}))"
+
+
+def _walk(obj):
+    """Every dict inside a parsed SQL tree."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            yield x
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
 
 
 def run_values(con, metrics, *, stratum="all", site="post", window=None, step=None, by_layer=False,

@@ -8,6 +8,7 @@ and querying need neither torch nor ray.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -16,9 +17,11 @@ from pathlib import Path
 
 from spectraldb import store
 from spectraldb.errors import SpecError
+from spectraldb.limits import check_cluster, estimate_memory, preflight
 from spectraldb.progress import PlainReporter, SidecarReporter, Throttle
 from spectraldb.provenance import provenance
 from spectraldb.spec import Plan, RunSpec
+from spectraldb.writer import Spool, WriterLock, check_store_folder, drain, one_line
 
 COMPLETE = ("done", "diverged")
 
@@ -26,16 +29,19 @@ COMPLETE = ("done", "diverged")
 def plan_rows(plan: Plan, db: str | Path) -> list[dict]:
     """Every run of the plan with its status in the store: new, done, diverged or failed."""
     known = store.statuses(db)
+    spooled = Spool(db).run_ids()
     return [{"run_id": r.run_id, "optimizer": r.label, "ffn_mult": r.model.ffn_mult,
              "ffn_width": r.model.ffn_width, "seed": r.train.seed, "steps": r.train.steps,
-             "status": known.get(r.run_id, "new")} for r in plan.runs]
+             "est_mem_gib": round(estimate_memory(r) / 2**30, 3),
+             "status": "spooled" if r.run_id in spooled else known.get(r.run_id, "new")} for r in plan.runs]
 
 
 def todo(plan: Plan, db: str | Path, retry_failed: bool = False) -> list[RunSpec]:
     store.migrate(db)  # an older store is upgraded by the next `specdb run`
     known = store.statuses(db)
+    spooled = Spool(db).run_ids()  # finished, waiting for a commit: never trained again
     skip = COMPLETE if retry_failed else COMPLETE + ("failed",)
-    return [r for r in plan.runs if known.get(r.run_id) not in skip]
+    return [r for r in plan.runs if known.get(r.run_id) not in skip and r.run_id not in spooled]
 
 
 @dataclass
@@ -43,6 +49,8 @@ class SweepResult:
     total: int
     skipped: int
     statuses: dict[str, str] = field(default_factory=dict)
+    recovered: int = 0                                  # spooled results committed before training
+    waiting: list[str] = field(default_factory=list)    # results still spooled at the end
 
     @property
     def ok(self) -> bool:
@@ -62,6 +70,9 @@ def prepare_data(runs: list[RunSpec], cache_dir=None) -> dict[str, object]:
             except DataError as exc:
                 raise SpecError(f"data.corpus: {exc}") from None
         ds = out[key]
+        if ds.train.size < r.data.context + 2:
+            raise SpecError(f"data.context: the training split of {r.data.corpus} holds {ds.train.size} tokens, "
+                            f"fewer than one window of {r.data.context} + 2; use a larger corpus or a smaller context")
         need = (r.measure.tokens // r.data.context) * r.data.context
         if r.measure.source == "heldout" and need > ds.heldout.size:
             raise SpecError(f"measure.tokens: {r.measure.tokens} exceeds the {ds.heldout.size} held-out "
@@ -73,26 +84,40 @@ def _data_key(r: RunSpec) -> str:
     return json.dumps(r.data.model_dump(), sort_keys=True)
 
 
+COMMIT_WAIT_S = 5.0      # during a sweep: wait this long for a reader, then spool and go on
+FINAL_WAIT_S = float(os.environ.get("SPECDB_SPOOL_WAIT", 300))  # at the end: keep trying this long
+
+
 def run_sweep(plan: Plan, db: str | Path, *, executor: str = "ray", address: str | None = None,
               retry_failed: bool = False, reporter: PlainReporter | None = None,
               cache_dir=None, max_in_flight: int | None = None) -> SweepResult:
-    runs = todo(plan, db, retry_failed)
-    result = SweepResult(total=len(plan.runs), skipped=len(plan.runs) - len(runs))
-    if not runs:
-        return result
-    reporter = SidecarReporter(reporter or PlainReporter(), db)
-    datasets = prepare_data(runs, cache_dir)
-    prov = provenance()
-    reporter.start(len(runs), result.skipped)
-    try:
-        if executor == "inline":
-            _run_inline(plan, runs, datasets, db, prov, reporter, result)
-        elif executor == "ray":
-            _run_ray(plan, runs, datasets, db, prov, reporter, result, address, max_in_flight)
-        else:
-            raise SpecError(f"--executor: unknown executor {executor!r} (expected ray or inline)")
-    finally:
-        reporter.close()
+    if executor not in ("ray", "inline"):
+        raise SpecError(f"--executor: unknown executor {executor!r} (expected ray or inline)")
+    check_store_folder(db)
+    with WriterLock(db):
+        spool = Spool(db)
+        recovered, _ = drain(spool, db, store.LOCK_WAIT_S) if spool.pending() else (0, [])
+        runs = todo(plan, db, retry_failed)
+        result = SweepResult(total=len(plan.runs), skipped=len(plan.runs) - len(runs), recovered=recovered)
+        if not runs:
+            return result
+        preflight(runs, executor, address)
+        reporter = SidecarReporter(reporter or PlainReporter(), db)
+        datasets = prepare_data(runs, cache_dir)
+        prov = provenance()
+        reporter.start(len(runs), result.skipped)
+        sink = _Sink(plan, db, prov, reporter, result, spool)
+        try:
+            if executor == "inline":
+                _run_inline(runs, datasets, sink)
+            else:
+                _run_ray(runs, datasets, sink, address, max_in_flight)
+            result.waiting = sink.finish()
+        except BaseException:
+            sink.spool_memory()  # interrupted: what is only in memory goes to the spool if it can
+            raise
+        finally:
+            reporter.close()
     return result
 
 
@@ -100,24 +125,80 @@ def checkpoint_path(run: RunSpec) -> str | None:
     return str(Path(run.checkpoint.dir) / f"{run.run_id}.pt") if run.checkpoint else None
 
 
-def _store(plan, run, res, db, prov, reporter, result) -> None:
-    store.write_run(db, run, res, prov, plan.spec_name)
-    ckpt = checkpoint_path(run)
-    if ckpt and res["status"] != "failed" and not run.checkpoint.keep:
-        Path(ckpt).unlink(missing_ok=True)  # stored: the checkpoint has done its job
-    result.statuses[run.run_id] = res["status"]
-    detail = ""
-    if res["evals"]:
-        ppl = res["evals"][-1]["val_ppl"]
-        detail = f" val_ppl={ppl:.1f}"
-    if res.get("error"):
-        detail += f" — {res['error'].strip().splitlines()[-1]}"
-    reporter.finish(run.run_id, run.label, res["status"], res["finished_at"] - res["started_at"], detail)
+class _Sink:
+    """Where finished runs go: the store if it can be written within COMMIT_WAIT_S, else the
+    spool (durably), else, if even the spool cannot be written, memory until the sweep ends."""
+
+    def __init__(self, plan, db, prov, reporter, result, spool: Spool):
+        self.plan, self.db, self.prov, self.reporter, self.result, self.spool = plan, db, prov, reporter, result, spool
+        self.unspooled: list[tuple[RunSpec, dict]] = []
+
+    def put(self, run: RunSpec, res: dict) -> None:
+        note = ""
+        try:
+            status = store.write_run(self.db, run, res, self.prov, self.plan.spec_name, wait_s=COMMIT_WAIT_S)
+            if status != res["status"]:
+                note = f" (the store already holds it as {status}; kept)"
+        except Exception as exc:  # noqa: BLE001 - any commit error: keep the result, go on
+            note = f" — not committed yet ({one_line(exc)}); {self._keep(run, res)}"
+        else:
+            self.retry(COMMIT_WAIT_S)
+        ckpt = checkpoint_path(run)
+        if ckpt and res["status"] != "failed" and not run.checkpoint.keep:
+            Path(ckpt).unlink(missing_ok=True)  # stored or spooled: the checkpoint has done its job
+        self.result.statuses[run.run_id] = res["status"]
+        detail = ""
+        if res["evals"]:
+            detail = f" val_ppl={res['evals'][-1]['val_ppl']:.1f}"
+        if res.get("error"):
+            detail += f" — {res['error'].strip().splitlines()[-1]}"
+        self.reporter.finish(run.run_id, _describe(run), res["status"], res["finished_at"] - res["started_at"],
+                             detail + note)
+
+    def _keep(self, run: RunSpec, res: dict) -> str:
+        try:
+            path = self.spool.put(run.run_id, run.config(), res, self.prov, self.plan.spec_name)
+            return f"kept in {path}"
+        except OSError as exc:
+            self.unspooled.append((run, res))
+            return f"the spool cannot be written either ({one_line(exc)}); held in memory"
+
+    def retry(self, wait_s: float) -> list[str]:
+        """Commit what waits (memory first, then the spool); returns what still waits."""
+        still = []
+        for run, res in self.unspooled:
+            try:
+                store.write_run(self.db, run, res, self.prov, self.plan.spec_name, wait_s=wait_s)
+            except Exception as exc:  # noqa: BLE001
+                still.append((run, res, exc))
+        self.unspooled = [(r, x) for r, x, _ in still]
+        _, waiting = drain(self.spool, self.db, wait_s) if self.spool.pending() else (0, [])
+        return [f"{r.run_id}: {one_line(e)} (in memory only)" for r, _, e in still] + waiting
+
+    def spool_memory(self) -> None:
+        for run, res in self.unspooled:
+            with contextlib.suppress(OSError):
+                self.spool.put(run.run_id, run.config(), res, self.prov, self.plan.spec_name)
+
+    def finish(self) -> list[str]:
+        """At the end of the sweep keep trying for FINAL_WAIT_S (a long reader only delays us)."""
+        deadline = time.monotonic() + FINAL_WAIT_S
+        waiting = self.retry(COMMIT_WAIT_S)
+        while waiting and time.monotonic() < deadline:
+            self.reporter.note(f"{len(waiting)} finished run(s) waiting to be committed: {waiting[0]}")
+            waiting = self.retry(min(30.0, max(0.1, deadline - time.monotonic())))
+        return waiting
 
 
-def _run_inline(plan, runs, datasets, db, prov, reporter, result) -> None:
+def _describe(run: RunSpec) -> str:
+    """The progress line's name for a run: optimizer label, width and seed."""
+    return f"{run.label} ffn_mult={run.model.ffn_mult:g} seed={run.train.seed}"
+
+
+def _run_inline(runs, datasets, sink) -> None:
     from workers.train import run as train_run
 
+    reporter = sink.reporter
     for r in runs:
         ds = datasets[_data_key(r)]
         throttle = Throttle()
@@ -128,14 +209,15 @@ def _run_inline(plan, runs, datasets, db, prov, reporter, result) -> None:
 
         res = train_run(r.config(), ds, progress, checkpoint=checkpoint_path(r))
         res["vocab_size"] = ds.vocab_size
-        _store(plan, r, res, db, prov, reporter, result)
+        sink.put(r, res)
 
 
-def _run_ray(plan, runs, datasets, db, prov, reporter, result, address, max_in_flight=None) -> None:
+def _run_ray(runs, datasets, sink, address, max_in_flight=None) -> None:
     import logging
 
     import ray
 
+    reporter = sink.reporter
     started_here = not ray.is_initialized()
     if started_here:
         kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
@@ -145,6 +227,8 @@ def _run_ray(plan, runs, datasets, db, prov, reporter, result, address, max_in_f
             ray.init(num_cpus=os.cpu_count(), **kwargs)
     try:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        check_cluster(runs, ray.nodes())
 
         # the progress board lives beside the driver, so losing a worker node never takes it along
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
@@ -183,7 +267,7 @@ def _run_ray(plan, runs, datasets, db, prov, reporter, result, address, max_in_f
                     now = time.time()
                     res = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "evals": [],
                            "spectra": [], "started_at": now, "finished_at": now}
-                _store(plan, r, res, db, prov, reporter, result)
+                sink.put(r, res)
             submit()
     finally:
         if started_here:

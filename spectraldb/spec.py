@@ -25,7 +25,12 @@ from spectraldb.errors import SpecError
 
 Site = Literal["pre", "post"]
 Stratum = Literal["all", "head", "mid", "tail"]
-Pair = Annotated[list[float], Field(min_length=2, max_length=2)]
+Beta = Annotated[float, Field(ge=0, lt=1)]
+Pair = Annotated[list[Beta], Field(min_length=2, max_length=2)]
+INT32_MAX = 2**31 - 1  # the store's INTEGER columns
+MAX_SPEC_BYTES = 1 << 20  # a spec is a page of YAML; anything larger is a mistake or an attack
+MAX_YAML_NODES = 100_000  # after alias expansion (a 1 KB alias bomb expands to billions)
+MAX_YAML_DEPTH = 64
 OPTIMIZER_NAMES = ("adamw", "muon", "normuon", "dion")
 ALIASES = {"ffn_mult": "model.ffn_mult", "seed": "train.seed"}
 # Fields that change how or where a run executes, not what it computes.
@@ -37,7 +42,8 @@ HASHED_UNLESS_DEFAULT = {"model.pos": "rope", "model.norm": "pre", "model.postln
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # no NaN or ±inf anywhere: an inf eps or a NaN beta would train and be stored as "done"
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class DataSpec(Section):
@@ -48,9 +54,9 @@ class DataSpec(Section):
 
 
 class ModelSpec(Section):
-    n_layer: int = Field(2, ge=1)
-    d_model: int = Field(64, ge=8)
-    n_head: int = Field(4, ge=1)
+    n_layer: int = Field(2, ge=1, le=INT32_MAX)
+    d_model: int = Field(64, ge=8, le=INT32_MAX)
+    n_head: int = Field(4, ge=1, le=INT32_MAX)
     ffn_mult: float = Field(4.0, gt=0)
     pos: Literal["rope", "nope", "learned"] = "rope"
     norm: Literal["pre", "post"] = "pre"
@@ -69,13 +75,13 @@ class ModelSpec(Section):
 
 
 class TrainSpec(Section):
-    steps: int = Field(600, ge=1)
-    batch_size: int = Field(32, ge=1)
-    warmup: int = Field(0, ge=0)
+    steps: int = Field(600, ge=1, le=INT32_MAX)
+    batch_size: int = Field(32, ge=1, le=INT32_MAX)
+    warmup: int = Field(0, ge=0, le=INT32_MAX)
     warmdown: float = Field(0.2, ge=0, le=1)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=INT32_MAX)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    eval_tokens: int = Field(16384, ge=1)
+    eval_tokens: int = Field(16384, ge=1, le=INT32_MAX)
 
 
 class AdamWSpec(Section):
@@ -169,13 +175,13 @@ OptimizerSpec = Annotated[Union[AdamWSpec, MuonSpec, NorMuonSpec, DionSpec], Fie
 
 
 class MeasureSpec(Section):
-    every: int = Field(100, ge=1)
-    last_k: int = Field(3, ge=1)
+    every: int = Field(100, ge=1, le=INT32_MAX)
+    last_k: int = Field(3, ge=1, le=INT32_MAX)
     sites: list[Site] = Field(default_factory=lambda: ["pre", "post"], min_length=1)
     strata: list[Stratum] = Field(default_factory=lambda: ["all", "head", "mid", "tail"], min_length=1)
-    tokens: int = Field(32768, ge=64)
+    tokens: int = Field(32768, ge=64, le=INT32_MAX)
     source: Literal["heldout", "train_batch"] = "heldout"
-    min_stratum_tokens: int = Field(1000, ge=2)
+    min_stratum_tokens: int = Field(1000, ge=2, le=INT32_MAX)
     keep_eigenvalues: Literal["all", "last_k"] = "all"  # ranks are always kept
 
     @model_validator(mode="after")
@@ -190,11 +196,11 @@ class MeasureSpec(Section):
 class ResourcesSpec(Section):
     cpus: float = Field(1, gt=0)
     gpus: float = Field(0, ge=0)  # fractional: several small runs share one GPU
-    max_retries: int = Field(2, ge=0)  # re-runs of a run whose worker process died
+    max_retries: int = Field(2, ge=0, le=100)  # re-runs of a run whose worker process died
 
 
 class CheckpointSpec(Section):
-    every: int = Field(..., ge=1)           # save the whole training state every N steps
+    every: int = Field(..., ge=1, le=INT32_MAX)  # save the whole training state every N steps
     dir: str = "checkpoints"                # one file per run: <dir>/<run_id>.pt
     keep: bool = False                      # keep the file after the run is stored
 
@@ -241,6 +247,8 @@ def cross_checks(run: RunSpec) -> tuple[tuple, str] | None:
         return ("model", "n_head"), f"head dim {m.d_model // m.n_head} is odd; RoPE needs an even head dim"
     if m.postln_frac is not None and m.norm != "post":
         return ("model", "postln_frac"), "postln_frac applies only with norm: post"
+    if m.ffn_mult * m.d_model > INT32_MAX:
+        return ("model", "ffn_mult"), f"ffn_mult {m.ffn_mult:g} × d_model {m.d_model} exceeds the largest width ({INT32_MAX})"
     if abs(m.ffn_mult * m.d_model - round(m.ffn_mult * m.d_model)) > 1e-9:
         return ("model", "ffn_mult"), f"ffn_mult {m.ffn_mult} × d_model {m.d_model} is not a whole width"
     if run.measure.every > run.train.steps:
@@ -292,7 +300,7 @@ class Source:
     def where(self, path: tuple) -> str:
         dotted = ".".join(str(p) for p in path if not isinstance(p, int))
         for key, text in self.overrides.items():
-            if dotted == key or dotted.startswith(key + "."):
+            if dotted and (dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + ".")):
                 return f"-S {key}={text}"
         line = self.line(path)
         return f"{self.name}:{line}" if line else self.name
@@ -371,7 +379,7 @@ def resolve_axis(key: str) -> tuple[str, ...]:
             fields.update(m.model_fields)
         if part not in fields or part == "sweep":
             raise KeyError(part)
-        ann = fields[part].annotation
+        ann = _unwrap_optional(fields[part].annotation)
         if part == "optimizer" and i == 0:
             model = tuple(OPTIMIZER_SPECS.values())
         elif isinstance(ann, type) and issubclass(ann, BaseModel):
@@ -379,6 +387,14 @@ def resolve_axis(key: str) -> tuple[str, ...]:
         elif i != len(path) - 1:
             raise KeyError(path[i + 1])
     return path
+
+
+def _unwrap_optional(ann):
+    """`CheckpointSpec | None` → CheckpointSpec, so `-S checkpoint.every=5` resolves."""
+    args = [a for a in getattr(ann, "__args__", ()) if a is not type(None)]
+    if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return args[0]
+    return ann
 
 
 def _set(doc: dict, path: tuple, value) -> dict:
@@ -446,6 +462,10 @@ def _parse_axes(sweep: Any, src: Source, present: bool = True) -> list[Axis]:
             path = resolve(key, ypath)
             items = [(v, i) for i, v in enumerate(values)]
             if path == ("optimizer",):  # {dion: {rank_fraction: [...]}} lists several variants
+                for v, i in items:
+                    if not optimizer_variants(v):
+                        raise SpecError(f"{src.where(ypath + (i,))} {fmt_path(ypath + (i,))}: "
+                                        "a list of optimizer settings is empty (no variant to run)")
                 items = [(variant, i) for v, i in items for variant in optimizer_variants(v)]
             axes.append(Axis([path], [str(key)], [(v,) for v, _ in items], [[ypath + (i,)] for _, i in items]))
     seen: dict[tuple, str] = {}
@@ -528,30 +548,70 @@ def disambiguate_labels(runs: list[RunSpec]) -> None:
 # ---------------------------------------------------------------- loading
 
 def parse_yaml(text: str, name: str) -> tuple[Any, Any]:
+    """Parse a spec's YAML with bounds: size, nesting depth and the size after alias expansion
+    are limited, so a small hostile file cannot take the machine (an alias bomb, 10⁵ nested `[`)."""
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(f"{name}: {len(text):,} characters; a spec is at most {MAX_SPEC_BYTES:,}")
     try:
         node = yaml.compose(text, Loader=_Loader)
-        doc = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{name}:{mark.line + 1}" if mark else name
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError(f"{where} malformed YAML: {problem}") from None
-    _reject_duplicate_keys(node, name, ())
+    except RecursionError:
+        raise SpecError(f"{name}: nested more than {MAX_YAML_DEPTH} levels deep") from None
+    _check_shape(node, name)
+    try:
+        doc = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{name}:{mark.line + 1}" if mark else name
+        raise SpecError(f"{where} malformed YAML: {getattr(exc, 'problem', None) or 'cannot construct'}") from None
+    except (ValueError, OverflowError) as exc:  # e.g. a 5,000-digit integer
+        raise SpecError(f"{name}: a value cannot be read ({str(exc).splitlines()[0][:120]})") from None
     return doc, node
 
 
-def _reject_duplicate_keys(node, name: str, path: tuple) -> None:
-    """YAML lets a later key silently replace an earlier one; in a spec that hides a mistake."""
+def _children(node) -> list:
     if isinstance(node, yaml.MappingNode):
-        seen = set()
-        for k, v in node.value:
-            if k.value in seen:
-                raise SpecError(f"{name}:{k.start_mark.line + 1} {fmt_path(path + (k.value,))}: duplicate key")
-            seen.add(k.value)
-            _reject_duplicate_keys(v, name, path + (k.value,))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            _reject_duplicate_keys(v, name, path + (i,))
+        return [x for kv in node.value for x in kv]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_shape(root, name: str) -> None:
+    """Depth, expanded size (aliases counted every time they are used) and duplicate keys, each
+    node visited once however often aliases reuse it."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    order, stack, seen = [], [(root, ())], set()
+    while stack:  # iterative: no recursion limit to hit
+        node, path = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        order.append(node)
+        if isinstance(node, yaml.MappingNode):
+            keys = set()
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value in keys:
+                    raise SpecError(f"{name}:{k.start_mark.line + 1} {fmt_path(path + (k.value,))}: duplicate key")
+                keys.add(getattr(k, "value", None))
+                stack.append((v, path + (k.value if isinstance(k, yaml.ScalarNode) else "?",)))
+                stack.append((k, path))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((v, path + (i,)) for i, v in enumerate(node.value))
+    for node in reversed(order):  # children before parents
+        kids = _children(node)
+        size[id(node)] = 1 + sum(size.get(id(c), 1) for c in kids)
+        depth[id(node)] = 1 + max((depth.get(id(c), 1) for c in kids), default=0)
+        if depth[id(node)] > MAX_YAML_DEPTH:
+            raise SpecError(f"{name}:{node.start_mark.line + 1} nested more than {MAX_YAML_DEPTH} levels deep")
+        if size[id(node)] > MAX_YAML_NODES:
+            raise SpecError(f"{name}:{node.start_mark.line + 1} expands to more than {MAX_YAML_NODES:,} values "
+                            "(YAML aliases repeat what they point to); write the values out")
 
 
 def apply_override(doc: dict, text: str) -> tuple[dict, str, str]:
@@ -561,9 +621,9 @@ def apply_override(doc: dict, text: str) -> tuple[dict, str, str]:
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
-    except yaml.YAMLError:
-        raise SpecError(f"-S {text}: the value is not valid YAML") from None
+        value = parse_yaml(raw, "value")[0] if raw.strip() else None
+    except SpecError as exc:
+        raise SpecError(f"-S {text}: the value is not valid YAML ({exc})") from None
     if key.startswith("sweep."):
         axis = key[len("sweep."):]
         try:
@@ -589,19 +649,31 @@ def _safe_resolve(key: str):
         return None
 
 
+def read_spec_text(p: Path) -> str:
+    """A spec file's text, or one line saying why it cannot be read."""
+    if not p.is_file():
+        raise SpecError(f"{p}: {'not a regular file' if p.exists() else 'no such spec file'}")
+    try:
+        if p.stat().st_size > MAX_SPEC_BYTES:
+            raise SpecError(f"{p}: {p.stat().st_size:,} bytes; a spec is at most {MAX_SPEC_BYTES:,}")
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise SpecError(f"{p}: cannot read the spec ({exc.strerror or exc})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{p}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+
+
 def load_spec(path: str | Path | None, overrides: list[str] = ()) -> tuple[Plan, Source]:
     """Read, override, validate and expand a spec file (None = the built-in defaults)."""
     if path is None:
         name, text = "<defaults>", "{}"
     else:
-        p = Path(path)
-        name = p.name
-        if not p.is_file():
-            raise SpecError(f"{path}: no such spec file")
-        text = p.read_text(encoding="utf-8")
+        text, name = read_spec_text(Path(path)), Path(path).name
     doc, node = parse_yaml(text, name)
     if doc is None:
-        doc = {}
+        raise SpecError(f"{name}: the spec is empty (see experiments.yaml for a complete one)")
     if not isinstance(doc, dict):
         raise SpecError(f"{name}:1 spec: expected a mapping at the top level")
     src = Source(name, doc, node)

@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 
 from spectraldb import spectra
-from spectraldb.errors import StoreError
+from spectraldb.errors import StoreError, StoreLocked
 
 LOCK_WAIT_S = 30.0
 
@@ -36,36 +36,77 @@ BACKFILL = {}  # migration number → Python step run inside its transaction (fi
 
 
 def _is_lock_error(exc: Exception) -> bool:
+    # DuckDB: 'Could not set lock on file "…": Conflicting lock is held in … (PID n)'. Matching
+    # bare "lock" would also match "block" in a corrupt file's checksum error.
     text = str(exc).lower()
-    return "lock" in text or "conflicting" in text or "already open" in text
+    return "could not set lock" in text or "conflicting lock" in text
+
+
+DUCKDB_MAGIC = b"DUCK"  # bytes 8–12 of every DuckDB database file
+
+
+def _check_file(path: Path) -> None:
+    """Refuse what is not a DuckDB file before DuckDB sees it (it would try to load an extension
+    for an SQLite file, and waits or mis-reports for other damage)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot read the store ({exc.strerror or exc})") from None
+    if not head:
+        return  # an empty file (e.g. from mktemp) becomes a new store
+    if head.startswith(b"SQLite format 3"):
+        raise StoreError(f"{path}: not a specdb store (an SQLite database)")
+    if len(head) < 12 or head[8:12] != DUCKDB_MAGIC:
+        raise StoreError(f"{path}: not a specdb store (not a DuckDB file)")
+
+
+def _config(read_only: bool, external_access: bool) -> dict:
+    """No extension is ever installed or loaded on the fly; readers cannot reach other files and
+    cannot change that from SQL (`--where`, `specdb sql`, the service)."""
+    config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+    if read_only and not external_access:
+        config |= {"enable_external_access": False, "lock_configuration": True}
+    return config
 
 
 @contextlib.contextmanager
-def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT_S, external_access: bool = True):
+def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT_S, external_access: bool = False):
     """Open the store (creating and migrating it for writers), retrying while it is locked.
 
-    `external_access=False` also forbids reading or writing other files through SQL."""
+    Read-only connections cannot touch other files unless `external_access` (export only)."""
     path = Path(path)
     if read_only and not path.exists():
         raise StoreError(f"{path}: no such store (run `specdb run SPEC` first, or pass --db)")
+    if path.exists():
+        if path.is_dir():
+            raise StoreError(f"{path}: is a folder, not a store file")
+        _check_file(path)
     deadline = time.monotonic() + wait_s
-    config = {} if external_access else {"enable_external_access": False}
     while True:
         try:
-            con = duckdb.connect(str(path), read_only=read_only, config=config)
+            con = duckdb.connect(str(path), read_only=read_only, config=_config(read_only, external_access))
             break
         except duckdb.Error as exc:
             if _is_lock_error(exc) and time.monotonic() < deadline:
                 time.sleep(0.1)
                 continue
             if _is_lock_error(exc):
-                raise StoreError(f"{path}: locked by another process for over {wait_s:.0f}s") from None
-            raise StoreError(f"{path}: not a specdb store ({str(exc).splitlines()[0]})") from None
+                raise StoreLocked(f"{path}: locked by another process for over {wait_s:.0f}s") from None
+            raise StoreError(f"{path}: not a usable specdb store ({_first_line(exc)})") from None
     try:
-        _check_version(con, path, migrate=not read_only)
+        try:
+            _check_version(con, path, migrate=not read_only)
+        except duckdb.Error as exc:
+            raise StoreError(f"{path}: damaged store ({_first_line(exc)})") from None
         yield con
     finally:
         con.close()
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
 
 
 def _check_version(con, path: Path, migrate: bool) -> None:
@@ -94,8 +135,15 @@ def _check_version(con, path: Path, migrate: bool) -> None:
                     con.execute("INSERT INTO schema_version VALUES (?, ?, ?)", [number, name, _now()])
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            _rollback(con)
             raise
+
+
+def _rollback(con) -> None:
+    """Roll back if a transaction is still open; a failed ROLLBACK (DuckDB has already aborted
+    it, e.g. on a full disk) must not hide the error that caused it."""
+    with contextlib.suppress(duckdb.Error):
+        con.execute("ROLLBACK")
 
 
 def _backfill_metrics(con) -> None:
@@ -193,11 +241,14 @@ RUN_COLUMNS = ("run_id", "spec_name", "optimizer", "optimizer_name", "lr", "ffn_
                "pos", "norm", "postln_frac", "activation", "keep_eigenvalues")
 
 
-def write_run(path: str | Path, run, result: dict, provenance: dict, spec_name: str = "") -> None:
-    """Store one finished run (done, diverged or failed) in a single transaction.
+def write_run(path: str | Path, run, result: dict, provenance: dict, spec_name: str = "",
+              wait_s: float = LOCK_WAIT_S) -> str:
+    """Store one finished run (done, diverged or failed) in a single transaction; returns the
+    status the store holds for it afterwards.
 
     `run` is a spectraldb.spec.RunSpec; `result` is what workers.train.run returned. A run
-    stored again (a retried failure) replaces its earlier rows.
+    stored again (a retried failure) replaces its earlier rows, except that a `done` run is
+    never replaced by a failed or diverged one (whatever race produced the second result).
     """
     rid = run.run_id
     evals = result.get("evals", [])
@@ -227,9 +278,13 @@ def write_run(path: str | Path, run, result: dict, provenance: dict, spec_name: 
                   s["min_eigenvalue"] is None, s["min_eigenvalue"],
                   None if s["eigenvalues"] is None else [float(v) for v in s["eigenvalues"]]]
                  for s in stored]
-    with connect(path) as con:
+    with connect(path, wait_s=wait_s) as con:
         con.execute("BEGIN")
         try:
+            held = con.execute("SELECT status FROM runs WHERE run_id = ?", [rid]).fetchone()
+            if held and held[0] == "done" and result["status"] != "done":
+                con.execute("ROLLBACK")
+                return "done"
             for table in ("run_points", "reinjection", "ranks", "spectra", "evals", "runs"):
                 con.execute(f"DELETE FROM {table} WHERE run_id = ?", [rid])
             con.execute(f"INSERT INTO runs BY NAME SELECT {', '.join(f'? AS {c}' for c in RUN_COLUMNS)}", run_row)
@@ -245,8 +300,9 @@ def write_run(path: str | Path, run, result: dict, provenance: dict, spec_name: 
             con.execute(RUN_POINTS_SQL, [rid])
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            _rollback(con)
             raise
+    return result["status"]
 
 
 def _finite(x):
@@ -268,7 +324,7 @@ def export_all(path: str | Path, directory: Path, fmt: str) -> list[tuple[str, i
     directory.mkdir(parents=True, exist_ok=True)
     options = "(FORMAT parquet)" if fmt == "parquet" else "(FORMAT csv, HEADER)"
     out = []
-    with connect(path, read_only=True) as con:
+    with connect(path, read_only=True, external_access=True) as con:  # COPY … TO writes files
         for name in EXPORTED:
             target = str(directory / f"{name}.{fmt}").replace("'", "''")
             con.execute(f"COPY (SELECT * FROM {name}) TO '{target}' {options}")

@@ -64,8 +64,13 @@ def resolve_corpus(corpus: str) -> tuple[str, list[Path]]:
         raise DataError(f"corpus {corpus}: no such file or folder (use 'sotu' or a path to .txt/.bin data)")
     if path.is_file():
         files = [path]
+    elif path.is_dir():
+        try:
+            files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".bin") and p.is_file())
+        except OSError as exc:
+            raise DataError(f"corpus {corpus}: cannot list the folder ({exc.strerror or exc})") from None
     else:
-        files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".bin") and p.is_file())
+        raise DataError(f"corpus {corpus}: not a regular file or folder (a device, FIFO or socket)")
     kinds = {p.suffix for p in files}
     if not files or len(kinds) != 1:
         raise DataError(f"corpus {corpus}: expected .txt files or .bin shards, found "
@@ -84,6 +89,8 @@ def read_shard(path: Path) -> np.ndarray:
     if header[1] != SHARD_VERSION:
         raise DataError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
     n = int(header[2])
+    if n < 0:
+        raise DataError(f"{path}: header says {n} tokens: not a valid token shard")
     held = (size - SHARD_HEADER_INTS * 4) // 2
     if held < n:
         raise DataError(f"{path}: truncated: header says {n} tokens, file holds {held}")
@@ -100,11 +107,14 @@ def write_shard(path: Path, tokens: np.ndarray) -> None:
         f.write(np.asarray(tokens, dtype="<u2").tobytes())
 
 
-def _hash_files(files: list[Path]) -> str:
+def _hash_files(files: list[Path], chunk: int = 1 << 22) -> str:
+    """Content hash in 4 MiB reads: memory stays flat however large a shard is."""
     h = hashlib.sha256()
     for p in files:
         h.update(p.name.encode())
-        h.update(p.read_bytes())
+        with open(p, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -159,6 +169,16 @@ def _split_tokens(tokens: np.ndarray, eot: int, fraction: float) -> tuple[np.nda
 
 def prepare(data: dict, cache_dir: Path | None = None) -> Dataset:
     """Build (or load from cache) the dataset a `data:` spec section describes."""
+    try:
+        return _prepare(data, cache_dir)
+    except OSError as exc:  # unreadable file, vanished folder, full cache disk: one line
+        name = getattr(exc, "filename", None) or data["corpus"]
+        raise DataError(f"{name}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"corpus {data['corpus']}: not UTF-8 text ({exc.reason})") from None
+
+
+def _prepare(data: dict, cache_dir: Path | None = None) -> Dataset:
     kind, files = resolve_corpus(data["corpus"])
     frac = float(data["heldout_fraction"])
     cache_dir = Path(cache_dir or default_cache_dir())

@@ -33,9 +33,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def measured_steps(steps: int, every: int) -> list[int]:
-    """Step 1, every `every` steps, and the final step."""
-    return sorted({1, steps, *range(every, steps + 1, every)})
+def is_measured(step: int, steps: int, every: int) -> bool:
+    """The schedule as a predicate: O(1) memory however many steps a run has."""
+    return step == 1 or step == steps or step % every == 0
 
 
 @torch.no_grad()
@@ -97,7 +97,6 @@ def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, thr
     token_strata = torch.from_numpy(ds.strata.astype(np.int64)).to(device)
     fixed = torch.from_numpy(measurement_batch(ds, ms["tokens"], T).astype(np.int64)).to(device) \
         if ms["source"] == "heldout" else None
-    schedule = set(measured_steps(steps, ms["every"]))
     every = (config.get("checkpoint") or {}).get("every") if ckpt_path else None
     first = 1
     if every and ckpt_path.exists():
@@ -115,7 +114,7 @@ def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, thr
             opt.step()
         model.zero_grad(set_to_none=True)
         train_loss = loss.item()
-        if step in schedule or not math.isfinite(train_loss):
+        if is_measured(step, steps, ms["every"]) or not math.isfinite(train_loss):
             val_loss = evaluate(model, evals, autocast) if math.isfinite(train_loss) else math.nan
             val_ppl = math.exp(val_loss) if math.isfinite(val_loss) and val_loss < 700 else math.inf
             result["evals"].append({"step": step, "train_loss": train_loss, "val_loss": val_loss,

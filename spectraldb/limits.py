@@ -1,0 +1,98 @@
+"""What a run needs, against what the store and the machine can give, checked before training.
+
+Schema-valid numbers can still be impossible: a seed the store's INTEGER column cannot hold,
+a width whose covariance needs terabytes, a `resources.cpus` no node has (Ray would wait
+forever). `estimate_memory` is a deliberately simple upper-bound model (fp32 training state,
+activations kept for backward, float64 covariance accumulators); `plan` shows it per run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from spectraldb.errors import SpecError
+
+INT32_MAX = 2**31 - 1  # the store's INTEGER columns (steps, seed, widths, …)
+GiB = 1024**3
+
+
+def estimate_memory(run) -> int:
+    """Bytes one run needs at its peak (an estimate, not a measurement).
+
+    params P = 2·V·d + L·(4·d² + 2·d·D) (+ T·d learned positions); weights, gradients and up to
+    two optimizer states are 4 bytes each (16·P); activations kept for backward ≈
+    B·T·L·(16·d + 3·D) floats plus logits B·T·V·3 floats; measurement holds float64
+    covariances for every layer × site × stratum (8·D² each) plus one chunk of activations.
+    """
+    m, d, t = run.model, run.data, run.train
+    V, dm, L, T, B = d.vocab_size, m.d_model, m.n_layer, d.context, t.batch_size
+    D = m.ffn_width
+    params = 2 * V * dm + L * (4 * dm * dm + 2 * dm * D) + (T * dm if m.pos == "learned" else 0)
+    training = 16 * params + 4 * B * T * (L * (16 * dm + 3 * D) + 3 * V)
+    n_cov = L * len(run.measure.sites) * (len(run.measure.strata) + 3)
+    measuring = 8 * n_cov * D * D + 8 * 64 * T * D * 2
+    return int(training + measuring)
+
+
+def machine_memory() -> int:
+    """Physical memory of this machine, or the cgroup's limit if that is smaller."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if text.isdigit():
+            total = min(total, int(text))
+    except OSError:
+        pass
+    return total
+
+
+def _name(run) -> str:
+    return f"run {run.run_id} ({run.label}, ffn_mult={run.model.ffn_mult:g}, seed={run.train.seed})"
+
+
+def check_store_bounds(run) -> None:
+    """Values the store's INTEGER columns could not hold would fail only at commit, after training."""
+    for field, value in (("model.ffn_mult", run.model.ffn_width), ("model.d_model", run.model.d_model),
+                         ("train.steps", run.train.steps), ("train.seed", run.train.seed),
+                         ("train.batch_size", run.train.batch_size), ("model.n_layer", run.model.n_layer)):
+        if value > INT32_MAX:
+            raise SpecError(f"{field}: {_name(run)} gives {value}, more than the store holds ({INT32_MAX})")
+
+
+def preflight(runs, executor: str, address: str | None) -> None:
+    """Refuse, before anything trains, runs that cannot fit this machine or this local Ray."""
+    local = address is None
+    mem = machine_memory()
+    cpus = os.cpu_count() or 1
+    for r in runs:
+        check_store_bounds(r)
+        need = estimate_memory(r)
+        if local and need > mem:
+            raise SpecError(f"model: {_name(r)} needs an estimated {need / GiB:,.1f} GiB of memory; this "
+                            f"machine has {mem / GiB:,.1f} GiB (see `specdb plan` for every run's estimate)")
+        if local and executor == "ray" and r.resources.cpus > cpus:
+            raise SpecError(f"resources.cpus: {r.resources.cpus:g} exceeds the {cpus} CPUs of this machine "
+                            "(Ray would wait for them forever)")
+        if local and executor == "ray" and r.resources.gpus > 0 and not _local_gpus():
+            raise SpecError(f"resources.gpus: {r.resources.gpus:g} asked for, but this machine has no GPU "
+                            "(Ray would wait for one forever)")
+
+
+def check_cluster(runs, nodes: list[dict]) -> None:
+    """Against a Ray cluster: every run must fit on at least one live node."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+    for r in runs:
+        if not any(res.get("CPU", 0) >= r.resources.cpus and res.get("GPU", 0) >= r.resources.gpus
+                   for res in alive):
+            raise SpecError(f"resources: {_name(r)} asks for {r.resources.cpus:g} CPUs and "
+                            f"{r.resources.gpus:g} GPUs; no node of the Ray cluster has that much")
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no torch or no driver: no GPU
+        return 0
