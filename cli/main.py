@@ -102,9 +102,14 @@ def run(spec: Path = typer.Argument(..., help="Spec file, e.g. experiments.yaml"
                            reporter=reporter_for(sys.stderr), cache_dir=cache_dir, max_in_flight=max_in_flight)
     except (SpecError, StoreError) as exc:
         fail(str(exc), 2)
+    if result.recovered:
+        typer.echo(f"committed {result.recovered} finished run(s) from {path}.spool", err=True)
     if not result.statuses:
         typer.echo(f"nothing to do: all {result.total} runs of {spec} are already in {path}", err=True)
         return
+    if result.waiting:
+        fail(f"{len(result.waiting)} finished run(s) could not be committed and wait in {path}.spool "
+             f"(the next `specdb run` commits them; first: {result.waiting[0]})", 1)
     counts = {s: list(result.statuses.values()).count(s) for s in sorted(set(result.statuses.values()))}
     typer.echo(f"stored {len(result.statuses)} runs in {path} ({', '.join(f'{n} {s}' for s, n in counts.items())};"
                f" {result.skipped} already there)", err=True)

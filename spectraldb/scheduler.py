@@ -183,9 +183,12 @@ class _Sink:
     def finish(self) -> list[str]:
         """At the end of the sweep keep trying for FINAL_WAIT_S (a long reader only delays us)."""
         deadline = time.monotonic() + FINAL_WAIT_S
-        waiting = self.retry(COMMIT_WAIT_S)
+        waiting, told = self.retry(COMMIT_WAIT_S), (None, 0.0)
         while waiting and time.monotonic() < deadline:
-            self.reporter.note(f"{len(waiting)} finished run(s) waiting to be committed: {waiting[0]}")
+            if (len(waiting), waiting[0]) != told[0] or time.monotonic() - told[1] > 30:
+                self.reporter.note(f"{len(waiting)} finished run(s) waiting to be committed: {waiting[0]}")
+                told = ((len(waiting), waiting[0]), time.monotonic())
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))  # a full disk answers at once
             waiting = self.retry(min(30.0, max(0.1, deadline - time.monotonic())))
         return waiting
 

@@ -54,7 +54,7 @@ def _check_file(path: Path) -> None:
     except OSError as exc:
         raise StoreError(f"{path}: cannot read the store ({exc.strerror or exc})") from None
     if not head:
-        return  # an empty file (e.g. from mktemp) becomes a new store
+        raise StoreError(f"{path}: an empty file, not a specdb store (remove it to start a new store there)")
     if head.startswith(b"SQLite format 3"):
         raise StoreError(f"{path}: not a specdb store (an SQLite database)")
     if len(head) < 12 or head[8:12] != DUCKDB_MAGIC:
@@ -99,7 +99,11 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT
             _check_version(con, path, migrate=not read_only)
         except duckdb.Error as exc:
             raise StoreError(f"{path}: damaged store ({_first_line(exc)})") from None
-        yield con
+        try:
+            yield con
+        except (duckdb.IOException, duckdb.FatalException, duckdb.InternalException) as exc:
+            # the file failed under a query (a truncated store reads fine until a missing block)
+            raise StoreError(f"{path}: damaged store or failing disk ({_first_line(exc)})") from None
     finally:
         con.close()
 
@@ -121,7 +125,7 @@ def _check_version(con, path: Path, migrate: bool) -> None:
         raise StoreError(f"{path}: not a specdb store (no schema); run `specdb run SPEC` to create one")
     if current < SCHEMA_VERSION:
         if not migrate:
-            raise StoreError(f"{path}: schema version {current} is older than this specdb "
+            raise StoreOutdated(f"{path}: schema version {current} is older than this specdb "
                              f"({SCHEMA_VERSION}); run `specdb run` once to migrate it")
         con.execute("BEGIN")
         try:
@@ -167,11 +171,22 @@ def _backfill_metrics(con) -> None:
                    keep_eigenvalues = 'all' WHERE pos IS NULL""")
 
 
+class StoreOutdated(StoreError):
+    """The store's schema is older than this program's: `specdb run` migrates it."""
+
+
 def migrate(path: str | Path) -> None:
-    """Bring an existing store up to this program's schema (a no-op when it is current)."""
-    if Path(path).exists():
-        with connect(path):
-            pass
+    """Bring an existing store up to this program's schema (a no-op when it is current). A current
+    store is only read, so a reader holding the file does not stop a sweep from starting."""
+    if not Path(path).exists():
+        return
+    try:
+        with connect(path, read_only=True):
+            return
+    except StoreOutdated:
+        pass
+    with connect(path):
+        pass
 
 
 def _now() -> datetime:

@@ -68,9 +68,14 @@ def check_store_folder(store_path) -> None:
     folder = Path(store_path).resolve().parent
     if not folder.is_dir():
         raise SpecError(f"{store_path}: folder {folder} does not exist (create it, or pass another --db)")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise SpecError(f"{store_path}: folder {folder} is not writable (the store, its lock and its "
-                        "spool live there)")
+    try:  # a real probe: permission bits say nothing for root or on a read-only mount
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=folder, prefix=".specdb-probe-"):
+            pass
+    except OSError as exc:
+        raise SpecError(f"{store_path}: folder {folder} is not writable ({exc.strerror or exc}); the store, "
+                        "its lock and its spool live there") from None
 
 
 def _jsonable(x):

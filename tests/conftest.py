@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from spectraldb import store
+from spectraldb.spec import RunSpec
+
 
 def make_corpus(folder: Path, n_docs: int = 40, words_per_doc: int = 400, seed: int = 0) -> Path:
     """Zipf-distributed made-up words: a head of frequent words and a long tail, like prose."""
@@ -55,3 +58,37 @@ def tiny(tmp_path, corpus):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(tiny_spec(corpus, store, TINY_SWEEP))
     return spec, store
+
+
+# ---------------------------------------------------------------- planted stores (no training)
+
+def flat(rank: float, dim: int) -> np.ndarray:
+    """k ones and one x ∈ [0, 1): hard rank (k + x)²/(k + x²) = `rank` exactly (a real rank ≤ dim)."""
+    k = int(np.floor(rank))
+    eig = np.full(dim, 1e-12)
+    eig[:k] = 1.0
+    r = float(rank)
+    if r > k and k < dim:  # (1 − r)x² + 2k·x + (k² − r·k) = 0, the root in [0, 1)
+        a, b, c = 1 - r, 2 * k, k * k - r * k
+        x = (-b + np.sqrt(b * b - 4 * a * c)) / (2 * a)
+        x = x if 0 <= x < 1 else (-b - np.sqrt(b * b - 4 * a * c)) / (2 * a)
+        eig[k] = max(x, 1e-12)
+    return eig
+
+
+def put(db, *, optimizer="adamw", mult=1, seed=0, steps=300, n_head=4, rank_of=None, ppl=50.0, layers=2,
+        stratum="all", status="done"):
+    run = RunSpec.model_validate({"model": {"d_model": 32, "n_head": n_head, "ffn_mult": mult},
+                                  "optimizer": optimizer, "train": {"steps": steps, "seed": seed},
+                                  "measure": {"every": 100, "last_k": 2}})
+    D = run.model.ffn_width
+    spectra = []
+    for step in (100, 200, 300):
+        for layer in range(layers):
+            r = rank_of(D, step, layer)
+            for site in ("pre", "post"):
+                spectra.append({"step": step, "layer": layer, "site": site, "stratum": stratum,
+                                "n_tokens": 50 * D, "n_dim": D, "eigenvalues": flat(r, D), "min_eigenvalue": 0.0})
+    store.write_run(db, run, {"status": status, "started_at": 0.0, "finished_at": 1.0, "spectra": spectra,
+                              "evals": [{"step": steps, "train_loss": 3.0, "val_loss": float(np.log(ppl)),
+                                         "val_ppl": ppl}]}, {})

@@ -189,7 +189,7 @@ def _prepare(data: dict, cache_dir: Path | None = None) -> Dataset:
             heldout = _concat([read_shard(p) for p in val])
         else:
             tokens = _concat([read_shard(p) for p in files])
-            if not (tokens == GPT2_EOT).any():
+            if not _contains(tokens, GPT2_EOT):
                 raise DataError(f"corpus {data['corpus']}: no <|endoftext|> separators, cannot split by document")
             train, heldout = _split_tokens(tokens, GPT2_EOT, frac)
         vocab = GPT2_VOCAB
@@ -221,6 +221,11 @@ def _prepare(data: dict, cache_dir: Path | None = None) -> Dataset:
     if counts.size > vocab:
         raise DataError(f"corpus {data['corpus']}: token id {counts.size - 1} outside the vocabulary of {vocab}")
     return Dataset(key, vocab, train, heldout, counts, frequency_strata(counts))
+
+
+def _contains(tokens: np.ndarray, value: int, chunk: int = 1 << 24) -> bool:
+    """`value in tokens` in chunks: a memory-mapped shard is never compared whole."""
+    return any((tokens[i:i + chunk] == value).any() for i in range(0, tokens.size, chunk))
 
 
 def _concat(arrays: list[np.ndarray]) -> np.ndarray:

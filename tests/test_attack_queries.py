@@ -1,0 +1,159 @@
+"""Attacks through what a reader controls: the --where predicate, the store file itself."""
+
+import json
+import os
+import sqlite3
+import time
+
+import duckdb
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from spectraldb import queries, store
+from spectraldb.errors import SpecError, StoreError
+from tests.conftest import put
+
+runner = CliRunner()
+SECRET = "TOP-SECRET-4711"
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    """AdamW rank D/4 (β 1) at 4 widths, plus one diverged AdamW run with rank √D."""
+    path = tmp_path_factory.mktemp("attack") / "s.duckdb"
+    for mult in (1, 2, 4, 8):
+        put(path, mult=mult, rank_of=lambda D, step, layer: D / 4)
+    put(path, mult=1, seed=1, status="diverged", rank_of=lambda D, step, layer: np.sqrt(D))
+    (path.parent / "secret.txt").write_text(SECRET)
+    return path
+
+
+def cli(db, *args):
+    result = runner.invoke(app, [*args, "--db", str(db)])
+    assert "Traceback" not in result.output and (result.exception is None or isinstance(result.exception, SystemExit))
+    return result
+
+
+HOSTILE = [
+    ("error((SELECT content FROM read_text('{secret}')))", "subqueries are not allowed"),
+    ("(SELECT count(*) FROM glob('/root/*')) > 0", "subqueries are not allowed"),
+    ("read_text('{secret}') IS NOT NULL", "table function"),
+    ("TRUE) UNION SELECT run_id FROM spectra WHERE (TRUE", "must be one predicate"),
+    ("TRUE) GROUP BY (run_id", "must be one predicate"),
+    ("seed = 0; DROP TABLE runs", "not a valid predicate"),
+    ("p.site = 'pre'", "only columns of the runs table"),
+    ("(" * 3000 + "TRUE" + ")" * 3000, "longer than"),
+]
+
+
+@pytest.mark.parametrize("where, message", HOSTILE)
+@pytest.mark.parametrize("verb", [["query", "beta"], ["query", "matched"], ["query", "dynamics"],
+                                  ["plot", "scaling", "-o", "never.png"]])
+def test_hostile_predicates_are_refused_in_one_line(db, tmp_path, verb, where, message):
+    where = where.format(secret=db.parent / "secret.txt")
+    verb = [str(tmp_path / v) if v.endswith(".png") else v for v in verb]
+    result = cli(db, *verb, "--where", where)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert SECRET not in result.output and not (tmp_path / "never.png").exists()
+
+
+def beta_rows(db, *extra):
+    result = cli(db, "query", "beta", "--format", "json", *extra)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), result.stderr
+
+
+def test_a_parenthesis_escape_cannot_widen_the_query(db):
+    """'TRUE) OR (TRUE' is bound inside its own subquery: diverged runs and other sites stay out."""
+    plain, plain_err = beta_rows(db)
+    escaped, escaped_err = beta_rows(db, "--where", "TRUE) OR (TRUE")
+    assert escaped == plain and plain[0]["beta_hard"] == pytest.approx(1.0, abs=1e-6)
+    assert "excluded 1 diverged run" in plain_err and "excluded 1 diverged run" in escaped_err
+
+
+def test_excluded_diverged_counts_only_what_the_predicate_selects(db):
+    _, err = beta_rows(db, "--where", "seed = 0")
+    assert "diverged" not in err
+    _, err = beta_rows(db, "--where", "seed = 1")
+    assert "excluded 1 diverged run" in err
+
+
+def test_a_predicate_failing_at_run_time_does_not_print_values(db):
+    result = cli(db, "query", "beta", "--where", "CAST(corpus AS INTEGER) > 0")
+    assert result.exit_code == 2 and "failed while being evaluated" in result.stderr
+    assert "sotu" not in result.output  # the corpus value DuckDB's message would quote
+
+
+def test_read_connections_cannot_reach_files_or_change_that(db):
+    with store.connect(db, read_only=True) as con:
+        assert con.execute("SELECT current_setting('enable_external_access')").fetchone()[0] is False
+        for sql in ("SET enable_external_access = true", "INSTALL sqlite", "LOAD sqlite",
+                    f"SELECT * FROM read_text('{db.parent / 'secret.txt'}')"):
+            with pytest.raises(duckdb.Error):
+                con.execute(sql)
+    with store.connect(db, read_only=True) as con:
+        assert queries.check_where(con, "seed < 3 AND runs.n_head = 4").startswith("run_id IN (SELECT run_id")
+        with pytest.raises(SpecError):
+            queries.check_where(con, "EXISTS (SELECT 1)")
+
+
+# ---------------------------------------------------------------- damaged and foreign store files
+
+def damaged(tmp_path, db, how):
+    bad = tmp_path / f"{how}.duckdb"
+    raw = bytearray(db.read_bytes())
+    if how == "random":
+        raw = bytearray(os.urandom(8192))
+    elif how == "header":  # the header block's checksum no longer matches ("…in block at…")
+        raw[20:28] = b"\xff" * 8
+    elif how == "truncated":
+        raw = raw[: len(raw) // 10]
+    elif how == "truncated90":
+        raw = raw[: len(raw) * 9 // 10]
+    elif how == "sqlite":
+        con = sqlite3.connect(bad)
+        con.execute("CREATE TABLE runs (x)")
+        con.commit()
+        con.close()
+        return bad
+    bad.write_bytes(bytes(raw))
+    return bad
+
+
+@pytest.mark.parametrize("how", ["random", "header", "truncated", "truncated90", "sqlite"])
+def test_damaged_or_foreign_stores_get_one_line_fast(db, tmp_path, corpus, how):
+    bad = damaged(tmp_path, db, how)
+    before = bad.read_bytes()
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"data: {{corpus: {corpus}}}\ntrain: {{steps: 5}}\nmeasure: {{every: 5}}\n")
+    for args in (["query", "beta"], ["status"], ["sql", "SELECT count(*), sum(len(eigenvalues)) FROM spectra"], ["run", str(spec), "--executor", "inline"]):
+        t0 = time.monotonic()
+        result = cli(bad, *args)
+        assert time.monotonic() - t0 < 10, "a damaged store must not be mistaken for a locked one"
+        if how == "truncated90" and result.exit_code == 0:
+            continue  # the cut fell in unused blocks: the store still reads whole, as DuckDB says
+        assert result.exit_code == 2, (args, result.output)
+        line = result.stderr.strip().splitlines()
+        assert len(line) == 1 and "locked" not in line[0], result.stderr
+        assert ("SQLite" in line[0]) == (how == "sqlite")
+    assert bad.read_bytes() == before  # nothing written into it
+    assert not (tmp_path / f"{how}.duckdb.spool").exists()
+
+
+def test_lock_errors_are_told_apart_from_block_errors():
+    assert store._is_lock_error(duckdb.IOException('Could not set lock on file "x": Conflicting lock is held'))
+    assert not store._is_lock_error(duckdb.Error("Corrupt database file: checksum mismatch in block at 0"))
+
+
+def test_a_folder_or_an_empty_file_as_the_store(tmp_path):
+    with pytest.raises(StoreError, match="is a folder"):
+        with store.connect(tmp_path, read_only=True):
+            pass
+    (tmp_path / "empty.duckdb").write_bytes(b"")
+    with pytest.raises(StoreError, match="an empty file"):
+        with store.connect(tmp_path / "empty.duckdb"):
+            pass
+    assert (tmp_path / "empty.duckdb").read_bytes() == b""
