@@ -224,7 +224,20 @@ def _prepare(data: dict, cache_dir: Path | None = None) -> Dataset:
 
 
 def _contains(tokens: np.ndarray, value: int, chunk: int = 1 << 24) -> bool:
-    """`value in tokens` in chunks: a memory-mapped shard is never compared whole."""
+    """`value in tokens` in chunks. A memory-mapped shard is scanned with plain reads: touching
+    its pages through the map would count the whole file in the process's resident memory."""
+    if isinstance(tokens, np.memmap) and tokens.filename:
+        with open(tokens.filename, "rb") as f:
+            f.seek(tokens.offset)
+            left = tokens.size
+            while left:
+                block = np.frombuffer(f.read(min(chunk, left) * tokens.itemsize), dtype=tokens.dtype)
+                if not block.size:
+                    return False
+                if (block == value).any():
+                    return True
+                left -= block.size
+        return False
     return any((tokens[i:i + chunk] == value).any() for i in range(0, tokens.size, chunk))
 
 
