@@ -91,7 +91,7 @@ def run(spec: Path = typer.Argument(..., help="Spec file, e.g. experiments.yaml"
     Example: specdb run experiments.yaml -S train.steps=100
     """
     from spectraldb.progress import reporter_for
-    from spectraldb.scheduler import run_sweep
+    from spectraldb.scheduler import RayStartError, run_sweep
 
     try:
         if executor not in ("ray", "inline"):
@@ -102,6 +102,8 @@ def run(spec: Path = typer.Argument(..., help="Spec file, e.g. experiments.yaml"
                            reporter=reporter_for(sys.stderr), cache_dir=cache_dir, max_in_flight=max_in_flight)
     except (SpecError, StoreError) as exc:
         fail(str(exc), 2)
+    except RayStartError as exc:
+        fail(str(exc), 1)
     if result.recovered:
         typer.echo(f"committed {result.recovered} finished run(s) from {path}.spool", err=True)
     if not result.statuses:
@@ -163,7 +165,7 @@ def status(spec: Optional[Path] = typer.Argument(None, help="A spec: count its r
             return
     path = Path(db or DEFAULT_DB)
     try:
-        with connect(path, read_only=True) as con:
+        with connect(path, read_only=True, verify=True) as con:
             sizes = """WITH size AS (SELECT run_id, count(*) AS spectra,
                                             sum(coalesce(len(eigenvalues), 0)) * 8 / 1048576.0 AS eig_mib
                                      FROM spectra GROUP BY run_id)"""

@@ -26,6 +26,8 @@ FACTORS = ("optimizer", "optimizer_name", "lr", "d_model", "n_layer", "n_head", 
            "corpus", "steps", "batch_size", "measure_source", "pos", "norm", "postln_frac", "activation",
            "spec_name", "ffn_mult", "seed")
 MIN_WIDTHS = 3
+LOW_N = 4  # tokens per dimension under which a rank is capped by N rather than by the spectrum (as view `points`)
+N_TOKENS = "_n_tokens"  # rides in run_values' value dicts: the fewest tokens behind a run's point
 BOOTSTRAP = 1000
 
 
@@ -131,6 +133,7 @@ def run_values(con, metrics, *, stratum="all", site="post", window=None, step=No
         sql = f"""
             SELECT p.run_id, p.stratum, {", ".join(f"max(p.value) FILTER (WHERE p.metric = ?) AS m{i}"
                                                     for i in range(len(metrics)))},
+                   min(p.n_tokens) AS n_tokens,
                    any_value(r.ffn_width) AS ffn_width, any_value(r.final_val_ppl) AS val_ppl,
                    {", ".join(f"any_value(r.{f}) AS {f}" for f in factors)}
             FROM run_points p JOIN runs r USING (run_id)
@@ -139,7 +142,7 @@ def run_values(con, metrics, *, stratum="all", site="post", window=None, step=No
               AND p.metric IN ({", ".join("?" * len(metrics))})
             GROUP BY p.run_id, p.stratum"""
         cur = con.execute(sql, [*metrics, *statuses, site, *strata, *metrics])
-        return _rows(cur, metrics, by_layer, by_step)
+        return _rows(cur, (*metrics, N_TOKENS), by_layer, by_step)
     if by_step:
         step_clause, params = "TRUE", []
     elif step is not None:
@@ -154,16 +157,18 @@ def run_values(con, metrics, *, stratum="all", site="post", window=None, step=No
                      WHERE status IN ({", ".join("?" * len(statuses))}) AND ({where})),
         per_layer AS (
             SELECT {", ".join(f"k.{g.strip()}" for g in group.split(","))},
-                   {", ".join(f"median(k.{c}) AS m{i}" for i, c in enumerate(cols))}
+                   {", ".join(f"median(k.{c}) AS m{i}" for i, c in enumerate(cols))},
+                   min(k.n_tokens) AS n_tokens
             FROM ranks k JOIN sel USING (run_id)
             WHERE k.site = ? AND k.stratum IN ({", ".join("?" * len(strata))}) AND {step_clause}
             GROUP BY {group}),
-        per_run AS (SELECT {keys}, {", ".join(f"median(m{i}) AS m{i}" for i in range(len(cols)))}
+        per_run AS (SELECT {keys}, {", ".join(f"median(m{i}) AS m{i}" for i in range(len(cols)))},
+                           min(n_tokens) AS n_tokens
                     FROM per_layer GROUP BY {keys})
         SELECT p.*, r.ffn_width, r.final_val_ppl AS val_ppl, {", ".join(f"r.{f}" for f in factors)}
         FROM per_run p JOIN runs r USING (run_id)"""
     cur = con.execute(sql, [*statuses, site, *strata, *params])
-    return _rows(cur, metrics, by_layer, by_step)
+    return _rows(cur, (*metrics, N_TOKENS), by_layer, by_step)
 
 
 def _rows(cur, metrics, by_layer, by_step) -> list[tuple]:
@@ -300,10 +305,30 @@ def beta(con, stratum: str = "all", site: str = "post", include_diverged: bool =
            for r, lay, _, v in vals]
     notes: list[str] = []
     rows = fit_groups(pts, metrics, tuple(by) + extra, notes)
+    _flag_low_n(rows, pts, tuple(by) + extra, notes)
     if metric:
         rows = [{**{k: r[k] for k in tuple(by) + extra}, "metric": metric,
                  **{k: v for k, v in r.items() if k not in tuple(by) + extra}} for r in rows]
     return Answer(rows, notes)
+
+
+def _flag_low_n(rows, pts, key_names, notes) -> None:
+    """Add min_n_over_d (fewest tokens per dimension behind any point of the fit) to each row,
+    and a note where it is under LOW_N: there the rank measures the sample size, not the width."""
+    worst: dict[tuple, tuple[float, float]] = {}
+    for key, width, _seed, values in pts:
+        n = values.get(N_TOKENS)
+        if n is not None and width:
+            ratio = n / width
+            if key not in worst or ratio < worst[key][0]:
+                worst[key] = (ratio, width)
+    for row in rows:
+        key = tuple(row[k] for k in key_names)
+        ratio, width = worst.get(key, (None, None))
+        row["min_n_over_d"] = ratio
+        if ratio is not None and ratio < LOW_N:
+            notes.append(f"{' / '.join(map(str, key))}: a point has only {ratio:.1f} tokens per dimension "
+                         f"(width {width}; under {LOW_N}, its rank is capped by N, not by the spectrum)")
 
 
 def dynamics(con, stratum: str = "all", site: str = "post", include_diverged: bool = False, **kw) -> Answer:

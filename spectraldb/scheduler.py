@@ -26,6 +26,10 @@ from spectraldb.writer import Spool, WriterLock, check_store_folder, drain, one_
 COMPLETE = ("done", "diverged")
 
 
+class RayStartError(RuntimeError):
+    """Ray could not be started or reached: a runtime fault (exit 1), nothing was trained."""
+
+
 def plan_rows(plan: Plan, db: str | Path) -> list[dict]:
     """Every run of the plan with its status in the store: new, done, diverged or failed."""
     known = store.statuses(db)
@@ -222,12 +226,17 @@ def _run_ray(runs, datasets, sink, address, max_in_flight=None) -> None:
 
     reporter = sink.reporter
     started_here = not ray.is_initialized()
+    # Ray announces token authentication on every start; it is advice, not a problem of the sweep
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if started_here:
         kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(num_cpus=os.cpu_count(), **kwargs)
+        try:
+            if address:
+                ray.init(address=address, **kwargs)
+            else:  # "local": always a fresh instance, even when another Ray runs on this machine
+                ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
+        except Exception as exc:  # noqa: BLE001 - Ray's start-up errors come in many types
+            raise RayStartError(f"--address: cannot start or reach Ray ({one_line(exc)})") from None
     try:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

@@ -20,6 +20,9 @@ from spectraldb import spectra
 from spectraldb.errors import StoreError, StoreLocked
 
 LOCK_WAIT_S = 30.0
+# New stores are written in DuckDB 1.0's storage format, the oldest that holds the schema, so the
+# DuckDB CLI and Python packages of every 1.x release (and later ones) can open them.
+STORAGE_VERSION = "v1.0.0"
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -71,13 +74,18 @@ def _config(read_only: bool, external_access: bool) -> dict:
 
 
 @contextlib.contextmanager
-def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT_S, external_access: bool = False):
+def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT_S, external_access: bool = False,
+            verify: bool | None = None):
     """Open the store (creating and migrating it for writers), retrying while it is locked.
 
-    Read-only connections cannot touch other files unless `external_access` (export only)."""
+    Read-only connections cannot touch other files unless `external_access` (export only).
+    `verify` (default: for writers) also checks that the file holds every block its tables use."""
     path = Path(path)
     if read_only and not path.exists():
         raise StoreError(f"{path}: no such store (run `specdb run SPEC` first, or pass --db)")
+    config = _config(read_only, external_access)
+    if not path.exists() and not read_only:
+        config["storage_compatibility_version"] = STORAGE_VERSION
     if path.exists():
         if path.is_dir():
             raise StoreError(f"{path}: is a folder, not a store file")
@@ -85,7 +93,7 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            con = duckdb.connect(str(path), read_only=read_only, config=_config(read_only, external_access))
+            con = duckdb.connect(str(path), read_only=read_only, config=config)
             break
         except duckdb.Error as exc:
             if _is_lock_error(exc) and time.monotonic() < deadline:
@@ -96,6 +104,8 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT
             raise StoreError(f"{path}: not a usable specdb store ({_first_line(exc)})") from None
     try:
         try:
+            if (not read_only) if verify is None else verify:
+                _check_size(con, path)
             _check_version(con, path, migrate=not read_only)
         except duckdb.Error as exc:
             raise StoreError(f"{path}: damaged store ({_first_line(exc)})") from None
@@ -106,6 +116,19 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT
             raise StoreError(f"{path}: damaged store or failing disk ({_first_line(exc)})") from None
     finally:
         con.close()
+
+
+def _check_size(con, path: Path) -> None:
+    """A truncated store can open and answer the queries that touch only its first blocks; the
+    highest block its tables use says how long the file must be (metadata only, ~20 ms)."""
+    block_size = int(con.execute("PRAGMA database_size").fetchone()[2] or 0)
+    highest = -1
+    for (table,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall():
+        top = con.execute("SELECT max(block_id) FROM pragma_storage_info(?)", [table]).fetchone()[0]
+        highest = max(highest, -1 if top is None else int(top))
+    have, need = path.stat().st_size, (highest + 1) * block_size
+    if have < need:
+        raise StoreError(f"{path}: damaged store (truncated: {have:,} bytes, its tables need {need:,})")
 
 
 def _first_line(exc: Exception) -> str:
@@ -175,13 +198,19 @@ class StoreOutdated(StoreError):
     """The store's schema is older than this program's: `specdb run` migrates it."""
 
 
+def storage_version(con) -> str:
+    """The storage format of the open store, e.g. 'v1.0.0+'."""
+    return con.execute("SELECT tags['storage_version'] FROM duckdb_databases() WHERE database_name = "
+                       "current_database()").fetchone()[0]
+
+
 def migrate(path: str | Path) -> None:
     """Bring an existing store up to this program's schema (a no-op when it is current). A current
     store is only read, so a reader holding the file does not stop a sweep from starting."""
     if not Path(path).exists():
         return
     try:
-        with connect(path, read_only=True):
+        with connect(path, read_only=True, verify=True):
             return
     except StoreOutdated:
         pass
@@ -201,7 +230,7 @@ def statuses(path: str | Path) -> dict[str, str]:
     """run_id → status of every run in the store ({} if there is no store yet)."""
     if not Path(path).exists():
         return {}
-    with connect(path, read_only=True) as con:
+    with connect(path, read_only=True, verify=True) as con:  # a truncated store is not "all done"
         return dict(con.execute("SELECT run_id, status FROM runs").fetchall())
 
 

@@ -77,7 +77,7 @@ def flat(rank: float, dim: int) -> np.ndarray:
 
 
 def put(db, *, optimizer="adamw", mult=1, seed=0, steps=300, n_head=4, rank_of=None, ppl=50.0, layers=2,
-        stratum="all", status="done"):
+        stratum="all", status="done", n_per_dim=50):
     run = RunSpec.model_validate({"model": {"d_model": 32, "n_head": n_head, "ffn_mult": mult},
                                   "optimizer": optimizer, "train": {"steps": steps, "seed": seed},
                                   "measure": {"every": 100, "last_k": 2}})
@@ -88,7 +88,7 @@ def put(db, *, optimizer="adamw", mult=1, seed=0, steps=300, n_head=4, rank_of=N
             r = rank_of(D, step, layer)
             for site in ("pre", "post"):
                 spectra.append({"step": step, "layer": layer, "site": site, "stratum": stratum,
-                                "n_tokens": 50 * D, "n_dim": D, "eigenvalues": flat(r, D), "min_eigenvalue": 0.0})
+                                "n_tokens": n_per_dim * D, "n_dim": D, "eigenvalues": flat(r, D), "min_eigenvalue": 0.0})
     store.write_run(db, run, {"status": status, "started_at": 0.0, "finished_at": 1.0, "spectra": spectra,
                               "evals": [{"step": steps, "train_loss": 3.0, "val_loss": float(np.log(ppl)),
                                          "val_ppl": ppl}]}, {})

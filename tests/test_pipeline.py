@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -87,9 +88,16 @@ def test_ray_sweep_matches_inline_bit_for_bit(inline_store, tmp_path, corpus):
     _, inline_db, _ = inline_store
     spec = tmp_path / "tiny.yaml"
     spec.write_text(tiny_spec(corpus, tmp_path / "ray.duckdb", "sweep:\n  optimizer: [adamw, muon]\n  ffn_mult: [1, 2, 4]\n"))
-    result = runner.invoke(app, ["run", str(spec)])  # default executor: a local Ray instance
-    assert result.exit_code == 0, result.output
+    # default executor: a local Ray instance, in a real process so Ray's own logging is seen too
+    result = subprocess.run([sys.executable, "-m", "cli.main", "run", str(spec)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
     assert snapshot(tmp_path / "ray.duckdb") == snapshot(inline_db)  # CPU runs are deterministic
+    # stderr holds specdb's lines only (no Ray banner); each finished run names label, width and seed
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "6 runs to do (0 already in the store)" and lines[-1].startswith("stored 6 runs"), lines
+    assert all(re.fullmatch(r"\[\d/6\] done +[0-9a-f]{16} (AdamW|Muon) ffn_mult=[124] seed=0 \(.*", x)
+               for x in lines[1:-1]), lines
 
 
 def test_failed_run_is_recorded_and_exit_code_is_3(tmp_path, corpus):
@@ -144,6 +152,31 @@ def test_readme_sql_examples_run_on_a_real_store(inline_store):
         result = runner.invoke(app, ["sql", "--db", str(db), "--format", "json", "--", q])
         assert result.exit_code == 0, (q, result.output)
         assert json.loads(result.stdout), q  # every example returns rows on a real sweep
+
+
+def test_the_store_opens_in_the_duckdb_1_x_cli(inline_store):
+    """Stores use DuckDB 1.0's storage format: the README's SQL runs in the DuckDB 1.5.6 CLI
+    (the `duckdb-cli` package of the test extra), not only in the Python package that wrote it."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from spectraldb import store
+
+    _, db, _ = inline_store
+    with store.connect(db, read_only=True) as con:
+        assert store.storage_version(con) == "v1.0.0+"
+    with open(db, "rb") as f:
+        assert int.from_bytes(f.read(20)[12:20], "little") == 64  # DuckDB's number for v1.0.0
+    cli = shutil.which("duckdb")
+    assert cli, "the DuckDB CLI (pip install duckdb-cli==1.5.6, in the test extra) is missing"
+    version = subprocess.run([cli, "--version"], capture_output=True, text=True).stdout
+    assert version.startswith("v1."), version
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("```sql")[1].split("```")[0]
+    for q in [q.strip() for q in block.split(";") if q.strip()]:
+        out = subprocess.run([cli, "-readonly", "-json", str(db), "-c", q], capture_output=True, text=True)
+        assert out.returncode == 0 and json.loads(out.stdout), (q, out.stderr)
 
 
 def test_a_run_forced_to_diverge_is_recorded_and_the_sweep_completes(tmp_path, corpus):
