@@ -148,6 +148,7 @@ def status(spec: Optional[Path] = typer.Argument(None, help="A spec: count its r
     from spectraldb.progress import read_sidecar
     from spectraldb.store import connect
     from spectraldb.writer import Spool
+    from workers.protocol import PROTOCOL
 
     _check_format(fmt)
     if spec is not None:
@@ -170,7 +171,7 @@ def status(spec: Optional[Path] = typer.Argument(None, help="A spec: count its r
                                             sum(coalesce(len(eigenvalues), 0)) * 8 / 1048576.0 AS eig_mib
                                      FROM spectra GROUP BY run_id)"""
             if runs:
-                cur = con.execute(sizes + """ SELECT r.run_id, r.optimizer, r.ffn_mult, r.seed, r.steps, r.status,
+                cur = con.execute(sizes + """ SELECT r.run_id, r.optimizer, r.ffn_mult, r.seed, r.steps, r.status, r.protocol,
                     r.final_val_ppl AS val_ppl, coalesce(s.spectra, 0) AS spectra, coalesce(s.eig_mib, 0) AS eigenvalue_mib
                     FROM runs r LEFT JOIN size s USING (run_id) ORDER BY r.optimizer, r.ffn_mult, r.seed""")
             else:
@@ -182,11 +183,16 @@ def status(spec: Optional[Path] = typer.Argument(None, help="A spec: count its r
             rows = [dict(zip(cols, r)) for r in cur.fetchall()]
             unfinished = con.execute("SELECT run_id, optimizer, ffn_mult, status, error FROM runs "
                                      "WHERE status <> 'done' ORDER BY run_id").fetchall()
+            protocols = con.execute("SELECT coalesce(protocol, 1), count(*) FROM runs GROUP BY ALL ORDER BY 1").fetchall()
     except StoreError as exc:
         fail(str(exc), 2)
     if spec is None:
         render(rows, fmt, cols)
     typer.echo(f"store {path}: {path.stat().st_size / 1048576:.1f} MiB on disk", err=True)
+    for number, n in protocols:
+        if number != PROTOCOL:
+            typer.echo(f"{n} run(s) measured under protocol {number} (this specdb measures protocol {PROTOCOL}): "
+                       "kept, never fitted together with current runs; see docs/design.md", err=True)
     spooled = Spool(path).pending()
     if spooled:
         typer.echo(f"{len(spooled)} finished run(s) waiting in {path}.spool to be committed "

@@ -24,7 +24,7 @@ METRICS = {"soft": "soft_rank", "hard": "hard_rank", "eee": "eee",
            **{f"renyi:{'inf' if math.isinf(a) else f'{a:g}'}": f"renyi_{alpha_name(a)}" for a in RENYI_ALPHAS}}
 FACTORS = ("optimizer", "optimizer_name", "lr", "d_model", "n_layer", "n_head", "context", "vocab_size",
            "corpus", "steps", "batch_size", "measure_source", "pos", "norm", "postln_frac", "activation",
-           "spec_name", "ffn_mult", "seed")
+           "spec_name", "ffn_mult", "seed", "protocol")
 MIN_WIDTHS = 3
 LOW_N = 4  # tokens per dimension under which a rank is capped by N rather than by the spectrum (as view `points`)
 N_TOKENS = "_n_tokens"  # rides in run_values' value dicts: the fewest tokens behind a run's point
@@ -298,18 +298,39 @@ def beta(con, stratum: str = "all", site: str = "post", include_diverged: bool =
     metrics = (metric,) if metric else ("hard", "soft")
     if layer not in ("agg", "each"):
         raise SpecError(f"--layer: expected agg or each, got {layer!r}")
-    vals, facts = _points(con, by, metrics, stratum=stratum, site=site, window=window, step=step,
-                          by_layer=layer == "each", where=where, include_diverged=include_diverged)
+    notes: list[str] = []
+    vals, facts = _points(con, tuple(by) + ("protocol",), metrics, stratum=stratum, site=site, window=window,
+                          step=step, by_layer=layer == "each", where=where, include_diverged=include_diverged)
+    by = split_protocols(by, facts.values(), notes)
     extra = ("layer",) if layer == "each" else ()
     pts = [(tuple(facts[r][f] for f in by) + ((lay,) if extra else ()), facts[r]["ffn_width"], facts[r]["seed"], v)
            for r, lay, _, v in vals]
-    notes: list[str] = []
     rows = fit_groups(pts, metrics, tuple(by) + extra, notes)
     _flag_low_n(rows, pts, tuple(by) + extra, notes)
     if metric:
         rows = [{**{k: r[k] for k in tuple(by) + extra}, "metric": metric,
                  **{k: v for k, v in r.items() if k not in tuple(by) + extra}} for r in rows]
     return Answer(rows, notes)
+
+
+def selected_protocols(con, where, include_diverged) -> list[dict]:
+    """[{"protocol": p}, …] of the runs a question selects (for split_protocols)."""
+    statuses = _statuses(include_diverged)
+    sql = (f"SELECT DISTINCT coalesce(protocol, 1) FROM runs WHERE status IN ({', '.join('?' * len(statuses))}) "
+           f"AND {check_where(con, where)}")
+    return [{"protocol": p} for (p,) in con.execute(sql, statuses).fetchall()]
+
+
+def split_protocols(by, facts, notes) -> tuple:
+    """Runs measured under different protocols are never pooled into one fit: when the selection
+    holds several, `protocol` joins the group key and a note says so (docs/design.md)."""
+    by = tuple(by)
+    found = sorted({f.get("protocol") or 1 for f in facts})
+    if len(found) > 1 and "protocol" not in by:
+        notes.append(f"runs of protocols {', '.join(map(str, found))} are fitted separately (column protocol); "
+                     f"--where \"protocol = {found[-1]}\" keeps only the current one")
+        by += ("protocol",)
+    return by
 
 
 def _flag_low_n(rows, pts, key_names, notes) -> None:
@@ -333,11 +354,12 @@ def _flag_low_n(rows, pts, key_names, notes) -> None:
 
 def dynamics(con, stratum: str = "all", site: str = "post", include_diverged: bool = False, **kw) -> Answer:
     """β_hard and β_soft at every measured step (each run's point: median over layers)."""
-    vals, facts = _points(con, ("optimizer",), ("hard", "soft"), stratum=stratum, site=site, by_step=True,
-                          include_diverged=include_diverged, **kw)
-    pts = [((facts[r]["optimizer"], s), facts[r]["ffn_width"], facts[r]["seed"], v) for r, _, s, v in vals]
     notes: list[str] = []
-    return Answer(fit_groups(pts, ("hard", "soft"), ("optimizer", "step"), notes), notes)
+    vals, facts = _points(con, ("optimizer", "protocol"), ("hard", "soft"), stratum=stratum, site=site,
+                          by_step=True, include_diverged=include_diverged, **kw)
+    by = split_protocols(("optimizer",), facts.values(), notes)
+    pts = [(tuple(facts[r][f] for f in by) + (s,), facts[r]["ffn_width"], facts[r]["seed"], v) for r, _, s, v in vals]
+    return Answer(fit_groups(pts, ("hard", "soft"), by + ("step",), notes), notes)
 
 
 def depth(con, stratum: str = "all", site: str = "post", include_diverged: bool = False, **kw) -> Answer:
@@ -386,6 +408,8 @@ def matched(con, stratum: str = "all", site: str = "post", include_diverged: boo
             where: str | None = None) -> Answer:
     """Pairs of groups whose validation perplexity matches within `ppl_tol` (relative; width by
     width, or as a mean over the sweep) while their β differs by at least `min_dbeta`."""
+    notes: list[str] = []
+    by = split_protocols(by, selected_protocols(con, where, include_diverged), notes)
     means = width_means(con, (metric,), by, strata=[stratum], site=site, where=where,
                         include_diverged=include_diverged)
     pts, ppl = [], defaultdict(lambda: defaultdict(list))
@@ -393,7 +417,6 @@ def matched(con, stratum: str = "all", site: str = "post", include_diverged: boo
         pts.append((key, width, None, v))
         if p is not None:
             ppl[key][width].append(p)
-    notes: list[str] = []
     fits = {tuple(row[k] for k in by): row for row in fit_groups(pts, (metric,), tuple(by), notes, bootstrap=False)}
     b = "" if metric not in ("hard", "soft") else f"_{metric}"
     rows = []
@@ -431,6 +454,11 @@ def delta(con, arch: str = "n_head", *, baseline: str = "adamw", reference: str 
     if arch not in FACTORS or arch in ("optimizer", "optimizer_name", "ffn_mult", "seed"):
         raise SpecError(f"--arch: {arch!r} is not an architecture factor of runs")
     rows, notes = [], []
+    found = selected_protocols(con, where, include_diverged)
+    if len(found) > 1:  # the k-of-n comparison has one reference: use the current protocol only
+        newest = max(f["protocol"] for f in found)
+        notes.append(f"runs of several protocols selected; comparing those of protocol {newest} only")
+        where = f"({where}) AND protocol = {int(newest)}" if where else f"protocol = {int(newest)}"
     everything = width_means(con, metrics, ("optimizer", arch), strata=list(strata), site=site, where=where,
                              include_diverged=include_diverged)
     names = dict(con.execute("SELECT DISTINCT optimizer, optimizer_name FROM runs").fetchall())

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from spectraldb.errors import SpecError
+from workers.protocol import PROTOCOL
 
 Site = Literal["pre", "post"]
 Stratum = Literal["all", "head", "mid", "tail"]
@@ -176,7 +177,7 @@ OptimizerSpec = Annotated[Union[AdamWSpec, MuonSpec, NorMuonSpec, DionSpec], Fie
 
 class MeasureSpec(Section):
     every: int = Field(100, ge=1, le=INT32_MAX)
-    last_k: int = Field(3, ge=1, le=INT32_MAX)
+    last_k: int = Field(5, ge=1, le=INT32_MAX)
     sites: list[Site] = Field(default_factory=lambda: ["pre", "post"], min_length=1)
     strata: list[Stratum] = Field(default_factory=lambda: ["all", "head", "mid", "tail"], min_length=1)
     tokens: int = Field(32768, ge=64, le=INT32_MAX)
@@ -230,6 +231,8 @@ class RunSpec(Section):
                 node = node[p]
             if path in NOT_HASHED or node.get(leaf) == HASHED_UNLESS_DEFAULT[path]:
                 node.pop(leaf, None)
+        if PROTOCOL > 1:  # a run measured under another protocol is another run
+            doc["protocol"] = PROTOCOL
         blob = json.dumps(doc, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

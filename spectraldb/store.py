@@ -18,6 +18,7 @@ import duckdb
 
 from spectraldb import spectra
 from spectraldb.errors import StoreError, StoreLocked
+from workers.protocol import PROTOCOL
 
 LOCK_WAIT_S = 30.0
 # New stores are written in DuckDB 1.0's storage format, the oldest that holds the schema, so the
@@ -261,10 +262,23 @@ def reinjection_rows(run_id: str, records: list[dict]) -> list[list]:
     return rows
 
 
-def _kept(records: list[dict], last_k: int) -> list[dict]:
-    """Drop the eigenvalues (not the record) of all but the last `last_k` measured steps."""
-    keep = set(sorted({r["step"] for r in records})[-last_k:])
-    return [r if r["step"] in keep else {**r, "eigenvalues": None} for r in records]
+def series_from_end(records: list[dict]) -> dict[tuple, int]:
+    """(step, layer, site, stratum) → 1 for the last measured value of its layer × site × stratum
+    series, 2 for the one before, … counting only computed spectra: a step at which a stratum
+    was skipped does not use up a place of the window (the study's "last K finite values").
+    This is the one definition of a run's window; ranks.from_end stores it."""
+    series: dict[tuple, list[int]] = {}
+    for r in records:
+        if r["eigenvalues"] is not None:
+            series.setdefault((r["layer"], r["site"], r["stratum"]), []).append(r["step"])
+    return {(step, *key): i + 1 for key, steps in series.items()
+            for i, step in enumerate(sorted(steps, reverse=True))}
+
+
+def _kept(records: list[dict], from_end: dict[tuple, int], last_k: int) -> list[dict]:
+    """Drop the eigenvalues (not the record) of every spectrum outside its series' window."""
+    key = lambda r: (r["step"], r["layer"], r["site"], r["stratum"])  # noqa: E731
+    return [r if from_end.get(key(r), last_k + 1) <= last_k else {**r, "eigenvalues": None} for r in records]
 
 
 # The run's aggregated values (as the layer_points view defines them), stored with the run.
@@ -282,7 +296,7 @@ RUN_COLUMNS = ("run_id", "spec_name", "optimizer", "optimizer_name", "lr", "ffn_
                "n_layer", "n_head", "context", "vocab_size", "corpus", "seed", "steps", "batch_size",
                "measure_source", "last_k", "status", "error", "final_val_loss", "final_val_ppl", "config",
                "git_commit", "versions", "host", "device", "started_at", "finished_at", "duration_s",
-               "pos", "norm", "postln_frac", "activation", "keep_eigenvalues")
+               "pos", "norm", "postln_frac", "activation", "keep_eigenvalues", "protocol")
 
 
 def write_run(path: str | Path, run, result: dict, provenance: dict, spec_name: str = "",
@@ -308,16 +322,15 @@ def write_run(path: str | Path, run, result: dict, provenance: dict, spec_name: 
         result.get("device"), _ts(result.get("started_at")), _ts(result.get("finished_at")),
         (result["finished_at"] - result["started_at"]) if result.get("finished_at") else None,
         run.model.pos, run.model.norm, run.model.n_post_norm / run.model.n_layer, run.model.activation,
-        run.measure.keep_eigenvalues,
+        run.measure.keep_eigenvalues, result.get("protocol", PROTOCOL),
     ]
     eval_rows = [[rid, e["step"], _finite(e["train_loss"]), _finite(e["val_loss"]), _finite(e["val_ppl"])]
                  for e in evals]
     records = result.get("spectra", [])
-    steps = sorted({r["step"] for r in records}, reverse=True)
-    from_end = {step: i + 1 for i, step in enumerate(steps)}
-    rank = [row + [from_end.get(row[1])] for row in rank_rows(rid, records)]
+    from_end = series_from_end(records)
+    rank = [row + [from_end.get(tuple(row[1:5]))] for row in rank_rows(rid, records)]
     reinjection = reinjection_rows(rid, records)
-    stored = _kept(records, run.measure.last_k) if run.measure.keep_eigenvalues == "last_k" else records
+    stored = _kept(records, from_end, run.measure.last_k) if run.measure.keep_eigenvalues == "last_k" else records
     spec_rows = [[rid, s["step"], s["layer"], s["site"], s["stratum"], s["n_tokens"], s["n_dim"],
                   s["min_eigenvalue"] is None, s["min_eigenvalue"],
                   None if s["eigenvalues"] is None else [float(v) for v in s["eigenvalues"]]]

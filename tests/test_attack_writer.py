@@ -105,6 +105,14 @@ def test_spool_round_trip_is_exact(tmp_path):
     assert not list(spool.dir.glob(".*.tmp"))
 
 
+def seeds_sweep(tmp_path, corpus, n):
+    """A tiny spec of n seeds and its (created, empty) store."""
+    db, spec = tmp_path / "s.duckdb", tmp_path / "s.yaml"
+    spec.write_text(tiny_spec(corpus, db, f"sweep:\n  seed: {list(range(n))}\n"))
+    create(db)
+    return db, spec
+
+
 def hold_reader(db, seconds):
     """Another process with the store open read-only (as `duckdb specdb.duckdb` would) for a while."""
     code = (f"import duckdb, time; c = duckdb.connect({str(db)!r}, read_only=True); "
@@ -116,9 +124,7 @@ def hold_reader(db, seconds):
 
 @pytest.mark.slow
 def test_a_long_reader_delays_commits_but_never_aborts_the_sweep(tmp_path, corpus, monkeypatch):
-    db, spec = tmp_path / "s.duckdb", tmp_path / "s.yaml"
-    spec.write_text(tiny_spec(corpus, db, "sweep:\n  seed: [0, 1, 2]\n"))
-    create(db)
+    db, spec = seeds_sweep(tmp_path, corpus, 3)
     monkeypatch.setattr(scheduler, "COMMIT_WAIT_S", 0.3)
     readers = []
     prepare = scheduler.prepare_data
@@ -141,9 +147,7 @@ def test_a_long_reader_delays_commits_but_never_aborts_the_sweep(tmp_path, corpu
 
 @pytest.mark.slow
 def test_a_spool_left_behind_is_committed_first_and_not_retrained(tmp_path, corpus, monkeypatch):
-    db, spec = tmp_path / "s.duckdb", tmp_path / "s.yaml"
-    spec.write_text(tiny_spec(corpus, db, "sweep:\n  seed: [0, 1]\n"))
-    create(db)
+    db, spec = seeds_sweep(tmp_path, corpus, 2)
     monkeypatch.setattr(scheduler, "COMMIT_WAIT_S", 0.2)
     monkeypatch.setattr(scheduler, "FINAL_WAIT_S", 0.5)
     scheduler.prepare_data(load_spec(spec)[0].runs)  # the dataset cache is warm before the reader comes

@@ -30,9 +30,37 @@ def test_tokenizer_strata_and_document_split(corpus, tmp_path):
     assert again.key == ds.key and np.array_equal(again.train, ds.train)
 
 
-def test_frequency_strata_boundaries():
-    counts = np.array([50, 0, 20, 20, 10])  # mass starts: 0, -, .5, .7, .9
-    assert D.frequency_strata(counts).tolist() == [0, 2, 1, 2, 2]
+def study_strata(counts, lo=0.33, hi=0.67):
+    """The study's rule, written independently: plain Python over a sorted list."""
+    s = sorted((float(c) for c in counts), reverse=True)
+    total, cum, h, m = sum(s), 0.0, 0, 0
+    for c in s:
+        cum += c
+        h += cum <= lo * total
+        m += cum <= hi * total
+    V = len(s)
+    h = min(max(h, 1), V - 1)
+    m = min(max(m, h + 1), V - 1)
+    return [0 if c >= s[h - 1] else 1 if c >= s[m - 1] else 2 for c in counts]
+
+
+def test_frequency_strata_ties_share_a_stratum():
+    counts = np.array([50, 0, 20, 20, 10])  # sorted 50 20 20 10 0; cum .5 .7 .9 1 1 → h 0→1, m 1→2
+    assert D.frequency_strata(counts).tolist() == study_strata(counts) == [0, 2, 1, 1, 2]
+    tied = np.array([5, 5, 5, 5, 1, 1, 0, 0])  # every 5 is the same stratum, so is every 1 and 0
+    out = D.frequency_strata(tied).tolist()
+    assert out == study_strata(tied) and len({out[i] for i in range(4)}) == 1 and out[4] == out[5]
+
+
+def test_frequency_strata_on_a_zipf_vocabulary():
+    rng = np.random.default_rng(3)
+    counts = rng.zipf(1.3, size=4096).clip(max=10**6)
+    counts[rng.choice(4096, 300, replace=False)] = 0
+    out = D.frequency_strata(counts)
+    assert out.tolist() == study_strata(counts)
+    order = np.argsort(-counts, kind="stable")
+    assert np.all(np.diff(out[order]) >= 0)  # a more frequent type is never in a later stratum
+    assert set(out.tolist()) == {0, 1, 2}
 
 
 def test_bin_shards_round_trip_and_split(tmp_path):

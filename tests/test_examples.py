@@ -35,6 +35,16 @@ def test_example_validates_and_plans(name, tmp_path):
     assert result.exit_code == 0 and f"{count} runs: {count} new" in result.stderr
 
 
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_paper_specs_follow_the_studys_protocol(name):
+    """Dion with bf16 state, and the training batch measured as the study did: at most one
+    data-parallel rank's share (131,072 tokens) per step."""
+    for r in load_spec(ROOT / "examples" / name)[0].runs:
+        assert r.measure.source == "train_batch" and r.measure.tokens == 131072 and r.measure.last_k == 5
+        if r.optimizer.name == "dion":
+            assert r.optimizer.state_dtype == "bf16"
+
+
 def test_paper_shapes():
     runs = load_spec(ROOT / "examples" / "paper_160m_width_sweep.yaml")[0].runs
     r = runs[0]

@@ -73,11 +73,17 @@ def test_lion_update_matches_its_definition():
     assert torch.allclose(m, expected_m)
 
 
-def test_lr_schedule_constant_then_linear_to_zero():
+def test_lr_schedule_is_the_studys():
+    """The study: it = step − 1; lr = 1 while it < total − cooldown, else (total − it)/cooldown."""
+    def study(it, total=100, cooldown=20):
+        return 1.0 if it < total - cooldown else (total - it) / cooldown
+
     mult = [lr_multiplier(s, 100, 0, 0.2) for s in range(1, 101)]
-    assert mult[:80] == [1.0] * 80
-    assert mult[89] == pytest.approx(0.5) and mult[-1] == 0.0
+    assert mult == [study(s - 1) for s in range(1, 101)]
+    assert mult[:80] == [1.0] * 80 and mult[80] == 1.0 and mult[81] == pytest.approx(0.95)
+    assert mult[-1] == pytest.approx(0.05)  # the last update still moves (protocol 1 ended at 0)
     assert all(a >= b for a, b in zip(mult, mult[1:]))
+    assert [lr_multiplier(s, 10, 0, 0.0) for s in range(1, 11)] == [1.0] * 10
 
 
 def test_init_variance_and_forward_shapes():

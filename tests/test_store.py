@@ -16,7 +16,7 @@ COLUMNS = {
              "n_layer", "n_head", "context", "vocab_size", "corpus", "seed", "steps", "batch_size",
              "measure_source", "last_k", "status", "error", "final_val_loss", "final_val_ppl", "config",
              "git_commit", "versions", "host", "device", "started_at", "finished_at", "duration_s",
-             "pos", "norm", "postln_frac", "activation", "keep_eigenvalues"],
+             "pos", "norm", "postln_frac", "activation", "keep_eigenvalues", "protocol"],
     "evals": ["run_id", "step", "train_loss", "val_loss", "val_ppl"],
     "spectra": ["run_id", "step", "layer", "site", "stratum", "n_tokens", "n_dim", "skipped",
                 "min_eigenvalue", "eigenvalues"],
@@ -142,4 +142,5 @@ def test_query_beta_recovers_planted_exponents(tmp_path):
     assert rows["Muon"]["beta_hard"] == pytest.approx(0.5) and rows["Muon"]["n_widths"] == 4
     assert rows["Muon"]["delta_12"] == pytest.approx(0.0, abs=1e-6)
     assert set(rows["Muon"]) == {"optimizer", "beta_hard", "beta_hard_low", "beta_hard_high", "r2_hard",
-                                 "beta_soft", "beta_soft_low", "beta_soft_high", "r2_soft", "delta_12", "n_widths"}
+                                 "beta_soft", "beta_soft_low", "beta_soft_high", "r2_soft", "delta_12", "n_widths",
+                                 "min_n_over_d"}

@@ -127,19 +127,24 @@ def heldout_documents(n_docs: int, fraction: float) -> np.ndarray:
 
 
 def frequency_strata(counts: np.ndarray, bounds=STRATUM_BOUNDS) -> np.ndarray:
-    """HEAD/MID/TAIL per token id by cumulative occurrence mass (DESIGN §1).
+    """HEAD/MID/TAIL (0/1/2) per token id by frequency thresholds: the study's rule
+    (docs/design.md, "Strata").
 
-    Types are sorted by count (descending, ties by id); a type belongs to the stratum in which
-    its cumulative mass *starts*. Zero-count ids are TAIL.
+    Sort the counts descending (s), cum = cumsum(s), h = #(cum ≤ 0.33·total), m = #(cum ≤
+    0.67·total), h clamped to [1, V−1] and m to [h+1, V−1]; a type with count f ≥ s[h−1] is
+    HEAD, f ≥ s[m−1] MID, else TAIL. Zero-count ids follow the same rule, and equal counts
+    always share a stratum (the rule looks at the count, never at the id).
     """
     counts = np.asarray(counts, dtype=np.float64)
-    order = np.lexsort((np.arange(counts.size), -counts))
-    start = np.concatenate(([0.0], np.cumsum(counts[order])[:-1])) / max(counts.sum(), 1.0)
-    sorted_strata = np.where(start < bounds[0], 0, np.where(start < bounds[1], 1, 2)).astype(np.int8)
-    sorted_strata[counts[order] == 0] = 2
-    strata = np.empty_like(sorted_strata)
-    strata[order] = sorted_strata
-    return strata
+    V = counts.size
+    s = np.sort(counts)[::-1]
+    cum = np.cumsum(s)
+    total = cum[-1] if V else 0.0
+    h = int(np.count_nonzero(cum <= bounds[0] * total))
+    m = int(np.count_nonzero(cum <= bounds[1] * total))
+    h = min(max(h, 1), V - 1)
+    m = min(max(m, h + 1), V - 1)
+    return np.where(counts >= s[h - 1], 0, np.where(counts >= s[m - 1], 1, 2)).astype(np.int8)
 
 
 def train_tokenizer(docs: list[str], vocab_size: int):

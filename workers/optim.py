@@ -106,16 +106,20 @@ def build_optimizers(model: torch.nn.Module, spec: dict) -> list[torch.optim.Opt
 
 
 def lr_multiplier(step: int, total: int, warmup: int = 0, warmdown: float = 0.2) -> float:
-    """Warm-up (optional), constant, then linear decay to 0 over the last `warmdown` of steps.
+    """Warm-up (optional), constant, then linear decay towards 0 over the last `warmdown` of steps.
 
-    `step` counts from 1; the multiplier applies to that step's update.
+    `step` counts from 1 and the multiplier applies to that step's update. As in the study,
+    the decay is computed on the 0-based iteration it = step − 1: (total − it)/cooldown, so
+    the last update runs at 1/cooldown of the peak, not at 0 (protocol 2; protocol 1 used
+    step itself and ended at 0).
     """
     if warmup and step <= warmup:
         return step / warmup
-    decay_start = total - int(round(warmdown * total))
-    if step <= decay_start or total == decay_start:
+    cooldown = int(round(warmdown * total))
+    it = step - 1
+    if it < total - cooldown or cooldown == 0:
         return 1.0
-    return max(0.0, (total - step) / (total - decay_start))
+    return max(0.0, (total - it) / cooldown)
 
 
 def set_lr(optimizers: Iterable[torch.optim.Optimizer], multiplier: float) -> None:

@@ -20,6 +20,7 @@ from workers.data import Dataset, eval_batch, measurement_batch
 from workers.extract import NonFiniteActivations, measure
 from workers.model import GPT, GPTConfig
 from workers.optim import build_optimizers, lr_multiplier, set_lr
+from workers.protocol import PROTOCOL
 
 Progress = Callable[[int, int], None]
 DIVERGED_PPL = 1000.0
@@ -61,7 +62,7 @@ def run(config: dict, ds: Dataset, progress: Progress | None = None, threads: in
     run ends with exactly the measurements of an uninterrupted one (bitwise on CPU).
     """
     result = {"status": "running", "error": None, "evals": [], "spectra": [],
-              "started_at": time.time(), "device": None}
+              "started_at": time.time(), "device": None, "protocol": PROTOCOL}
     try:
         _run(config, ds, result, progress, threads, Path(checkpoint) if checkpoint else None)
     except Exception:  # noqa: BLE001 - the driver records the failure, the sweep goes on
@@ -102,6 +103,10 @@ def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, thr
     if every and ckpt_path.exists():
         first = _restore(ckpt_path, model, optimizers, rng, result, device) + 1
 
+    def take(tokens):
+        return measure(model, tokens, token_strata, sites=ms["sites"], strata=ms["strata"],
+                       min_tokens=ms["min_stratum_tokens"], autocast_dtype=autocast, cov_dtype=cov_dtype)
+
     for step in range(first, steps + 1):
         starts = rng.integers(0, train.size - T - 1, size=B)
         batch = torch.from_numpy(train[starts[:, None] + np.arange(T + 1)].astype(np.int64)).to(device)
@@ -110,11 +115,20 @@ def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, thr
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             _, loss = model(x, y)
         loss.backward()
+        train_loss = loss.item()
+        measured = is_measured(step, steps, ms["every"])
+        records = None
+        if measured and fixed is None and math.isfinite(train_loss):
+            # the study measures the batch it is about to learn from, before the update, and at
+            # most `measure.tokens` of it (one data-parallel rank's share at paper scale)
+            try:
+                records = take(x[: max(1, ms["tokens"] // T)])
+            except NonFiniteActivations as exc:
+                return _diverged(result, f"diverged at step {step}: {exc}")
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        train_loss = loss.item()
-        if is_measured(step, steps, ms["every"]) or not math.isfinite(train_loss):
+        if measured or not math.isfinite(train_loss):
             val_loss = evaluate(model, evals, autocast) if math.isfinite(train_loss) else math.nan
             val_ppl = math.exp(val_loss) if math.isfinite(val_loss) and val_loss < 700 else math.inf
             result["evals"].append({"step": step, "train_loss": train_loss, "val_loss": val_loss,
@@ -122,13 +136,11 @@ def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, thr
             # an untrained model sits near ppl = vocab size, so the ppl rule starts after step 1
             if not math.isfinite(val_loss) or (step > 1 and val_ppl > DIVERGED_PPL):
                 return _diverged(result, f"diverged at step {step}: train loss {train_loss}, val ppl {val_ppl}")
-            tokens = fixed if fixed is not None else x
-            try:
-                records = measure(model, tokens, token_strata, sites=ms["sites"], strata=ms["strata"],
-                                  min_tokens=ms["min_stratum_tokens"], autocast_dtype=autocast,
-                                  cov_dtype=cov_dtype)
-            except NonFiniteActivations as exc:
-                return _diverged(result, f"diverged at step {step}: {exc}")
+            if records is None:
+                try:
+                    records = take(fixed)
+                except NonFiniteActivations as exc:
+                    return _diverged(result, f"diverged at step {step}: {exc}")
             for rec in records:
                 rec["step"] = step
                 result["spectra"].append(rec)

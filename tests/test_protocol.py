@@ -1,0 +1,131 @@
+"""The study's protocol: the window per series, train-batch timing, protocol versions in a store."""
+
+import json
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from spectraldb import store
+from spectraldb.spec import RunSpec, load_spec
+from tests.conftest import flat, put, tiny_spec
+from workers.data import prepare
+from workers.extract import measure
+from workers.model import GPT, GPTConfig
+from workers.protocol import PROTOCOL
+from workers.train import run as train_run
+
+runner = CliRunner()
+
+
+def series_result(ranks: dict, dim: int = 32) -> dict:
+    """ranks: (step, stratum) → hard rank of layer 0's post spectrum (None = stratum skipped)."""
+    spectra = []
+    for (step, stratum), r in ranks.items():
+        spectra.append({"step": step, "layer": 0, "site": "post", "stratum": stratum, "n_tokens": 50 * dim,
+                        "n_dim": dim, "eigenvalues": None if r is None else flat(r, dim),
+                        "min_eigenvalue": None if r is None else 0.0})
+    steps = sorted({s for s, _ in ranks})
+    return {"status": "done", "started_at": 0.0, "finished_at": 1.0, "spectra": spectra,
+            "evals": [{"step": s, "train_loss": 3.0, "val_loss": 3.0, "val_ppl": 20.0} for s in steps]}
+
+
+def test_the_window_takes_each_series_last_k_measured_values(tmp_path):
+    """TAIL skipped at the final step: its value is the median of its own last 2 values (6, 8),
+    not of the run's last 2 steps (which would leave only 8)."""
+    db = tmp_path / "w.duckdb"
+    run = RunSpec.model_validate({"model": {"d_model": 32, "ffn_mult": 1}, "train": {"steps": 30},
+                                  "measure": {"every": 10, "last_k": 2}})
+    ranks = {(10, "all"): 10, (20, "all"): 12, (30, "all"): 14, (10, "tail"): 6, (20, "tail"): 8, (30, "tail"): None}
+    store.write_run(db, run, series_result(ranks), {})
+    with store.connect(db, read_only=True) as con:
+        got = dict(con.execute("SELECT stratum, value FROM run_points WHERE metric = 'hard'").fetchall())
+        window = con.execute("SELECT step, from_end FROM ranks WHERE stratum = 'tail' ORDER BY step").fetchall()
+        layer = dict(con.execute("SELECT stratum, value FROM layer_points WHERE metric = 'hard'").fetchall())
+        protocol = con.execute("SELECT protocol FROM runs").fetchone()[0]
+    assert got["all"] == pytest.approx(13) and got["tail"] == pytest.approx(7)
+    assert window == [(10, 2), (20, 1)] and layer == got and protocol == PROTOCOL
+
+
+def test_train_batch_is_measured_before_the_update_and_capped(tmp_path, corpus):
+    """Step 1's spectra equal those of the untrained model on the first batch's first
+    measure.tokens tokens: measured before the update, on at most that many tokens."""
+    spec = tmp_path / "t.yaml"
+    spec.write_text(tiny_spec(corpus, tmp_path / "t.duckdb", "", steps=3).replace(
+        "tokens: 1024", "tokens: 64, source: train_batch").replace("batch_size: 4", "batch_size: 8"))
+    run = load_spec(spec)[0].runs[0]
+    ds = prepare(run.data.model_dump())
+    res = train_run(run.config(), ds)
+    assert res["status"] == "done", res["error"]
+    step1 = [r for r in res["spectra"] if r["step"] == 1]
+    assert {r["n_tokens"] for r in step1 if r["stratum"] == "all"} == {64}  # 4 of the 8 sequences
+
+    cfg, m = run.config(), run.model
+    torch.manual_seed(run.train.seed)
+    rng = np.random.default_rng(run.train.seed)
+    model = GPT(GPTConfig(vocab_size=ds.vocab_size, context=run.data.context, n_layer=m.n_layer,
+                          d_model=m.d_model, n_head=m.n_head, ffn_mult=m.ffn_mult))
+    T = run.data.context
+    starts = rng.integers(0, ds.train.size - T - 1, size=run.train.batch_size)
+    x = torch.from_numpy(ds.train[starts[:, None] + np.arange(T)].astype(np.int64))
+    expect = measure(model, x[:4], torch.from_numpy(ds.strata.astype(np.int64)), sites=cfg["measure"]["sites"],
+                     strata=cfg["measure"]["strata"], min_tokens=cfg["measure"]["min_stratum_tokens"])
+    for a, b in zip(step1, expect):
+        assert (a["layer"], a["site"], a["stratum"]) == (b["layer"], b["site"], b["stratum"])
+        if b["eigenvalues"] is not None:
+            assert np.allclose(a["eigenvalues"], b["eigenvalues"], rtol=1e-10, atol=1e-14)
+
+
+def test_the_protocol_is_part_of_the_run_id(monkeypatch):
+    from spectraldb import spec
+
+    now = RunSpec.model_validate({})
+    assert PROTOCOL == 2 and now.measure.last_k == 5
+    current = now.run_id
+    monkeypatch.setattr(spec, "PROTOCOL", 3)
+    assert now.run_id != current
+
+
+def test_a_store_of_the_old_protocol_is_migrated_kept_and_never_pooled(tmp_path):
+    """A schema-5 store (protocol 1, the run-wide window) gains runs.protocol = 1 and the
+    per-series window; fits over old and new runs together are split by protocol, with a note."""
+    old = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(old))
+    con.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, name VARCHAR, applied_at TIMESTAMP)")
+    for number, name, sql in store.migrations():
+        if number <= 5:
+            con.execute(sql)
+            con.execute("INSERT INTO schema_version VALUES (?, ?, now())", [number, name])
+    con.close()
+    new = tmp_path / "new.duckdb"
+    for mult in (1, 2, 4):  # AdamW, current protocol: rank D/4 (β 1)
+        put(new, mult=mult, rank_of=lambda D, step, layer: D / 4)
+    con = duckdb.connect(str(old))
+    con.execute(f"ATTACH '{new}' AS n (READ_ONLY)")
+    cols = [c for (c,) in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'runs' "
+                                      "AND table_catalog = 'old' ORDER BY ordinal_position").fetchall()]
+    con.execute(f"INSERT INTO runs SELECT {', '.join(cols)} FROM n.runs")
+    con.execute("UPDATE runs SET run_id = 'old-' || run_id")  # the same sweep, measured under protocol 1
+    for table in ("evals", "spectra", "reinjection"):
+        con.execute(f"INSERT INTO {table} SELECT * REPLACE ('old-' || run_id AS run_id) FROM n.{table}")
+    con.execute("INSERT INTO ranks SELECT * REPLACE ('old-' || run_id AS run_id, 99 AS from_end) FROM n.ranks")
+    con.execute("UPDATE ranks SET from_end = 100 - step / 100")  # the run-wide numbering of old stores
+    con.close()
+    store.migrate(old)
+    with store.connect(old, read_only=True) as con:
+        assert con.execute("SELECT DISTINCT protocol FROM runs").fetchall() == [(1,)]
+        assert con.execute("SELECT max(from_end) FROM ranks").fetchone()[0] == 3
+        assert con.execute("SELECT count(*) FROM run_points").fetchone()[0] > 0
+    for mult in (1, 2, 4):  # the current protocol's runs land beside them, with rank D/8 (β 1 too)
+        put(old, mult=mult, rank_of=lambda D, step, layer: D / 8)
+    result = runner.invoke(app, ["query", "beta", "--db", str(old), "--format", "json"])
+    rows = json.loads(result.stdout)
+    assert [(r["optimizer"], r["protocol"]) for r in rows] == [("AdamW", 1), ("AdamW", 2)]
+    assert "runs of protocols 1, 2 are fitted separately" in result.stderr
+    only = runner.invoke(app, ["query", "beta", "--db", str(old), "--format", "json", "--where", "protocol = 2"])
+    assert "protocol" not in json.loads(only.stdout)[0] and "fitted separately" not in only.stderr
+    status = runner.invoke(app, ["status", "--db", str(old), "--format", "json"])
+    assert "protocol 1" in status.stderr
