@@ -5,7 +5,7 @@ import torch
 
 from spectraldb.errors import SpecError
 from spectraldb.spec import RunSpec, load_spec
-from workers.model import GPT, Block, GPTConfig, rms_norm
+from workers.model import GPT, Block, GPTConfig
 from workers.optim import build_optimizers, route_parameters
 from tests.test_model_optim import MUON
 from tests.test_optimizer_family import DION, NORMUON

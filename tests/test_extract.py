@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 import torch
 
 from workers.extract import FFNProbe, StreamingCovariance, measure

@@ -80,12 +80,12 @@ def test_train_batch_is_measured_before_the_update_and_capped(tmp_path, corpus):
 
 
 def test_the_protocol_is_part_of_the_run_id(monkeypatch):
-    from spectraldb import spec
+    from spectraldb.spec import models
 
     now = RunSpec.model_validate({})
     assert PROTOCOL == 2 and now.measure.last_k == 5
     current = now.run_id
-    monkeypatch.setattr(spec, "PROTOCOL", 3)
+    monkeypatch.setattr(models, "PROTOCOL", 3)
     assert now.run_id != current
 
 

@@ -9,9 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from tests.conftest import flat, put
+from tests.conftest import put
 from spectraldb import plots, store
-from spectraldb.spec import RunSpec
 
 runner = CliRunner()
 MULTS = (1, 2, 4, 8)  # d_model 32 → D = 32 … 256

@@ -1,0 +1,254 @@
+"""The spec's models: one run's settings, strict, with run ids (docs/design.md, "Specs").
+
+A RunSpec is fully resolved (every default filled in); its run_id is a hash of the parts that
+change results, so a store knows which runs of a spec it already holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+from fractions import Fraction
+from typing import Annotated, Literal, Union, get_origin
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from workers.protocol import PROTOCOL
+
+Site = Literal["pre", "post"]
+Stratum = Literal["all", "head", "mid", "tail"]
+Beta = Annotated[float, Field(ge=0, lt=1)]
+Pair = Annotated[list[Beta], Field(min_length=2, max_length=2)]
+INT32_MAX = 2**31 - 1  # the store's INTEGER columns
+OPTIMIZER_NAMES = ("adamw", "muon", "normuon", "dion")
+ALIASES = {"ffn_mult": "model.ffn_mult", "seed": "train.seed"}
+# Fields that change how or where a run executes, not what it computes.
+NOT_HASHED = ("name", "store", "resources", "checkpoint", "train.device", "optimizer.label")
+# Fields added after run ids were first issued: left out of the hash while they hold the
+# value that reproduces the earlier behaviour, so existing stores keep their run ids.
+HASHED_UNLESS_DEFAULT = {"model.pos": "rope", "model.norm": "pre", "model.postln_frac": None,
+                         "model.activation": "relu2", "measure.keep_eigenvalues": "all"}
+
+
+class Section(BaseModel):
+    # no NaN or ±inf anywhere: an inf eps or a NaN beta would train and be stored as "done"
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class DataSpec(Section):
+    corpus: str = "sotu"
+    vocab_size: int = Field(4096, ge=256, le=65536)
+    context: int = Field(64, ge=4, le=8192)
+    heldout_fraction: float = Field(0.1, gt=0, lt=1)
+
+
+class ModelSpec(Section):
+    n_layer: int = Field(2, ge=1, le=INT32_MAX)
+    d_model: int = Field(64, ge=8, le=INT32_MAX)
+    n_head: int = Field(4, ge=1, le=INT32_MAX)
+    ffn_mult: float = Field(4.0, gt=0)
+    pos: Literal["rope", "nope", "learned"] = "rope"
+    norm: Literal["pre", "post"] = "pre"
+    postln_frac: float | None = Field(None, ge=0, le=1)  # norm: post → first ⌊L·frac⌋ blocks; None = all
+    activation: Literal["relu2", "gelu"] = "relu2"
+
+    @property
+    def n_post_norm(self) -> int:
+        if self.norm != "post":
+            return 0
+        return math.floor(self.n_layer * (1.0 if self.postln_frac is None else self.postln_frac))
+
+    @property
+    def ffn_width(self) -> int:
+        return int(round(self.ffn_mult * self.d_model))
+
+
+class TrainSpec(Section):
+    steps: int = Field(600, ge=1, le=INT32_MAX)
+    batch_size: int = Field(32, ge=1, le=INT32_MAX)
+    warmup: int = Field(0, ge=0, le=INT32_MAX)
+    warmdown: float = Field(0.2, ge=0, le=1)
+    seed: int = Field(0, ge=0, le=INT32_MAX)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_tokens: int = Field(16384, ge=1, le=INT32_MAX)
+
+
+class AdamWSpec(Section):
+    name: Literal["adamw"]
+    label: str | None = None
+    lr: float = Field(3e-3, gt=0)
+    betas: Pair = [0.9, 0.95]
+    weight_decay: float = Field(0.01, ge=0)
+    eps: float = Field(1e-8, gt=0)
+
+    def default_label(self) -> str:
+        return "AdamW"
+
+
+class _LionScalars(Section):
+    """Matrix optimizers put the embedding and LM head on Lion (head lr ÷ √d_model)."""
+    scalar_lr: float | None = Field(None, gt=0)  # None = the optimizer's lr
+    lion_betas: Pair = [0.95, 0.98]
+
+
+class MuonSpec(_LionScalars):
+    name: Literal["muon"]
+    label: str | None = None
+    lr: float = Field(0.02, gt=0)
+    momentum: float = Field(0.95, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(0.01, ge=0)
+    lr_scale: Literal["spectral", "keller"] = "spectral"
+    ns: Literal["dion_quintic5", "keller", "polar_express5"] = "dion_quintic5"
+    ns_dtype: Literal["auto", "bf16", "fp32"] = "auto"
+
+    def default_label(self) -> str:
+        return "Muon"
+
+
+class NorMuonSpec(MuonSpec):
+    name: Literal["normuon"]  # type: ignore[assignment]
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    mode: Literal["preserve_norm", "match_rms"] = "preserve_norm"
+
+    def default_label(self) -> str:
+        return "NorMuon"
+
+
+class DionSpec(_LionScalars):
+    name: Literal["dion"]
+    label: str | None = None
+    lr: float = Field(0.02, gt=0)
+    mu: float = Field(0.95, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    rank_fraction: float = Field(1.0, gt=0, le=1)
+    rank_multiple_of: int = Field(1, ge=1)
+    eps: float = Field(1e-8, gt=0)
+    state_dtype: Literal["fp32", "bf16"] = "fp32"
+
+    def default_label(self) -> str:
+        f = Fraction(self.rank_fraction).limit_denominator(4096)
+        return f"Dion ({f.numerator}/{f.denominator})" if f.denominator != 1 else f"Dion ({f.numerator})"
+
+
+OPTIMIZER_SPECS = {"adamw": AdamWSpec, "muon": MuonSpec, "normuon": NorMuonSpec, "dion": DionSpec}
+
+
+def _optimizer_shorthand(v):
+    """`adamw` → {name: adamw}; {dion: {rank_fraction: 0.5}} → {name: dion, rank_fraction: 0.5}."""
+    if isinstance(v, str):
+        return {"name": v}
+    if isinstance(v, dict) and len(v) == 1 and "name" not in v:
+        (key, body), = v.items()
+        if key in OPTIMIZER_SPECS and isinstance(body, (dict, type(None))):
+            return {"name": key, **(body or {})}
+    return v
+
+
+def optimizer_variants(v) -> list:
+    """A sweep entry {dion: {rank_fraction: [0.5, 0.0625]}} lists one optimizer per value
+    (several list-valued fields multiply); any other entry stands for itself."""
+    v = _optimizer_shorthand(v)
+    if not isinstance(v, dict):
+        return [v]
+    keys = [k for k, x in v.items() if isinstance(x, list) and k not in LIST_FIELDS]
+    keys += [k for k in LIST_FIELDS if isinstance(v.get(k), list) and v[k] and isinstance(v[k][0], list)]
+    if not keys:
+        return [v]
+    return [{**v, **dict(zip(keys, combo))} for combo in itertools.product(*(v[k] for k in keys))]
+
+
+# Optimizer fields whose value is itself a list (betas, lion_betas): in a sweep entry a list of
+# those lists is several variants, a plain list is one value.
+LIST_FIELDS = tuple(sorted({name for spec in OPTIMIZER_SPECS.values() for name, f in spec.model_fields.items()
+                            if get_origin(f.annotation) is list}))
+
+OptimizerSpec = Annotated[Union[AdamWSpec, MuonSpec, NorMuonSpec, DionSpec], Field(discriminator="name"),
+                          BeforeValidator(_optimizer_shorthand)]
+
+
+class MeasureSpec(Section):
+    every: int = Field(100, ge=1, le=INT32_MAX)
+    last_k: int = Field(5, ge=1, le=INT32_MAX)
+    sites: list[Site] = Field(default_factory=lambda: ["pre", "post"], min_length=1)
+    strata: list[Stratum] = Field(default_factory=lambda: ["all", "head", "mid", "tail"], min_length=1)
+    tokens: int = Field(32768, ge=64, le=INT32_MAX)
+    source: Literal["heldout", "train_batch"] = "heldout"
+    min_stratum_tokens: int = Field(1000, ge=2, le=INT32_MAX)
+    keep_eigenvalues: Literal["all", "last_k"] = "all"  # ranks are always kept
+
+    @model_validator(mode="after")
+    def _unique(self):
+        for name in ("sites", "strata"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} lists a value twice: {values}")
+        return self
+
+
+class ResourcesSpec(Section):
+    cpus: float = Field(1, gt=0)
+    gpus: float = Field(0, ge=0)  # fractional: several small runs share one GPU
+    max_retries: int = Field(2, ge=0, le=100)  # re-runs of a run whose worker process died
+
+
+class CheckpointSpec(Section):
+    every: int = Field(..., ge=1, le=INT32_MAX)  # save the whole training state every N steps
+    dir: str = "checkpoints"                # one file per run: <dir>/<run_id>.pt
+    keep: bool = False                      # keep the file after the run is stored
+
+
+class RunSpec(Section):
+    name: str = "specdb"
+    store: str = "specdb.duckdb"
+    data: DataSpec = Field(default_factory=DataSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    optimizer: OptimizerSpec = Field(default_factory=lambda: AdamWSpec(name="adamw"))
+    measure: MeasureSpec = Field(default_factory=MeasureSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    checkpoint: CheckpointSpec | None = None
+
+    @property
+    def label(self) -> str:
+        return self.optimizer.label or self.optimizer.default_label()
+
+    @property
+    def run_id(self) -> str:
+        doc = self.model_dump(mode="json")
+        for path in NOT_HASHED + tuple(HASHED_UNLESS_DEFAULT):
+            *parents, leaf = path.split(".")
+            node = doc
+            for p in parents:
+                node = node[p]
+            if path in NOT_HASHED or node.get(leaf) == HASHED_UNLESS_DEFAULT[path]:
+                node.pop(leaf, None)
+        if PROTOCOL > 1:  # a run measured under another protocol is another run
+            doc["protocol"] = PROTOCOL
+        blob = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def config(self) -> dict:
+        """The plain dict a worker receives."""
+        return self.model_dump(mode="json")
+
+
+def cross_checks(run: RunSpec) -> tuple[tuple, str] | None:
+    """Constraints between fields, reported at the field a user would change."""
+    m = run.model
+    if m.d_model % m.n_head:
+        return ("model", "n_head"), f"d_model {m.d_model} is not divisible by n_head {m.n_head}"
+    if m.pos == "rope" and (m.d_model // m.n_head) % 2:
+        return ("model", "n_head"), f"head dim {m.d_model // m.n_head} is odd; RoPE needs an even head dim"
+    if m.postln_frac is not None and m.norm != "post":
+        return ("model", "postln_frac"), "postln_frac applies only with norm: post"
+    if m.ffn_mult * m.d_model > INT32_MAX:
+        return ("model", "ffn_mult"), f"ffn_mult {m.ffn_mult:g} × d_model {m.d_model} exceeds the largest width ({INT32_MAX})"
+    if abs(m.ffn_mult * m.d_model - round(m.ffn_mult * m.d_model)) > 1e-9:
+        return ("model", "ffn_mult"), f"ffn_mult {m.ffn_mult} × d_model {m.d_model} is not a whole width"
+    if run.measure.every > run.train.steps:
+        return ("measure", "every"), f"{run.measure.every} exceeds train.steps ({run.train.steps})"
+    return None
