@@ -216,10 +216,6 @@ def _query(fn, columns, fmt, db, stratum="all", site="post", include_diverged=Fa
     from spectraldb.store import connect
 
     _check_format(fmt)
-    if stratum not in ("all", "head", "mid", "tail"):
-        fail(f"--stratum: unknown stratum {stratum!r} (expected one of: all, head, mid, tail)", 2)
-    if site is not None and site not in ("pre", "post"):
-        fail(f"--site: unknown site {site!r} (expected pre or post)", 2)
     try:
         with connect(db or DEFAULT_DB, read_only=True) as con:
             answer = fn(con, stratum=stratum, include_diverged=include_diverged,
@@ -338,9 +334,6 @@ def query_delta(arch: str = typer.Option("n_head", "--arch", help="Architecture 
     from spectraldb.queries import delta
 
     strata = [x.strip() for part in stratum for x in part.split(",") if x.strip()]
-    for st in strata:
-        if st not in ("all", "head", "mid", "tail"):
-            fail(f"--stratum: unknown stratum {st!r} (expected one of: all, head, mid, tail)", 2)
 
     def run(con, stratum, include_diverged, site, where):
         return delta(con, arch, baseline=baseline, reference=reference, site=site, strata=strata,
@@ -453,6 +446,7 @@ def plot(kind: str = typer.Argument(..., help="scaling | dynamics | depth | reny
       specdb plot renyi --ffn-mult 4 -o renyi.svg
     """
     from spectraldb import plots
+    from spectraldb.queries import check_site, check_strata
     from spectraldb.store import connect
 
     strata = [x.strip() for part in stratum for x in part.split(",") if x.strip()]
@@ -460,9 +454,11 @@ def plot(kind: str = typer.Argument(..., help="scaling | dynamics | depth | reny
         fail(f"plot: unknown figure {kind!r} (expected scaling, dynamics, depth or renyi)", 2)
     if output.suffix.lower() not in (".png", ".svg", ".pdf"):
         fail(f"-o: {output}: use a .png, .svg or .pdf file name", 2)
-    for st in strata:
-        if st not in ("all", "head", "mid", "tail"):
-            fail(f"--stratum: unknown stratum {st!r} (expected one of: all, head, mid, tail)", 2)
+    try:
+        check_strata(strata)
+        check_site(site)
+    except SpecError as exc:
+        fail(str(exc), 2)
     if kind == "renyi" and ffn_mult is None:
         fail("--ffn-mult: the renyi figure needs a width (e.g. --ffn-mult 4)", 2)
     try:

@@ -24,34 +24,37 @@ def _figure(nrows: int, ncols: int, **kw):
 
 
 def scaling(con, strata=("all",), site="post", include_diverged=False, where=None):
-    """Rank vs FFN width on log–log axes, one series per optimizer with its fitted line and the
-    95% confidence band of the fit; hard and soft side by side, one row per stratum."""
+    """Rank vs FFN width on log–log axes, one series per group of `specdb query beta` (per
+    optimizer, and per protocol when runs of several are selected) with its fitted line, the
+    95% confidence band of the fit and β in the legend — the same fits, floor and numbers as
+    the query: a group with fewer than 3 widths gets its points but no line."""
     fig, axes = _figure(len(strata), 2)
     for row, stratum in enumerate(strata):
+        answer = queries.beta(con, stratum, site, include_diverged, where=where)
+        key_names = [k for k in ("optimizer", "protocol") if answer.rows and k in answer.rows[0]]
+        fitted = {tuple(r[k] for k in key_names): r for r in answer.rows}
         vals = queries.run_values(con, ("hard", "soft"), stratum=stratum, site=site, where=where,
-                                  include_diverged=include_diverged)
+                                  include_diverged=include_diverged, factors=("protocol",))
         facts = queries.run_factors(vals)
         for col, metric in enumerate(("hard", "soft")):
             ax = axes[row][col]
             by = defaultdict(lambda: defaultdict(list))
             for rid, _, _, v, _, _ in vals:
-                by[facts[rid]["optimizer"]][facts[rid]["ffn_width"]].append(v[metric])
-            for i, (opt, pts) in enumerate(sorted(by.items())):
-                color = f"C{i}"
+                by[tuple(facts[rid][k] for k in key_names)][facts[rid]["ffn_width"]].append(v[metric])
+            for i, (key, pts) in enumerate(sorted(by.items(), key=lambda kv: tuple(map(str, kv[0])))):
+                color, name = f"C{i}", " / protocol ".join(map(str, key))
                 w = np.array(sorted(pts), dtype=float)
                 y = np.array([np.mean(pts[x]) for x in sorted(pts)])
                 ax.scatter(w, y, color=color, s=22, zorder=3)
-                label = opt
-                if len(w) >= 2:
-                    fit = power_law(w, y)
-                    grid = np.geomspace(w.min(), w.max(), 50)
-                    ax.plot(grid, np.exp(fit.intercept) * grid**fit.beta, color=color,
-                            label=f"{opt}: β={fit.beta:.2f}")
-                    if len(w) > 2:
-                        lo, hi = _band(np.log(w), np.log(y), np.log(grid), fit)
-                        ax.fill_between(grid, np.exp(lo), np.exp(hi), color=color, alpha=0.15, lw=0)
-                else:
-                    ax.plot(w, y, color=color, label=label)
+                beta = fitted.get(key, {}).get(f"beta_{metric}")
+                if beta is None:
+                    ax.plot(w, y, color=color, lw=0.8, ls=":", label=f"{name}: no fit (< {queries.MIN_WIDTHS} widths)")
+                    continue
+                fit = power_law(w, y)  # the query's fit of the same seed means: same β
+                grid = np.geomspace(w.min(), w.max(), 50)
+                ax.plot(grid, np.exp(fit.intercept) * grid**fit.beta, color=color, label=f"{name}: β={beta:.2f}")
+                lo, hi = _band(np.log(w), np.log(y), np.log(grid), fit)
+                ax.fill_between(grid, np.exp(lo), np.exp(hi), color=color, alpha=0.15, lw=0)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("FFN width D")

@@ -53,6 +53,24 @@ def check_metric(metric: str) -> str:
     return METRICS[metric]
 
 
+STRATA = ("all", "head", "mid", "tail")
+SITES = ("pre", "post")
+
+
+def check_strata(strata) -> list[str]:
+    strata = [strata] if isinstance(strata, str) else list(strata)
+    for st in strata:
+        if st not in STRATA:
+            raise SpecError(f"--stratum: unknown stratum {st!r} (expected one of: {', '.join(STRATA)})")
+    return strata
+
+
+def check_site(site: str) -> str:
+    if site not in SITES:
+        raise SpecError(f"--site: unknown site {site!r} (expected pre or post)")
+    return site
+
+
 def check_factors(names) -> tuple[str, ...]:
     names = tuple(n.strip() for part in names for n in part.split(",") if n.strip())
     for n in names:
@@ -125,7 +143,8 @@ def run_values(con, metrics, *, stratum="all", site="post", window=None, step=No
     query. `stratum` may be a list: then rows come per run × stratum (one scan for all)."""
     cols = [check_metric(m) for m in metrics]
     where = check_where(con, where)
-    strata = [stratum] if isinstance(stratum, str) else list(stratum)
+    strata = check_strata(stratum)
+    check_site(site)
     statuses = _statuses(include_diverged)
     factors = tuple(dict.fromkeys(("optimizer", "seed", *(f for f in factors if f in FACTORS))))
     fast = window is None and step is None and not by_layer and not by_step
@@ -194,8 +213,9 @@ def width_means(con, metrics, by, *, strata, site="post", where=None, include_di
     for m in metrics:
         check_metric(m)
     where = check_where(con, where)
+    strata, site = check_strata(strata), check_site(site)
     statuses = _statuses(include_diverged)
-    by = tuple(by)
+    by = check_factors(by)
     sql = f"""
         WITH per_run AS (
             SELECT p.run_id, p.stratum, {", ".join(f"max(p.value) FILTER (WHERE p.metric = ?) AS m{i}"
@@ -296,6 +316,7 @@ def beta(con, stratum: str = "all", site: str = "post", include_diverged: bool =
          where: str | None = None) -> Answer:
     """β of rank vs FFN width per group (default: per optimizer; hard, soft and Δ₁,₂)."""
     metrics = (metric,) if metric else ("hard", "soft")
+    by = check_factors(by)
     if layer not in ("agg", "each"):
         raise SpecError(f"--layer: expected agg or each, got {layer!r}")
     notes: list[str] = []
@@ -372,6 +393,7 @@ def renyi(con, ffn_mult: float, step: int | None = None, stratum: str = "all",
     """R_α at pre and post and ρ_α = R_α(post)/R_α(pre) per optimizer × α, at one width and step
     (default: each run's final measured step): median over layers (and seeds), with the
     layer spread of ρ_α."""
+    check_strata(stratum)
     step_filter = "k.step = ?" if step is not None else \
         "k.step = (SELECT max(step) FROM ranks x WHERE x.run_id = k.run_id)"
     params = [stratum, ffn_mult, _statuses(include_diverged)] + ([step] if step is not None else [])

@@ -179,3 +179,19 @@ def test_fits_resting_on_few_tokens_per_dimension_say_so(tmp_path):
         put(db2, mult=mult, rank_of=lambda D, step, layer: D / 4)
     rows, err = beta_rows(db2)
     assert rows[0]["min_n_over_d"] == pytest.approx(50.0) and "tokens per dimension" not in err
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda con: queries.beta(con, stratum="tial"), "--stratum: unknown stratum 'tial'"),
+    (lambda con: queries.beta(con, site="middle"), "--site: unknown site 'middle'"),
+    (lambda con: queries.beta(con, by=("optimizer", "colour")), "--by: unknown factor 'colour'"),
+    (lambda con: queries.beta(con, metric="renyi:4"), "--metric: unknown metric 'renyi:4'"),
+    (lambda con: queries.matched(con, stratum="TAIL"), "--stratum"),
+    (lambda con: queries.delta(con, strata=("all", "rare")), "--stratum: unknown stratum 'rare'"),
+    (lambda con: queries.renyi(con, 2, stratum=""), "--stratum"),
+])
+def test_the_library_validates_what_the_cli_used_to(db, call, message):
+    """Library callers get the CLI's words, not an empty answer."""
+    with store.connect(db, read_only=True) as con:
+        with pytest.raises(SpecError, match=message.replace("(", r"\(")):
+            call(con)

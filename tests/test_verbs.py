@@ -147,17 +147,28 @@ def test_sql_from_file_and_stdin(planted, tmp_path):
     assert json.loads(out.stdout) == [{"x": 42}]
 
 
-def test_betas_view_matches_query_beta(planted):
-    rows, _ = query(planted, "beta", "--where", "n_head = 4")
-    con = duckdb.connect(str(planted), read_only=True)
-    # the view fits every run of an optimizer, so compare on a store of n_head 4 only through the points
-    sql_beta = con.execute("""SELECT regr_slope(ln(v), ln(ffn_width)) FROM (
-        SELECT ffn_width, avg(value) v FROM points WHERE optimizer = 'AdamW' AND metric = 'hard'
-        AND site = 'post' AND stratum = 'all' AND n_head = 4 GROUP BY 1)""").fetchone()[0]
-    view = con.execute("SELECT count(*) FROM betas").fetchone()[0]
+def test_betas_view_matches_query_beta_value_by_value(tmp_path):
+    """Two n_head and two steps values: the view fits each configuration apart (it used to pool
+    them by optimizer) and applies the 3-width floor, exactly as `query beta --by …` does."""
+    db = tmp_path / "b.duckdb"
+    for n_head, steps, slope in ((4, 300, 1.0), (8, 300, 0.5), (4, 600, 0.75)):
+        for mult in (1, 2, 4, 8):
+            put(db, mult=mult, n_head=n_head, steps=steps, rank_of=lambda D, s, l, b=slope: 0.5 * D**b)
+    put(db, optimizer="muon", mult=1, rank_of=lambda D, s, l: D / 4)  # 2 widths: no fit anywhere
+    put(db, optimizer="muon", mult=2, rank_of=lambda D, s, l: D / 4)
+    rows, _ = query(db, "beta", "--by", "optimizer,n_head,steps")
+    fits = {(r["optimizer"], r["n_head"], r["steps"]): r for r in rows if r["beta_hard"] is not None}
+    con = duckdb.connect(str(db), read_only=True)
+    view = con.execute("""SELECT optimizer, n_head, steps, metric, beta, r2, n_widths FROM betas
+                          WHERE site = 'post' AND stratum = 'all' AND metric IN ('hard', 'soft')""").fetchall()
     con.close()
-    assert sql_beta == pytest.approx(by_key(rows, "optimizer")["AdamW"]["beta_hard"])
-    assert view > 0
+    assert len(view) == 2 * len(fits) == 6
+    for opt, n_head, steps, metric, beta, r2, n_widths in view:
+        row = fits[(opt, n_head, steps)]
+        assert beta == pytest.approx(row[f"beta_{metric}"], abs=1e-9)
+        assert r2 == pytest.approx(row[f"r2_{metric}"], abs=1e-9) and n_widths == row["n_widths"] == 4
+    assert {k: round(v["beta_hard"], 6) for k, v in fits.items()} == {
+        ("AdamW", 4, 300): 1.0, ("AdamW", 8, 300): 0.5, ("AdamW", 4, 600): 0.75}
 
 
 def test_plots_have_the_expected_series(planted, tmp_path):
@@ -183,6 +194,23 @@ def test_plots_have_the_expected_series(planted, tmp_path):
     svg = tmp_path / "s.svg"
     assert runner.invoke(app, ["plot", "scaling", "-o", str(svg), "--db", str(planted)]).exit_code == 0
     assert svg.read_text().lstrip().startswith("<?xml")
+
+
+def test_the_scaling_plot_shows_query_betas_numbers_and_floor(tmp_path):
+    db = tmp_path / "p.duckdb"
+    for mult in (1, 2, 4):
+        put(db, mult=mult, rank_of=lambda D, s, l: 0.5 * D**0.8)
+    for mult in (1, 2):  # two widths: `query beta` refuses the fit, so must the figure
+        put(db, optimizer="muon", mult=mult, rank_of=lambda D, s, l: D / 4)
+    rows, _ = query(db, "beta")
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        fig = plots.scaling(con, ("all",))
+    finally:
+        con.close()
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == [f"AdamW: β={by_key(rows, 'optimizer')['AdamW']['beta_hard']:.2f}", "Muon: no fit (< 3 widths)"]
+    assert len(fig.axes[0].collections) == 3  # two point clouds, one band
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
