@@ -1,0 +1,43 @@
+"""The golden run: pinned losses, points and β of a tiny deterministic sweep (tests/golden/)."""
+
+import dataclasses
+import json
+
+import pytest
+
+from spectraldb import fits, queries, spectra, store
+from tests.golden.make import PINNED, compute, differences
+
+
+def test_the_golden_run_matches_its_pinned_numbers():
+    """If this fails after a change meant to move the numbers, regenerate deliberately:
+    python -m tests.golden.make --write (and say why in the commit)."""
+    diff = differences(compute(), json.loads(PINNED.read_text()))
+    assert not diff, "\n".join(diff[:20])
+
+
+def perturbed_metric(monkeypatch):
+    hard = spectra.hard_rank
+    monkeypatch.setattr(spectra, "hard_rank", lambda eig: hard(eig) * (1 + 1e-4))
+
+
+def perturbed_aggregation(monkeypatch):
+    monkeypatch.setattr(store, "RUN_POINTS_SQL", store.RUN_POINTS_SQL.replace("median(m.value)", "max(m.value)"))
+
+
+def perturbed_fit(monkeypatch):
+    law = fits.power_law
+
+    def shifted(x, y):
+        return dataclasses.replace(law(x, y), beta=law(x, y).beta + 1e-4)
+
+    monkeypatch.setattr(queries, "power_law", shifted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("perturb, section", [(perturbed_metric, "points"), (perturbed_aggregation, "points"),
+                                              (perturbed_fit, "beta")])
+def test_the_golden_run_notices_a_perturbed_metric_aggregation_or_fit(monkeypatch, perturb, section):
+    perturb(monkeypatch)
+    diff = differences(compute(), json.loads(PINNED.read_text()))
+    assert any(d.startswith(f"{section}[") for d in diff), diff[:5]
