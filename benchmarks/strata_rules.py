@@ -13,7 +13,7 @@ from workers.data import STRATUM_BOUNDS, frequency_strata, prepare
 
 
 def protocol1_strata(counts: np.ndarray, bounds=STRATUM_BOUNDS) -> np.ndarray:
-    """HEAD/MID/TAIL per token id by cumulative occurrence mass (DESIGN §1).
+    """HEAD/MID/TAIL per token id by cumulative occurrence mass (protocol 1).
 
     Types are sorted by count (descending, ties by id); a type belongs to the stratum in which
     its cumulative mass *starts*. Zero-count ids are TAIL.

@@ -1,4 +1,4 @@
-"""specdb command line: a thin layer over spectraldb (DESIGN §5).
+"""specdb command line: a thin layer over spectraldb (docs/design.md §5).
 
 Exit codes: 0 ok, 1 runtime error, 2 bad input, 3 sweep finished with failed/diverged runs.
 """

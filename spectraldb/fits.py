@@ -1,4 +1,4 @@
-"""Power-law fits of rank against width (DESIGN §1): OLS of ln(y) on ln(x)."""
+"""Power-law fits of rank against width (docs/design.md §1): OLS of ln(y) on ln(x)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The study's questions as functions over a read-only store connection (DESIGN §1, §5).
+"""The study's questions as functions over a read-only store connection (docs/design.md §1, §5).
 
 A run's value for (layer, site, stratum, metric) is the median over its last K measured steps
 (or the value at one step); its point is the median over layers; points of the same width are

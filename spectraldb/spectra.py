@@ -1,4 +1,4 @@
-"""Spectral metrics of a covariance spectrum (DESIGN §1). Pure functions on 1-D arrays.
+"""Spectral metrics of a covariance spectrum (docs/design.md §1). Pure functions on 1-D arrays.
 
 All metrics act on p_i = λ_i / Σλ of a non-negative spectrum; the order of the eigenvalues
 does not matter. Invariant: 1 ≤ hard_rank ≤ soft_rank ≤ D.

@@ -1,4 +1,4 @@
-"""Architecture factors (DESIGN §2): each does what it says, and impossible ones are spec errors."""
+"""Architecture factors (docs/design.md §2): each does what it says, and impossible ones are spec errors."""
 
 import pytest
 import torch

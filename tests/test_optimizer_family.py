@@ -1,4 +1,4 @@
-"""NorMuon, Dion and the optimizer specs (OPTIMIZERS.md §7–8, §10 test plan)."""
+"""NorMuon, Dion and the optimizer specs (docs/design.md §2)."""
 
 import math
 
@@ -154,7 +154,7 @@ def test_newton_schulz_schedules_orthogonalise(schedule):
 
 
 def test_schedules_differ_as_documented_on_an_ill_conditioned_matrix():
-    # singular values from 1e-3 to 1 (OPTIMIZERS.md §5): keller overshoots and centres low,
+    # singular values from 1e-3 to 1 (docs/design.md §2): keller overshoots and centres low,
     # dion_quintic5 and polar_express5 centre on 1
     torch.manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(256, 256))

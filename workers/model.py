@@ -1,4 +1,4 @@
-"""The study's GPT (DESIGN §2), nanoGPT-style in one file.
+"""The study's GPT (docs/design.md §2), nanoGPT-style in one file.
 
 Decoder-only; RoPE on q/k followed by parameter-free QK RMSNorm; parameter-free RMSNorm
 pre-norm blocks; ReLU² FFN `c_fc (d→D) → act → c_proj (D→d)`; no biases; untied embedding

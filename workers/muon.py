@@ -1,4 +1,4 @@
-"""Muon and NorMuon (OPTIMIZERS.md §5–7): pure update functions plus thin Optimizer classes.
+"""Muon and NorMuon (docs/design.md §2): pure update functions plus thin Optimizer classes.
 
 Both take only 2-D (out, in) matrices. Momentum is the EMA form of KellerJordan/torch; the
 paper's sum form differs only by a scalar that Newton–Schulz normalises away.

@@ -1,4 +1,4 @@
-"""Optimizers of the study (OPTIMIZERS.md), their parameter routing and the LR schedule.
+"""Optimizers of the study (docs/design.md §2), their parameter routing and the LR schedule.
 
 AdamW comes from torch.optim. Muon, NorMuon and Dion (workers.muon, workers.dion) run on the
 hidden 2-D block matrices only; the embedding and the LM head go to Lion (head lr divided by

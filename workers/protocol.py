@@ -2,7 +2,7 @@
 
 Every run stores the protocol it was measured under (`runs.protocol`), and the number is part
 of the run id, so a store keeps runs of an older protocol beside new ones and the verbs never
-pool them into one fit silently (docs/design.md, "Protocol versions").
+pool them into one fit silently (docs/design.md §5).
 
 1. specdb 0.1: strata by where a type's cumulative mass starts (ties broken by id);
    `train_batch` measured after the step's update on the whole batch; LR decay on the 1-based

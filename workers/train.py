@@ -1,4 +1,4 @@
-"""One run: train the model and measure its FFN spectra on the schedule (DESIGN §1–2).
+"""One run: train the model and measure its FFN spectra on the schedule (docs/design.md §1–2).
 
 `run(config, dataset)` takes a resolved run spec as a plain dict and returns plain results;
 it never touches the database (only the driver writes) and never imports ray.

@@ -1,4 +1,4 @@
-"""The spec's models: one run's settings, strict, with run ids (docs/design.md, "Specs").
+"""The spec's models: one run's settings, strict, with run ids (docs/design.md §5).
 
 A RunSpec is fully resolved (every default filled in); its run_id is a hash of the parts that
 change results, so a store knows which runs of a spec it already holds.
