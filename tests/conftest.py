@@ -92,3 +92,25 @@ def put(db, *, optimizer="adamw", mult=1, seed=0, steps=300, n_head=4, rank_of=N
     store.write_run(db, run, {"status": status, "started_at": 0.0, "finished_at": 1.0, "spectra": spectra,
                               "evals": [{"step": steps, "train_loss": 3.0, "val_loss": float(np.log(ppl)),
                                          "val_ppl": ppl}]}, {})
+
+
+# ---------------------------------------------------------------- optimizer configs and a tiny model
+
+ADAMW = {"name": "adamw", "lr": 3e-3, "betas": [0.9, 0.95], "weight_decay": 0.01, "eps": 1e-8}
+MUON = {"name": "muon", "lr": 0.02, "momentum": 0.95, "nesterov": True, "weight_decay": 0.01,
+        "lr_scale": "spectral", "ns": "dion_quintic5", "ns_dtype": "auto", "scalar_lr": None,
+        "lion_betas": [0.95, 0.98]}
+NORMUON = {**MUON, "name": "normuon", "beta2": 0.95, "eps": 1e-8, "mode": "preserve_norm"}
+DION = {"name": "dion", "lr": 0.02, "mu": 0.95, "weight_decay": 0.01, "rank_fraction": 0.5,
+        "rank_multiple_of": 1, "eps": 1e-8, "state_dtype": "fp32", "scalar_lr": None, "lion_betas": [0.95, 0.98]}
+
+
+def tiny_model(**kw):
+    """A seeded 2-layer d_model-16 GPT (vocab 64, context 16, ffn_mult 4 unless overridden)."""
+    import torch
+
+    from workers.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{"vocab_size": 64, "context": 16, "n_layer": 2, "d_model": 16, "n_head": 2,
+                            "ffn_mult": 4, **kw}))

@@ -7,9 +7,7 @@ from spectraldb.errors import SpecError
 from spectraldb.spec import RunSpec, load_spec
 from workers.model import GPT, Block, GPTConfig
 from workers.optim import build_optimizers, route_parameters
-from tests.test_model_optim import MUON
-from tests.test_optimizer_family import DION, NORMUON
-from tests.test_model_optim import ADAMW
+from tests.conftest import ADAMW, DION, MUON, NORMUON
 
 
 def make(**kw):
@@ -61,12 +59,20 @@ def test_learned_positions_add_a_table_routed_to_the_scalar_optimizer():
         assert not any(p is model.transformer.wpe.weight for g in matrix_opt.param_groups for p in g["params"])
 
 
-def test_gelu_changes_the_post_site():
+def test_the_post_site_sees_the_configured_activation():
+    """The post site is c_proj's input: gelu(c_fc(x)) for gelu, relu(c_fc(x))² for relu2, and the
+    two differ on the same weights, so the choice reaches what is measured."""
     x = torch.randn(4, 16)
-    relu2, gelu = make(activation="relu2").transformer.h[0].mlp, make(activation="gelu").transformer.h[0].mlp
-    h = relu2.c_fc(x)
-    assert torch.allclose(relu2.act(h), torch.relu(h) ** 2)
-    assert torch.allclose(gelu.act(h), torch.nn.functional.gelu(h))
+    seen = {}
+    for name in ("relu2", "gelu"):
+        mlp = make(activation=name).transformer.h[0].mlp
+        hook = mlp.c_proj.register_forward_pre_hook(lambda m, inp, name=name: seen.__setitem__(name, inp[0]))
+        mlp(x)
+        hook.remove()
+        h = mlp.c_fc(x)
+        expect = torch.relu(h) ** 2 if name == "relu2" else 0.5 * h * (1 + torch.erf(h / 2**0.5))
+        assert torch.allclose(seen[name], expect, atol=1e-6)
+    assert not torch.allclose(seen["relu2"], seen["gelu"])
 
 
 VARIANTS = [dict(pos="rope"), dict(pos="nope"), dict(pos="learned"), dict(norm="post"),

@@ -166,7 +166,8 @@ def test_no_traceback_ever_reaches_the_user(tmp_path, doc):
     spec.write_text(yaml.safe_dump(doc, allow_unicode=True))
     result = runner.invoke(app, ["plan", str(spec), "--db", str(tmp_path / "none.duckdb"), "--format", "json"])
     assert result.exit_code in (0, 2), (doc, result.output)
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), (doc, result.exception)
     if result.exit_code == 2:
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     else:

@@ -3,20 +3,8 @@ import math
 import pytest
 import torch
 
-from workers.model import GPT, GPTConfig
+from tests.conftest import ADAMW, MUON, tiny_model
 from workers.optim import Lion, Muon, build_optimizers, lion_update, lr_multiplier, lr_scale, route_parameters
-
-ADAMW = {"name": "adamw", "lr": 3e-3, "betas": [0.9, 0.95], "weight_decay": 0.01, "eps": 1e-8}
-MUON = {"name": "muon", "lr": 0.02, "momentum": 0.95, "nesterov": True, "weight_decay": 0.01,
-        "lr_scale": "spectral", "ns": "dion_quintic5", "ns_dtype": "auto", "scalar_lr": None,
-        "lion_betas": [0.95, 0.98]}
-
-
-def tiny_model(**kw):
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**{"vocab_size": 64, "context": 16, "n_layer": 2, "d_model": 16, "n_head": 2,
-                            "ffn_mult": 4, **kw}))
-
 
 def test_routing_covers_every_parameter_once_by_name():
     model = tiny_model()

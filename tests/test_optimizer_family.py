@@ -8,12 +8,7 @@ import torch
 from spectraldb.spec import RunSpec, load_spec
 from workers.optim import (Dion, Muon, NorMuon, build_optimizers, dion_rank, dion_update,
                            normuon_normalize, orthogonalize, route_parameters)
-from tests.test_model_optim import ADAMW, MUON, tiny_model
-
-NORMUON = {**MUON, "name": "normuon", "beta2": 0.95, "eps": 1e-8, "mode": "preserve_norm"}
-DION = {"name": "dion", "lr": 0.02, "mu": 0.95, "weight_decay": 0.01, "rank_fraction": 0.5,
-        "rank_multiple_of": 1, "eps": 1e-8, "state_dtype": "fp32", "scalar_lr": None, "lion_betas": [0.95, 0.98]}
-
+from tests.conftest import ADAMW, DION, MUON, NORMUON, tiny_model
 
 # ---------------------------------------------------------------- NorMuon
 

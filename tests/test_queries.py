@@ -9,14 +9,9 @@ from typer.testing import CliRunner
 from cli.main import app
 from spectraldb import store
 from spectraldb.spec import RunSpec
+from tests.conftest import flat
 
 runner = CliRunner()
-
-
-def flat(rank: int, dim: int) -> np.ndarray:
-    eig = np.full(dim, 1e-12)
-    eig[:rank] = 1.0
-    return eig
 
 
 def write(db, optimizer, mult, ranks, status="done", d_model=16, steps=300, last_k=2):

@@ -8,6 +8,7 @@ from spectraldb import store
 from spectraldb.errors import StoreError
 from spectraldb.spec import RunSpec
 from spectraldb.spectra import hard_rank
+from tests.conftest import flat
 
 runner = CliRunner()
 
@@ -42,12 +43,6 @@ def test_migrations_create_exactly_these_columns(tmp_path):
         assert con.execute("SELECT max(version) FROM schema_version").fetchone()[0] == store.SCHEMA_VERSION
     with store.connect(tmp_path / "s.duckdb") as con:  # idempotent
         assert con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == len(store.migrations())
-
-
-def flat(rank: int, dim: int) -> np.ndarray:
-    eig = np.full(dim, 1e-12)
-    eig[:rank] = 1.0
-    return eig
 
 
 def fake_result(ranks_by_step_layer: dict, dim: int, status="done") -> dict:
