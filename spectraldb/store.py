@@ -17,6 +17,7 @@ from pathlib import Path
 import duckdb
 
 from spectraldb import spectra
+from spectraldb.backfills import BACKFILL
 from spectraldb.errors import StoreError, StoreLocked
 from workers.protocol import PROTOCOL
 
@@ -36,7 +37,6 @@ def migrations() -> list[tuple[int, str, str]]:
 
 
 SCHEMA_VERSION = migrations()[-1][0]
-BACKFILL = {}  # migration number → Python step run inside its transaction (filled below)
 
 
 def _is_lock_error(exc: Exception) -> bool:
@@ -172,27 +172,6 @@ def _rollback(con) -> None:
     it, e.g. on a full disk) must not hide the error that caused it."""
     with contextlib.suppress(duckdb.Error):
         con.execute("ROLLBACK")
-
-
-def _backfill_metrics(con) -> None:
-    """Migration 002: compute the new metrics of runs stored before it from their eigenvalues."""
-    rows = con.execute("""SELECT run_id, step, layer, site, stratum, n_tokens, eigenvalues FROM spectra
-                          WHERE eigenvalues IS NOT NULL ORDER BY run_id""").fetchall()
-    by_run: dict[str, list[dict]] = {}
-    for rid, step, layer, site, stratum, n, eig in rows:
-        by_run.setdefault(rid, []).append({"step": step, "layer": layer, "site": site, "stratum": stratum,
-                                           "n_tokens": n, "eigenvalues": eig})
-    for rid, records in by_run.items():
-        for row in rank_rows(rid, records):
-            con.execute("""UPDATE ranks SET renyi_0_5 = ?, renyi_1 = ?, renyi_1_5 = ?, renyi_2 = ?, renyi_3 = ?,
-                           renyi_5 = ?, renyi_inf = ?, eee = ?
-                           WHERE run_id = ? AND step = ? AND layer = ? AND site = ? AND stratum = ?""",
-                        row[9:] + row[:5])
-        reinj = reinjection_rows(rid, records)
-        if reinj:
-            con.executemany(f"INSERT INTO reinjection VALUES ({', '.join('?' * len(reinj[0]))})", reinj)
-    con.execute("""UPDATE runs SET pos = 'rope', norm = 'pre', postln_frac = 0, activation = 'relu2',
-                   keep_eigenvalues = 'all' WHERE pos IS NULL""")
 
 
 class StoreOutdated(StoreError):
@@ -369,7 +348,6 @@ def _finite(x):
     return x if x == x and abs(x) != float("inf") else None
 
 
-BACKFILL[2] = _backfill_metrics
 
 EXPORTED = ("runs", "evals", "spectra", "ranks", "reinjection", "run_points", "rank_metrics", "layer_points",
             "points", "betas")

@@ -112,8 +112,17 @@ def test_keep_last_k_eigenvalues_keeps_every_rank(tmp_path):
     assert n_ranks == 4
 
 
-def test_migration_002_backfills_metrics_of_older_runs(tmp_path):
+@pytest.mark.parametrize("live_code_changed", [False, True])
+def test_migration_002_backfills_metrics_of_older_runs(tmp_path, monkeypatch, live_code_changed):
+    """…with its own frozen code: a later change to spectraldb.spectra does not change what an
+    old migration computes."""
     import duckdb
+
+    from spectraldb import spectra
+
+    if live_code_changed:
+        for name in ("renyi_rank", "hard_rank", "soft_rank", "eee", "js_divergence"):
+            monkeypatch.setattr(spectra, name, lambda *a, **k: -1.0)
 
     db = tmp_path / "old.duckdb"
     con = duckdb.connect(str(db))  # a store as version 1 of specdb left it
