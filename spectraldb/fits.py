@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from collections import defaultdict
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -106,3 +107,74 @@ def t_quantile(p: float, df: float) -> float:
         if hi - lo < 1e-13 * max(1.0, hi):
             break
     return (lo + hi) / 2
+
+
+# ---------------------------------------------------------------- fits per group (the one β)
+
+MIN_WIDTHS = 3
+BOOTSTRAP = 1000
+
+
+def _num(x):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def _bootstrap(widths, seed_values, draws) -> tuple[float, float]:
+    """95% percentile interval of β from resampling seeds within each width; `draws` holds one
+    (BOOTSTRAP, n_seeds) count matrix per width, shared by the metrics of a group."""
+    lx = np.log(np.asarray(widths, dtype=float))
+    ly = np.stack([np.log(w @ np.asarray(v, dtype=float) / len(v)) for v, w in zip(seed_values, draws)],
+                  axis=1)  # (B, n)
+    xc = lx - lx.mean()
+    slopes = ((ly - ly.mean(axis=1, keepdims=True)) * xc).sum(axis=1) / (xc**2).sum()
+    lo, hi = np.percentile(slopes, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def _resample_counts(rng, n: int) -> np.ndarray:
+    """(BOOTSTRAP, n) counts of each seed in a resample with replacement (rows sum to n)."""
+    idx = rng.integers(0, n, size=(BOOTSTRAP, n)) + np.arange(BOOTSTRAP)[:, None] * n
+    return np.bincount(idx.ravel(), minlength=BOOTSTRAP * n).reshape(BOOTSTRAP, n).astype(float)
+
+
+def fit_groups(points, metrics, key_names, notes, label=lambda k: " / ".join(map(str, k)),
+               bootstrap: bool = True) -> list[dict]:
+    """points: (key tuple, width, seed, {metric: value}) → one row of fits per key (with a
+    seed-bootstrap interval when some width has several seeds and `bootstrap`)."""
+    series: dict[tuple, dict[float, list]] = defaultdict(lambda: defaultdict(list))
+    for key, width, _seed, values in points:
+        series[key][width].append(values)
+    rng = np.random.default_rng(0)
+    rows = []
+    for key in sorted(series, key=lambda k: tuple(str(x) for x in k)):
+        by_width = dict(sorted(series[key].items()))
+        widths = list(by_width)
+        row = dict(zip(key_names, key))
+        multi_seed = bootstrap and any(len(v) > 1 for v in by_width.values())
+        draws = [_resample_counts(rng, len(by_width[w])) for w in widths] if multi_seed else None
+        if len(widths) < MIN_WIDTHS:
+            notes.append(f"{label(key)}: {len(widths)} width{'s' if len(widths) != 1 else ''}; "
+                         f"a fit needs at least {MIN_WIDTHS} (refused)")
+        elif len(widths) == MIN_WIDTHS:
+            notes.append(f"{label(key)}: fit on only {MIN_WIDTHS} widths")
+        for m in metrics:
+            suffix = "" if len(metrics) == 1 and m not in ("hard", "soft") else f"_{m}"
+            seeds = [[v[m] for v in by_width[w] if v[m] is not None] for w in widths]
+            fit = None
+            if len(widths) >= MIN_WIDTHS and all(seeds):
+                fit = power_law(widths, [float(np.mean(s)) for s in seeds])
+            row[f"beta{suffix}"] = fit.beta if fit else None
+            row[f"beta{suffix}_low"] = _num(fit.ci_low) if fit else None
+            row[f"beta{suffix}_high"] = _num(fit.ci_high) if fit else None
+            row[f"r2{suffix}"] = fit.r2 if fit else None
+            if multi_seed:
+                lo, hi = _bootstrap(widths, seeds, draws) if fit else (None, None)
+                row[f"beta{suffix}_boot_low"], row[f"beta{suffix}_boot_high"] = lo, hi
+        if "hard" in metrics and "soft" in metrics:
+            b = row.get("beta_soft"), row.get("beta_hard")
+            row["delta_12"] = b[0] - b[1] if None not in b else None
+        row["n_widths"] = len(widths)
+        if any(len(v) > 1 for v in by_width.values()):
+            row["n_seeds"] = max(len(v) for v in by_width.values())
+        rows.append(row)
+    return rows

@@ -9,7 +9,6 @@ bound parameter, except `where`, which is checked to be a single expression.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -17,18 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from spectraldb.errors import SpecError
-from spectraldb.fits import power_law
+from spectraldb.fits import MIN_WIDTHS, fit_groups  # noqa: F401 - MIN_WIDTHS is part of this API
+from spectraldb.predicates import (FACTORS, METRICS, STRATA, check_factors, check_metric,  # noqa: F401
+                                   check_site, check_strata, check_where)
 from spectraldb.spectra import RENYI_ALPHAS, alpha_name
 
-METRICS = {"soft": "soft_rank", "hard": "hard_rank", "eee": "eee",
-           **{f"renyi:{'inf' if math.isinf(a) else f'{a:g}'}": f"renyi_{alpha_name(a)}" for a in RENYI_ALPHAS}}
-FACTORS = ("optimizer", "optimizer_name", "lr", "d_model", "n_layer", "n_head", "context", "vocab_size",
-           "corpus", "steps", "batch_size", "measure_source", "pos", "norm", "postln_frac", "activation",
-           "spec_name", "ffn_mult", "seed", "protocol")
-MIN_WIDTHS = 3
 LOW_N = 4  # tokens per dimension under which a rank is capped by N rather than by the spectrum (as view `points`)
 N_TOKENS = "_n_tokens"  # rides in run_values' value dicts: the fewest tokens behind a run's point
-BOOTSTRAP = 1000
 
 
 @dataclass
@@ -45,93 +39,6 @@ def excluded_diverged(con, where: str | None = None) -> int:
     """Diverged runs that the predicate selects (all diverged runs without one)."""
     return con.execute(f"SELECT count(*) FROM runs WHERE status = 'diverged' AND {check_where(con, where)}"
                        ).fetchone()[0]
-
-
-def check_metric(metric: str) -> str:
-    if metric not in METRICS:
-        raise SpecError(f"--metric: unknown metric {metric!r} (expected one of: {', '.join(METRICS)})")
-    return METRICS[metric]
-
-
-STRATA = ("all", "head", "mid", "tail")
-SITES = ("pre", "post")
-
-
-def check_strata(strata) -> list[str]:
-    strata = [strata] if isinstance(strata, str) else list(strata)
-    for st in strata:
-        if st not in STRATA:
-            raise SpecError(f"--stratum: unknown stratum {st!r} (expected one of: {', '.join(STRATA)})")
-    return strata
-
-
-def check_site(site: str) -> str:
-    if site not in SITES:
-        raise SpecError(f"--site: unknown site {site!r} (expected pre or post)")
-    return site
-
-
-def check_factors(names) -> tuple[str, ...]:
-    names = tuple(n.strip() for part in names for n in part.split(",") if n.strip())
-    for n in names:
-        if n not in FACTORS:
-            raise SpecError(f"--by: unknown factor {n!r} (expected one of: {', '.join(FACTORS)})")
-    return names or ("optimizer",)
-
-
-MAX_WHERE = 4096
-WHERE_HELP = 'one predicate on the runs table, e.g. "n_head = 12 AND seed < 3"'
-
-
-def check_where(con, where: str | None) -> str:
-    """A user predicate on `runs`, as a fragment that selects run ids and nothing else.
-
-    DuckDB's own parser (json_serialize_sql) must see exactly `SELECT run_id FROM runs WHERE
-    <one expression>`: no set operation, CTE, GROUP BY, LIMIT, subquery, or column of another
-    table, so a `)` in the predicate cannot reach the surrounding query. The predicate is then
-    bound inside its own subquery; the connection itself cannot read files (store.connect)."""
-    if where is None or not where.strip():
-        return "TRUE"
-    if len(where) > MAX_WHERE or "\x00" in where:
-        raise SpecError(f"--where: longer than {MAX_WHERE} characters or holds a NUL byte; {WHERE_HELP}")
-    sql = f"SELECT run_id FROM runs WHERE ({where})"
-    try:
-        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
-    except Exception:  # noqa: BLE001 - parser failures of every kind are the user's predicate
-        raise SpecError(f"--where: not a predicate DuckDB can parse; {WHERE_HELP}") from None
-    if tree.get("error"):
-        raise SpecError(f"--where: not a valid predicate ({str(tree.get('error_message', '')).splitlines()[0][:160]})")
-    stmts = tree.get("statements", [])
-    node = stmts[0].get("node", {}) if len(stmts) == 1 else {}
-    frm = node.get("from_table") or {}
-    if (node.get("type") != "SELECT_NODE" or node.get("modifiers") or node.get("cte_map", {}).get("map")
-            or node.get("group_expressions") or node.get("having") or node.get("qualify")
-            or node.get("sample") or len(node.get("select_list", [])) != 1
-            or frm.get("type") != "BASE_TABLE" or frm.get("table_name") != "runs"):
-        raise SpecError(f"--where: must be {WHERE_HELP}")
-    for part in _walk(node.get("where_clause")):
-        if part.get("class") == "SUBQUERY":
-            raise SpecError("--where: subqueries are not allowed; use columns of runs only")
-        names = part.get("column_names") if part.get("class") == "COLUMN_REF" else None
-        if names and (len(names) > 2 or (len(names) == 2 and names[0].lower() != "runs")):
-            raise SpecError(f"--where: {'.'.join(names)}: only columns of the runs table may be used")
-    try:
-        con.execute(f"EXPLAIN {sql}")
-    except Exception as exc:  # noqa: BLE001 - binder errors name the column, never a value
-        raise SpecError(f"--where: {str(exc).splitlines()[0][:200]}") from None
-    return f"run_id IN (SELECT run_id FROM runs WHERE ({where}))"
-
-
-def _walk(obj):
-    """Every dict inside a parsed SQL tree."""
-    stack = [obj]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, dict):
-            yield x
-            stack.extend(x.values())
-        elif isinstance(x, list):
-            stack.extend(x)
 
 
 def run_values(con, metrics, *, stratum="all", site="post", window=None, step=None, by_layer=False,
@@ -239,71 +146,6 @@ def width_means(con, metrics, by, *, strata, site="post", where=None, include_di
 def run_factors(rows) -> dict[str, dict]:
     """run_id → factors, from run_values rows."""
     return {r[0]: r[4] for r in rows}
-
-
-def _num(x):
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
-
-
-def _bootstrap(widths, seed_values, draws) -> tuple[float, float]:
-    """95% percentile interval of β from resampling seeds within each width; `draws` holds one
-    (BOOTSTRAP, n_seeds) count matrix per width, shared by the metrics of a group."""
-    lx = np.log(np.asarray(widths, dtype=float))
-    ly = np.stack([np.log(w @ np.asarray(v, dtype=float) / len(v)) for v, w in zip(seed_values, draws)],
-                  axis=1)  # (B, n)
-    xc = lx - lx.mean()
-    slopes = ((ly - ly.mean(axis=1, keepdims=True)) * xc).sum(axis=1) / (xc**2).sum()
-    lo, hi = np.percentile(slopes, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def _resample_counts(rng, n: int) -> np.ndarray:
-    """(BOOTSTRAP, n) counts of each seed in a resample with replacement (rows sum to n)."""
-    idx = rng.integers(0, n, size=(BOOTSTRAP, n)) + np.arange(BOOTSTRAP)[:, None] * n
-    return np.bincount(idx.ravel(), minlength=BOOTSTRAP * n).reshape(BOOTSTRAP, n).astype(float)
-
-
-def fit_groups(points, metrics, key_names, notes, label=lambda k: " / ".join(map(str, k)),
-               bootstrap: bool = True) -> list[dict]:
-    """points: (key tuple, width, seed, {metric: value}) → one row of fits per key (with a
-    seed-bootstrap interval when some width has several seeds and `bootstrap`)."""
-    series: dict[tuple, dict[float, list]] = defaultdict(lambda: defaultdict(list))
-    for key, width, _seed, values in points:
-        series[key][width].append(values)
-    rng = np.random.default_rng(0)
-    rows = []
-    for key in sorted(series, key=lambda k: tuple(str(x) for x in k)):
-        by_width = dict(sorted(series[key].items()))
-        widths = list(by_width)
-        row = dict(zip(key_names, key))
-        multi_seed = bootstrap and any(len(v) > 1 for v in by_width.values())
-        draws = [_resample_counts(rng, len(by_width[w])) for w in widths] if multi_seed else None
-        if len(widths) < MIN_WIDTHS:
-            notes.append(f"{label(key)}: {len(widths)} width{'s' if len(widths) != 1 else ''}; "
-                         f"a fit needs at least {MIN_WIDTHS} (refused)")
-        elif len(widths) == MIN_WIDTHS:
-            notes.append(f"{label(key)}: fit on only {MIN_WIDTHS} widths")
-        for m in metrics:
-            suffix = "" if len(metrics) == 1 and m not in ("hard", "soft") else f"_{m}"
-            seeds = [[v[m] for v in by_width[w] if v[m] is not None] for w in widths]
-            fit = None
-            if len(widths) >= MIN_WIDTHS and all(seeds):
-                fit = power_law(widths, [float(np.mean(s)) for s in seeds])
-            row[f"beta{suffix}"] = fit.beta if fit else None
-            row[f"beta{suffix}_low"] = _num(fit.ci_low) if fit else None
-            row[f"beta{suffix}_high"] = _num(fit.ci_high) if fit else None
-            row[f"r2{suffix}"] = fit.r2 if fit else None
-            if multi_seed:
-                lo, hi = _bootstrap(widths, seeds, draws) if fit else (None, None)
-                row[f"beta{suffix}_boot_low"], row[f"beta{suffix}_boot_high"] = lo, hi
-        if "hard" in metrics and "soft" in metrics:
-            b = row.get("beta_soft"), row.get("beta_hard")
-            row["delta_12"] = b[0] - b[1] if None not in b else None
-        row["n_widths"] = len(widths)
-        if any(len(v) > 1 for v in by_width.values()):
-            row["n_seeds"] = max(len(v) for v in by_width.values())
-        rows.append(row)
-    return rows
 
 
 def _points(con, by, metrics, **kw):

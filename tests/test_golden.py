@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from spectraldb import fits, queries, spectra, store
+from spectraldb import fits, spectra, store
 from tests.golden.make import PINNED, compute, differences
 
 
@@ -31,7 +31,7 @@ def perturbed_fit(monkeypatch):
     def shifted(x, y):
         return dataclasses.replace(law(x, y), beta=law(x, y).beta + 1e-4)
 
-    monkeypatch.setattr(queries, "power_law", shifted)
+    monkeypatch.setattr(fits, "power_law", shifted)
 
 
 @pytest.mark.slow
