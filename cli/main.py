@@ -12,45 +12,15 @@ from typing import List, Optional
 
 import typer
 
-from cli.output import FORMATS, render
+from cli.common import (DEFAULT_DB, DbOpt, FormatOpt, SetOpt, check_format, duckdb_errors,
+                        evaluation_error, fail)
+from cli.output import render
+from cli.query import DivergedOpt, SiteOpt, WhereOpt, query_app
 from spectraldb.errors import SpecError, StoreError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Declarative experiment database for optimizer-induced spectral scaling.")
-query_app = typer.Typer(no_args_is_help=True, help="The study's questions, answered from the store.")
 app.add_typer(query_app, name="query")
-
-DEFAULT_DB = "specdb.duckdb"
-DbOpt = typer.Option(None, "--db", envvar="SPECDB_DB", help="Store file (default: specdb.duckdb, "
-                     "or the spec's `store` for run/plan).")
-FormatOpt = typer.Option("table", "--format", "-f", help="table | json | csv | markdown")
-SetOpt = typer.Option(None, "--set", "-S", help="Override a spec field: -S train.steps=50 (repeatable).")
-
-
-def duckdb_errors():
-    import duckdb
-
-    return duckdb.Error
-
-
-def evaluation_error(exc: Exception, where: str | None) -> str:
-    """A query that parsed and bound but failed while running. With a user predicate the message
-    names only the kind of error: DuckDB's text can quote the values it was evaluating."""
-    kind = str(exc).split(":", 1)[0].strip() or type(exc).__name__
-    if where:
-        return f"--where: the predicate failed while being evaluated ({kind}); check its types and functions"
-    return f"query failed: {str(exc).strip().splitlines()[0][:200]}"
-
-
-def fail(message: str, code: int) -> None:
-    """Diagnostics go to stderr as one line; data never does."""
-    typer.echo(message, err=True)
-    raise typer.Exit(code)
-
-
-def _check_format(fmt: str) -> None:
-    if fmt not in FORMATS:
-        fail(f"--format: unknown format {fmt!r} (expected one of: {', '.join(FORMATS)})", 2)
 
 
 def _version(value: bool) -> None:
@@ -125,7 +95,7 @@ def plan(spec: Path = typer.Argument(..., help="Spec file"), db: Optional[str] =
     """List every run of a spec with its status in the store (new / done / failed) and totals."""
     from spectraldb.scheduler import plan_rows
 
-    _check_format(fmt)
+    check_format(fmt)
     try:
         p = _load(spec, set_)
         rows = plan_rows(p, db or p.store)
@@ -150,7 +120,7 @@ def status(spec: Optional[Path] = typer.Argument(None, help="A spec: count its r
     from spectraldb.writer import Spool
     from workers.protocol import PROTOCOL
 
-    _check_format(fmt)
+    check_format(fmt)
     if spec is not None:
         from spectraldb.scheduler import plan_rows
 
@@ -204,160 +174,6 @@ def status(spec: Optional[Path] = typer.Argument(None, help="A spec: count its r
         typer.echo(f"{st} {rid} {opt} ffn_mult={mult:g}: {last[0]}", err=True)
 
 
-StratumOpt = typer.Option("all", help="all | head | mid | tail")
-SiteOpt = typer.Option("post", help="pre | post")
-DivergedOpt = typer.Option(False, "--include-diverged", help="Keep diverged runs in the fits.")
-WhereOpt = typer.Option(None, "--where", help='Predicate on the runs table, e.g. "n_head = 12 AND seed < 3".')
-
-
-def _query(fn, columns, fmt, db, stratum="all", site="post", include_diverged=False, **kwargs):
-    """Validate the common options, run a query function, print rows (stdout) and notes (stderr)."""
-    from spectraldb.queries import excluded_diverged
-    from spectraldb.store import connect
-
-    _check_format(fmt)
-    try:
-        with connect(db or DEFAULT_DB, read_only=True) as con:
-            answer = fn(con, stratum=stratum, include_diverged=include_diverged,
-                        **({"site": site} if site is not None else {}), **kwargs)
-            n = 0 if include_diverged else excluded_diverged(con, kwargs.get("where"))
-    except (StoreError, SpecError) as exc:
-        fail(str(exc), 2)
-    except duckdb_errors() as exc:
-        fail(evaluation_error(exc, kwargs.get("where")), 2)
-    rows = answer.rows
-    if columns is None:
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-    render(rows, fmt, columns)
-    for note in answer.notes:
-        typer.echo(note, err=True)
-    if n:
-        typer.echo(f"excluded {n} diverged run{'s' if n > 1 else ''} (--include-diverged to keep them)", err=True)
-
-
-@query_app.command("beta")
-def query_beta(stratum: str = StratumOpt, site: str = SiteOpt, include_diverged: bool = DivergedOpt,
-               by: Optional[List[str]] = typer.Option(None, "--by", help="Group by these runs factors "
-                                                      "(default: optimizer), e.g. --by optimizer,n_head"),
-               metric: Optional[str] = typer.Option(None, help="soft | hard | renyi:α | eee (default: hard and soft)"),
-               window: Optional[int] = typer.Option(None, help="Median over the last K measured steps "
-                                                    "(default: each run's measure.last_k)"),
-               layer: str = typer.Option("agg", help="agg (median over layers) | each (one fit per layer)"),
-               step: Optional[int] = typer.Option(None, help="Fit at this measured step instead of the window."),
-               where: Optional[str] = WhereOpt, db: Optional[str] = DbOpt, fmt: str = FormatOpt):
-    """β of rank vs FFN width per group: β_hard, β_soft, Δ₁,₂, 95% t-intervals, R², widths.
-
-    With two or more seeds per width, points are seed means and a seed-bootstrap 95% interval
-    (beta_*_boot_low/high) is printed beside the t-interval. Groups with fewer than 3 widths get
-    no fit; fits on exactly 3 are flagged.
-
-    Examples:
-
-      specdb query beta --stratum tail
-
-      specdb query beta --by optimizer,n_head --metric renyi:3 --where "steps = 6000" --format json
-    """
-    from spectraldb.queries import beta, check_factors
-
-    try:
-        factors = check_factors(by or [])
-    except SpecError as exc:
-        fail(str(exc), 2)
-    _query(beta, None, fmt, db, stratum, site, include_diverged, by=factors,
-           metric=metric, window=window, layer=layer, step=step, where=where)
-
-
-@query_app.command("dynamics")
-def query_dynamics(stratum: str = StratumOpt, site: str = SiteOpt, include_diverged: bool = DivergedOpt,
-                   where: Optional[str] = WhereOpt, db: Optional[str] = DbOpt, fmt: str = FormatOpt):
-    """β_hard and β_soft at every measured step, per optimizer (β over training).
-
-    Example: specdb query dynamics --stratum tail --format csv
-    """
-    from spectraldb.queries import dynamics
-
-    _query(dynamics, None, fmt, db, stratum, site, include_diverged, where=where)
-
-
-@query_app.command("depth")
-def query_depth(stratum: str = StratumOpt, site: str = SiteOpt, include_diverged: bool = DivergedOpt,
-                where: Optional[str] = WhereOpt, db: Optional[str] = DbOpt, fmt: str = FormatOpt):
-    """β per layer, per optimizer (depth profile).
-
-    Example: specdb query depth --site pre
-    """
-    from spectraldb.queries import depth
-
-    _query(depth, None, fmt, db, stratum, site, include_diverged, where=where)
-
-
-@query_app.command("matched")
-def query_matched(stratum: str = StratumOpt, site: str = SiteOpt, include_diverged: bool = DivergedOpt,
-                  by: Optional[List[str]] = typer.Option(None, "--by", help="Group factors (default: optimizer,steps)"),
-                  metric: str = typer.Option("hard", help="soft | hard | renyi:α | eee"),
-                  ppl_tol: float = typer.Option(0.03, "--ppl-tol", help="Relative perplexity tolerance."),
-                  min_dbeta: float = typer.Option(0.1, "--min-dbeta", help="Smallest |Δβ| worth reporting."),
-                  where: Optional[str] = WhereOpt, db: Optional[str] = DbOpt, fmt: str = FormatOpt):
-    """Pairs of groups with matched validation perplexity but divergent β ("matched loss does
-    not imply matched geometry"). Perplexity is compared width by width and as a mean over the sweep.
-
-    Example: specdb query matched --stratum tail --ppl-tol 0.05
-    """
-    from spectraldb.queries import check_factors, check_metric, matched
-
-    try:
-        factors = check_factors(by or ["optimizer,steps"])
-        check_metric(metric)
-    except SpecError as exc:
-        fail(str(exc), 2)
-    _query(matched, None, fmt, db, stratum, site, include_diverged, by=factors, metric=metric,
-           ppl_tol=ppl_tol, min_dbeta=min_dbeta, where=where)
-
-
-@query_app.command("delta")
-def query_delta(arch: str = typer.Option("n_head", "--arch", help="Architecture factor: n_head, pos, norm, "
-                                         "postln_frac, activation, n_layer, d_model, context"),
-                baseline: str = typer.Option("adamw", help="Baseline optimizer (label or name)."),
-                reference: Optional[str] = typer.Option(None, help="Reference architecture value "
-                                                        "(default: the one with most runs)."),
-                stratum: List[str] = typer.Option(["all,head,mid,tail"], "--stratum", help="Strata to compare "
-                                                  "(default: all four)"),
-                site: str = SiteOpt, include_diverged: bool = DivergedOpt, where: Optional[str] = WhereOpt,
-                db: Optional[str] = DbOpt, fmt: str = FormatOpt):
-    """Optimizer gain vs architecture shift of β, per stratum × metric × optimizer; prints "k of n".
-
-    A comparison passes when max_o β_o − β_baseline (at the reference architecture) exceeds
-    |β_o(variant) − β_o(reference)|.
-
-    Example: specdb query delta --arch n_head --baseline adamw --reference 12
-    """
-    from spectraldb.queries import delta
-
-    strata = [x.strip() for part in stratum for x in part.split(",") if x.strip()]
-
-    def run(con, stratum, include_diverged, site, where):
-        return delta(con, arch, baseline=baseline, reference=reference, site=site, strata=strata,
-                     include_diverged=include_diverged, where=where)
-
-    _query(run, None, fmt, db, "all", site, include_diverged, where=where)
-
-
-@query_app.command("renyi")
-def query_renyi(ffn_mult: float = typer.Option(..., "--ffn-mult", help="The width to read (an ffn_mult of the sweep)."),
-                step: Optional[int] = typer.Option(None, help="Measured step (default: each run's final step)."),
-                stratum: str = StratumOpt, include_diverged: bool = DivergedOpt,
-                db: Optional[str] = DbOpt, fmt: str = FormatOpt):
-    """Rényi ranks R_α at pre and post and the reinjection ratio ρ_α = R_α(post)/R_α(pre) per
-    optimizer, median over layers (ρ with its min and max over layers), α ∈ {0.5, 1, 1.5, 2, 3, 5, ∞}.
-
-    Example: specdb query renyi --ffn-mult 4 --stratum tail
-    """
-    from spectraldb.queries import renyi
-
-    _query(renyi, ["optimizer", "alpha", "pre", "post", "rho", "rho_min", "rho_max", "js_divergence", "n_layers"],
-           fmt, db, stratum, None, include_diverged, ffn_mult=ffn_mult, step=step)
-
-
 @app.command()
 def sql(query: Optional[str] = typer.Argument(None, help='A SELECT statement, or "-" to read it from stdin'),
         file: Optional[Path] = typer.Option(None, "--file", help="Read the statement from this file."),
@@ -376,7 +192,7 @@ def sql(query: Optional[str] = typer.Argument(None, help='A SELECT statement, or
     """
     from spectraldb.sqlshell import run_sql
 
-    _check_format(fmt)
+    check_format(fmt)
     if file is not None:
         if not file.is_file():
             fail(f"--file: {file}: no such file", 2)
