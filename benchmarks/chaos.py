@@ -79,7 +79,8 @@ class Driver:
 
 def worker_pids() -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines()[1:] if "ray::" in line and "_ray_task" in line]
+    # a worker running one of our runs is titled "ray::task" (the remote function's name)
+    return [int(line.split()[0]) for line in out.splitlines()[1:] if line.split(None, 1)[-1].startswith("ray::task")]
 
 
 def reader(store: Path, stop: threading.Event, stats: Counter) -> None:
