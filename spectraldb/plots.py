@@ -35,12 +35,11 @@ def scaling(con, strata=("all",), site="post", include_diverged=False, where=Non
         fitted = {tuple(r[k] for k in key_names): r for r in answer.rows}
         vals = queries.run_values(con, ("hard", "soft"), stratum=stratum, site=site, where=where,
                                   include_diverged=include_diverged, factors=("protocol",))
-        facts = queries.run_factors(vals)
         for col, metric in enumerate(("hard", "soft")):
             ax = axes[row][col]
             by = defaultdict(lambda: defaultdict(list))
-            for rid, _, _, v, _, _ in vals:
-                by[tuple(facts[rid][k] for k in key_names)][facts[rid]["ffn_width"]].append(v[metric])
+            for v in vals:
+                by[tuple(v.factors[k] for k in key_names)][v.factors["ffn_width"]].append(v.values[metric])
             for i, (key, pts) in enumerate(sorted(by.items(), key=lambda kv: tuple(map(str, kv[0])))):
                 color, name = f"C{i}", " / protocol ".join(map(str, key))
                 w = np.array(sorted(pts), dtype=float)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,6 +24,33 @@ from spectraldb.spectra import RENYI_ALPHAS, alpha_name
 
 LOW_N = 4  # tokens per dimension under which a rank is capped by N rather than by the spectrum (as view `points`)
 N_TOKENS = "_n_tokens"  # rides in run_values' value dicts: the fewest tokens behind a run's point
+
+
+class RunValue(NamedTuple):
+    """One run's value (per layer or step where asked) for the metrics of a question."""
+    run_id: str
+    layer: int | None
+    step: int | None
+    values: dict          # metric → value (plus N_TOKENS: the fewest tokens behind it)
+    factors: dict         # the run's factors (ffn_width, val_ppl, seed, …), shared by its rows
+    stratum: str
+
+
+class WidthMean(NamedTuple):
+    """A group's seed-mean values at one width (run_points, averaged in SQL)."""
+    stratum: str
+    key: tuple
+    width: int
+    values: dict
+    val_ppl: float | None
+
+
+class Point(NamedTuple):
+    """What a fit takes: the group key, the width, the seed, {metric: value}."""
+    key: tuple
+    width: int
+    seed: int | None
+    values: dict
 
 
 @dataclass
@@ -97,8 +125,8 @@ def run_values(con, metrics, *, stratum="all", site="post", window=None, step=No
     return _rows(cur, (*metrics, N_TOKENS), by_layer, by_step)
 
 
-def _rows(cur, metrics, by_layer, by_step) -> list[tuple]:
-    """(run_id, layer, step, {metric: value}, factors, stratum); one factors dict per run, shared."""
+def _rows(cur, metrics, by_layer, by_step) -> list[RunValue]:
+    """RunValues from a run_values cursor; one factors dict per run, shared by its rows."""
     names = [d[0] for d in cur.description]
     n_keys = 2 + by_layer + by_step
     n_vals = len(metrics)
@@ -109,14 +137,14 @@ def _rows(cur, metrics, by_layer, by_step) -> list[tuple]:
         f = facts.get(r[0])
         if f is None:
             f = facts[r[0]] = dict(zip(fact_names, r[n_keys + n_vals:]))
-        rows.append((r[0], r[2] if by_layer else None, r[2 + by_layer] if by_step else None,
-                     dict(zip(metrics, r[n_keys:n_keys + n_vals])), f, r[1]))
+        rows.append(RunValue(r[0], r[2] if by_layer else None, r[2 + by_layer] if by_step else None,
+                             dict(zip(metrics, r[n_keys:n_keys + n_vals])), f, r[1]))
     return rows
 
 
-def width_means(con, metrics, by, *, strata, site="post", where=None, include_diverged=False) -> list[tuple]:
-    """(stratum, group key, width, {metric: mean over seeds}, mean val_ppl) from run_points:
-    the seed average done in SQL, for questions that need no per-seed values (matched, delta)."""
+def width_means(con, metrics, by, *, strata, site="post", where=None, include_diverged=False) -> list[WidthMean]:
+    """Seed means per stratum × group × width from run_points, averaged in SQL, for questions
+    that need no per-seed values (matched, delta)."""
     for m in metrics:
         check_metric(m)
     where = check_where(con, where)
@@ -138,19 +166,14 @@ def width_means(con, metrics, by, *, strata, site="post", where=None, include_di
     out = []
     for row in con.execute(sql, [*metrics, *statuses, site, *strata, *metrics]).fetchall():
         k = len(by)
-        out.append((row[0], tuple(row[1:1 + k]), row[1 + k], dict(zip(metrics, row[2 + k:2 + k + len(metrics)])),
-                    row[-1]))
+        out.append(WidthMean(row[0], tuple(row[1:1 + k]), row[1 + k],
+                             dict(zip(metrics, row[2 + k:2 + k + len(metrics)])), row[-1]))
     return out
 
 
-def run_factors(rows) -> dict[str, dict]:
+def run_factors(rows: list[RunValue]) -> dict[str, dict]:
     """run_id → factors, from run_values rows."""
-    return {r[0]: r[4] for r in rows}
-
-
-def _points(con, by, metrics, **kw):
-    vals = run_values(con, metrics, factors=tuple(by), **kw)
-    return [v[:4] for v in vals], run_factors(vals)
+    return {r.run_id: r.factors for r in rows}
 
 
 def beta(con, stratum: str = "all", site: str = "post", include_diverged: bool = False, *, by=("optimizer",),
@@ -162,12 +185,12 @@ def beta(con, stratum: str = "all", site: str = "post", include_diverged: bool =
     if layer not in ("agg", "each"):
         raise SpecError(f"--layer: expected agg or each, got {layer!r}")
     notes: list[str] = []
-    vals, facts = _points(con, tuple(by) + ("protocol",), metrics, stratum=stratum, site=site, window=window,
-                          step=step, by_layer=layer == "each", where=where, include_diverged=include_diverged)
-    by = split_protocols(by, facts.values(), notes)
+    vals = run_values(con, metrics, factors=tuple(by) + ("protocol",), stratum=stratum, site=site, window=window,
+                      step=step, by_layer=layer == "each", where=where, include_diverged=include_diverged)
+    by = split_protocols(by, run_factors(vals).values(), notes)
     extra = ("layer",) if layer == "each" else ()
-    pts = [(tuple(facts[r][f] for f in by) + ((lay,) if extra else ()), facts[r]["ffn_width"], facts[r]["seed"], v)
-           for r, lay, _, v in vals]
+    pts = [Point(tuple(v.factors[f] for f in by) + ((v.layer,) if extra else ()), v.factors["ffn_width"],
+                 v.factors["seed"], v.values) for v in vals]
     rows = fit_groups(pts, metrics, tuple(by) + extra, notes)
     _flag_low_n(rows, pts, tuple(by) + extra, notes)
     if metric:
@@ -218,10 +241,11 @@ def _flag_low_n(rows, pts, key_names, notes) -> None:
 def dynamics(con, stratum: str = "all", site: str = "post", include_diverged: bool = False, **kw) -> Answer:
     """β_hard and β_soft at every measured step (each run's point: median over layers)."""
     notes: list[str] = []
-    vals, facts = _points(con, ("optimizer", "protocol"), ("hard", "soft"), stratum=stratum, site=site,
-                          by_step=True, include_diverged=include_diverged, **kw)
-    by = split_protocols(("optimizer",), facts.values(), notes)
-    pts = [(tuple(facts[r][f] for f in by) + (s,), facts[r]["ffn_width"], facts[r]["seed"], v) for r, _, s, v in vals]
+    vals = run_values(con, ("hard", "soft"), factors=("optimizer", "protocol"), stratum=stratum, site=site,
+                      by_step=True, include_diverged=include_diverged, **kw)
+    by = split_protocols(("optimizer",), run_factors(vals).values(), notes)
+    pts = [Point(tuple(v.factors[f] for f in by) + (v.step,), v.factors["ffn_width"], v.factors["seed"], v.values)
+           for v in vals]
     return Answer(fit_groups(pts, ("hard", "soft"), by + ("step",), notes), notes)
 
 
@@ -277,10 +301,10 @@ def matched(con, stratum: str = "all", site: str = "post", include_diverged: boo
     means = width_means(con, (metric,), by, strata=[stratum], site=site, where=where,
                         include_diverged=include_diverged)
     pts, ppl = [], defaultdict(lambda: defaultdict(list))
-    for _, key, width, v, p in means:
-        pts.append((key, width, None, v))
-        if p is not None:
-            ppl[key][width].append(p)
+    for m in means:
+        pts.append(Point(m.key, m.width, None, m.values))
+        if m.val_ppl is not None:
+            ppl[m.key][m.width].append(m.val_ppl)
     fits = {tuple(row[k] for k in by): row for row in fit_groups(pts, (metric,), tuple(by), notes, bootstrap=False)}
     b = "" if metric not in ("hard", "soft") else f"_{metric}"
     rows = []
@@ -327,7 +351,7 @@ def delta(con, arch: str = "n_head", *, baseline: str = "adamw", reference: str 
                              include_diverged=include_diverged)
     names = dict(con.execute("SELECT DISTINCT optimizer, optimizer_name FROM runs").fetchall())
     for stratum in strata:
-        pts = [(key, width, None, v) for st, key, width, v, _ in everything if st == stratum]
+        pts = [Point(m.key, m.width, None, m.values) for m in everything if m.stratum == stratum]
         fits = fit_groups(pts, metrics, ("optimizer", "variant"), [], bootstrap=False)
         if not fits:
             continue

@@ -89,7 +89,15 @@ def _data_key(r: RunSpec) -> str:
 
 
 COMMIT_WAIT_S = 5.0      # during a sweep: wait this long for a reader, then spool and go on
-FINAL_WAIT_S = float(os.environ.get("SPECDB_SPOOL_WAIT", 300))  # at the end: keep trying this long
+def _env_seconds(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if value == value and 0 <= value < float("inf") else default
+
+
+FINAL_WAIT_S = _env_seconds("SPECDB_SPOOL_WAIT", 300.0)  # at the end: keep trying this long
 
 
 def run_sweep(plan: Plan, db: str | Path, *, executor: str = "ray", address: str | None = None,

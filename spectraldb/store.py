@@ -214,21 +214,23 @@ def statuses(path: str | Path) -> dict[str, str]:
         return dict(con.execute("SELECT run_id, status FROM runs").fetchall())
 
 
-def rank_rows(run_id: str, records: list[dict]) -> list[list]:
-    """One ranks row per computed spectrum: soft, hard, entropy, the Rényi family, EEE."""
+def rank_rows(run_id: str, records: list[dict]) -> list[dict]:
+    """One ranks row (by column name) per computed spectrum: soft, hard, entropy, the Rényi
+    family, EEE."""
     rows = []
     for r in records:
         if r["eigenvalues"] is None:
             continue
         eig = r["eigenvalues"]
-        renyi = [spectra.renyi_rank(eig, a) for a in spectra.RENYI_ALPHAS]
-        rows.append([run_id, r["step"], r["layer"], r["site"], r["stratum"], r["n_tokens"],
-                     spectra.soft_rank(eig), spectra.hard_rank(eig), spectra.spectral_entropy(eig),
-                     *renyi, spectra.eee(eig)])
+        rows.append({"run_id": run_id, "step": r["step"], "layer": r["layer"], "site": r["site"],
+                     "stratum": r["stratum"], "n_tokens": r["n_tokens"], "soft_rank": spectra.soft_rank(eig),
+                     "hard_rank": spectra.hard_rank(eig), "spectral_entropy": spectra.spectral_entropy(eig),
+                     **{f"renyi_{spectra.alpha_name(a)}": spectra.renyi_rank(eig, a) for a in spectra.RENYI_ALPHAS},
+                     "eee": spectra.eee(eig)})
     return rows
 
 
-def reinjection_rows(run_id: str, records: list[dict]) -> list[list]:
+def reinjection_rows(run_id: str, records: list[dict]) -> list[dict]:
     """JS(pre, post) and ρ_α = R_α(post)/R_α(pre) where both sites were computed."""
     by = {(r["step"], r["layer"], r["site"], r["stratum"]): r["eigenvalues"] for r in records}
     rows = []
@@ -236,8 +238,10 @@ def reinjection_rows(run_id: str, records: list[dict]) -> list[list]:
         post = by.get((step, layer, "post", stratum))
         if site != "pre" or pre is None or post is None:
             continue
-        rho = [spectra.renyi_rank(post, a) / spectra.renyi_rank(pre, a) for a in spectra.RENYI_ALPHAS]
-        rows.append([run_id, step, layer, stratum, spectra.js_divergence(pre, post), *rho])
+        rows.append({"run_id": run_id, "step": step, "layer": layer, "stratum": stratum,
+                     "js_divergence": spectra.js_divergence(pre, post),
+                     **{f"rho_{spectra.alpha_name(a)}": spectra.renyi_rank(post, a) / spectra.renyi_rank(pre, a)
+                        for a in spectra.RENYI_ALPHAS}})
     return rows
 
 
@@ -271,13 +275,6 @@ RUN_POINTS_SQL = """
           GROUP BY m.run_id, m.layer, m.site, m.stratum, m.metric) k
     GROUP BY k.run_id, k.site, k.stratum, k.metric"""
 
-RUN_COLUMNS = ("run_id", "spec_name", "optimizer", "optimizer_name", "lr", "ffn_mult", "ffn_width", "d_model",
-               "n_layer", "n_head", "context", "vocab_size", "corpus", "seed", "steps", "batch_size",
-               "measure_source", "last_k", "status", "error", "final_val_loss", "final_val_ppl", "config",
-               "git_commit", "versions", "host", "device", "started_at", "finished_at", "duration_s",
-               "pos", "norm", "postln_frac", "activation", "keep_eigenvalues", "protocol")
-
-
 def write_run(path: str | Path, run, result: dict, provenance: dict, spec_name: str = "",
               wait_s: float = LOCK_WAIT_S) -> str:
     """Store one finished run (done, diverged or failed) in a single transaction; returns the
@@ -290,29 +287,33 @@ def write_run(path: str | Path, run, result: dict, provenance: dict, spec_name: 
     rid = run.run_id
     evals = result.get("evals", [])
     final = evals[-1] if evals else {}
-    cfg = run.config()
-    run_row = [
-        rid, spec_name, run.label, run.optimizer.name, run.optimizer.lr, run.model.ffn_mult,
-        run.model.ffn_width, run.model.d_model, run.model.n_layer, run.model.n_head, run.data.context,
-        result.get("vocab_size"), run.data.corpus, run.train.seed, run.train.steps, run.train.batch_size,
-        run.measure.source, run.measure.last_k, result["status"], result.get("error"),
-        _finite(final.get("val_loss")), _finite(final.get("val_ppl")), json.dumps(cfg),
-        provenance.get("git_commit"), json.dumps(provenance.get("versions", {})), provenance.get("host"),
-        result.get("device"), _ts(result.get("started_at")), _ts(result.get("finished_at")),
-        (result["finished_at"] - result["started_at"]) if result.get("finished_at") else None,
-        run.model.pos, run.model.norm, run.model.n_post_norm / run.model.n_layer, run.model.activation,
-        run.measure.keep_eigenvalues, result.get("protocol", PROTOCOL),
-    ]
-    eval_rows = [[rid, e["step"], _finite(e["train_loss"]), _finite(e["val_loss"]), _finite(e["val_ppl"])]
-                 for e in evals]
+    m, started, finished = run.model, result.get("started_at"), result.get("finished_at")
+    run_row = {
+        "run_id": rid, "spec_name": spec_name, "optimizer": run.label, "optimizer_name": run.optimizer.name,
+        "lr": run.optimizer.lr, "ffn_mult": m.ffn_mult, "ffn_width": m.ffn_width, "d_model": m.d_model,
+        "n_layer": m.n_layer, "n_head": m.n_head, "context": run.data.context, "vocab_size": result.get("vocab_size"),
+        "corpus": run.data.corpus, "seed": run.train.seed, "steps": run.train.steps,
+        "batch_size": run.train.batch_size, "measure_source": run.measure.source, "last_k": run.measure.last_k,
+        "status": result["status"], "error": result.get("error"), "final_val_loss": _finite(final.get("val_loss")),
+        "final_val_ppl": _finite(final.get("val_ppl")), "config": json.dumps(run.config()),
+        "git_commit": provenance.get("git_commit"), "versions": json.dumps(provenance.get("versions", {})),
+        "host": provenance.get("host"), "device": result.get("device"), "started_at": _ts(started),
+        "finished_at": _ts(finished), "duration_s": (finished - started) if finished else None,
+        "pos": m.pos, "norm": m.norm, "postln_frac": m.n_post_norm / m.n_layer, "activation": m.activation,
+        "keep_eigenvalues": run.measure.keep_eigenvalues, "protocol": result.get("protocol", PROTOCOL),
+    }
+    eval_rows = [{"run_id": rid, "step": e["step"], "train_loss": _finite(e["train_loss"]),
+                  "val_loss": _finite(e["val_loss"]), "val_ppl": _finite(e["val_ppl"])} for e in evals]
     records = result.get("spectra", [])
     from_end = series_from_end(records)
-    rank = [row + [from_end.get(tuple(row[1:5]))] for row in rank_rows(rid, records)]
+    rank = [{**row, "from_end": from_end.get((row["step"], row["layer"], row["site"], row["stratum"]))}
+            for row in rank_rows(rid, records)]
     reinjection = reinjection_rows(rid, records)
     stored = _kept(records, from_end, run.measure.last_k) if run.measure.keep_eigenvalues == "last_k" else records
-    spec_rows = [[rid, s["step"], s["layer"], s["site"], s["stratum"], s["n_tokens"], s["n_dim"],
-                  s["min_eigenvalue"] is None, s["min_eigenvalue"],
-                  None if s["eigenvalues"] is None else [float(v) for v in s["eigenvalues"]]]
+    spec_rows = [{"run_id": rid, "step": s["step"], "layer": s["layer"], "site": s["site"], "stratum": s["stratum"],
+                  "n_tokens": s["n_tokens"], "n_dim": s["n_dim"], "skipped": s["min_eigenvalue"] is None,
+                  "min_eigenvalue": s["min_eigenvalue"],
+                  "eigenvalues": None if s["eigenvalues"] is None else [float(v) for v in s["eigenvalues"]]}
                  for s in stored]
     with connect(path, wait_s=wait_s) as con:
         con.execute("BEGIN")
@@ -323,22 +324,23 @@ def write_run(path: str | Path, run, result: dict, provenance: dict, spec_name: 
                 return "done"
             for table in ("run_points", "reinjection", "ranks", "spectra", "evals", "runs"):
                 con.execute(f"DELETE FROM {table} WHERE run_id = ?", [rid])
-            con.execute(f"INSERT INTO runs BY NAME SELECT {', '.join(f'? AS {c}' for c in RUN_COLUMNS)}", run_row)
-            if eval_rows:
-                con.executemany("INSERT INTO evals VALUES (?, ?, ?, ?, ?)", eval_rows)
-            if spec_rows:
-                con.executemany("INSERT INTO spectra VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", spec_rows)
-            if rank:
-                con.executemany(f"INSERT INTO ranks VALUES ({', '.join('?' * len(rank[0]))})", rank)
-            if reinjection:
-                con.executemany(f"INSERT INTO reinjection VALUES ({', '.join('?' * len(reinjection[0]))})",
-                                reinjection)
+            for table, rows in (("runs", [run_row]), ("evals", eval_rows), ("spectra", spec_rows),
+                                ("ranks", rank), ("reinjection", reinjection)):
+                _insert(con, table, rows)
             con.execute(RUN_POINTS_SQL, [rid])
             con.execute("COMMIT")
         except BaseException:
             _rollback(con)
             raise
     return result["status"]
+
+
+def _insert(con, table: str, rows: list[dict]) -> None:
+    """Insert rows by column name (every row has the keys of the first)."""
+    if rows:
+        cols = list(rows[0])
+        con.executemany(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                        [[r[c] for c in cols] for r in rows])
 
 
 def _finite(x):

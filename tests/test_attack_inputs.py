@@ -114,6 +114,8 @@ HOSTILE_YAML = [
     ("5000-digit integer", "train: {seed: " + "9" * 5000 + "}\n", None),
     ("python tag", "model: !!python/object/apply:os.system ['echo pwned']\n", "malformed YAML"),
     ("duplicate via merge", "model: {d_model: 64, d_model: 32}\n", "duplicate key"),
+    ("list as a key", "{&a [1]\n}", "a key must be a plain name"),  # found by the property test
+    ("mapping as a key", "model: {? {a: 1} : 2}\n", "a key must be a plain name"),
 ]
 
 

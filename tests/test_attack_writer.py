@@ -242,3 +242,10 @@ def test_the_progress_sidecar_tolerates_a_full_disk(tmp_path, monkeypatch):
     monkeypatch.undo()
     rep.close()
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("value, seconds", [("12", 12.0), ("abc", 300.0), ("nan", 300.0), ("-1", 300.0),
+                                            ("inf", 300.0), ("", 300.0)])
+def test_the_spool_wait_from_the_environment_is_checked(monkeypatch, value, seconds):
+    monkeypatch.setenv("SPECDB_SPOOL_WAIT", value)
+    assert scheduler._env_seconds("SPECDB_SPOOL_WAIT", 300.0) == seconds

@@ -74,7 +74,8 @@ def test_write_run_is_one_transaction(tmp_path, monkeypatch):
     db = tmp_path / "s.duckdb"
     run = RunSpec.model_validate({"train": {"steps": 200}})
     res = fake_result({(100, 0): 3}, 256)
-    monkeypatch.setattr(store, "rank_rows", lambda rid, recs: [[rid, 1, 0, "post", "all", 1] + [None] * 11])
+    monkeypatch.setattr(store, "rank_rows", lambda rid, recs: [{"run_id": rid, "step": 1, "layer": 0, "site": "post",
+                                                               "stratum": "all", "n_tokens": 1, "soft_rank": None}])
     with pytest.raises(duckdb.Error):
         store.write_run(db, run, res, {})
     with store.connect(db, read_only=True) as con:

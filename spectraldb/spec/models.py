@@ -125,7 +125,7 @@ class DionSpec(_LionScalars):
     mu: float = Field(0.95, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
     rank_fraction: float = Field(1.0, gt=0, le=1)
-    rank_multiple_of: int = Field(1, ge=1)
+    rank_multiple_of: int = Field(1, ge=1, le=INT32_MAX)
     eps: float = Field(1e-8, gt=0)
     state_dtype: Literal["fp32", "bf16"] = "fp32"
 

@@ -158,7 +158,7 @@ def parse_yaml(text: str, name: str) -> tuple[Any, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f"{name}:{mark.line + 1}" if mark else name
         raise SpecError(f"{where} malformed YAML: {getattr(exc, 'problem', None) or 'cannot construct'}") from None
-    except (ValueError, OverflowError) as exc:  # e.g. a 5,000-digit integer
+    except (ValueError, OverflowError, TypeError) as exc:  # e.g. a 5,000-digit integer
         raise SpecError(f"{name}: a value cannot be read ({str(exc).splitlines()[0][:120]})") from None
     return doc, node
 
@@ -186,11 +186,13 @@ def _check_shape(root, name: str) -> None:
         if isinstance(node, yaml.MappingNode):
             keys = set()
             for k, v in node.value:
-                if isinstance(k, yaml.ScalarNode) and k.value in keys:
+                if not isinstance(k, yaml.ScalarNode):  # `{[1]: x}`: Python cannot even build it
+                    raise SpecError(f"{name}:{k.start_mark.line + 1} {fmt_path(path) or 'spec'}: "
+                                    "a key must be a plain name, not a list or mapping")
+                if k.value in keys:
                     raise SpecError(f"{name}:{k.start_mark.line + 1} {fmt_path(path + (k.value,))}: duplicate key")
-                keys.add(getattr(k, "value", None))
-                stack.append((v, path + (k.value if isinstance(k, yaml.ScalarNode) else "?",)))
-                stack.append((k, path))
+                keys.add(k.value)
+                stack.append((v, path + (k.value,)))
         elif isinstance(node, yaml.SequenceNode):
             stack.extend((v, path + (i,)) for i, v in enumerate(node.value))
     for node in reversed(order):  # children before parents
