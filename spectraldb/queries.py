@@ -18,6 +18,7 @@ import numpy as np
 
 from spectraldb.errors import SpecError
 from spectraldb.fits import MIN_WIDTHS, fit_groups  # noqa: F401 - MIN_WIDTHS is part of this API
+from spectraldb.points import point_ctes
 from spectraldb.predicates import (FACTORS, METRICS, STRATA, check_factors, check_metric,  # noqa: F401
                                    check_site, check_strata, check_where)
 from spectraldb.spectra import RENYI_ALPHAS, alpha_name
@@ -98,28 +99,19 @@ def run_values(con, metrics, *, stratum="all", site="post", window=None, step=No
         cur = con.execute(sql, [*metrics, *statuses, site, *strata, *metrics])
         return _rows(cur, (*metrics, N_TOKENS), by_layer, by_step)
     if by_step:
-        step_clause, params = "TRUE", []
+        clause, params = "TRUE", []
     elif step is not None:
-        step_clause, params = "k.step = ?", [step]
+        clause, params = "k.step = ?", [step]
     else:
-        step_clause, params = "k.from_end <= coalesce(?::INTEGER, sel.last_k)", [window]
-    group = "run_id, stratum, layer" + (", step" if by_step else "")
-    keys = "run_id, stratum" + (", layer" if by_layer else "") + (", step" if by_step else "")
+        clause, params = "k.from_end <= coalesce(?::INTEGER, sel.last_k)", [window]
     # plain placeholders (not IN (SELECT unnest(?))) keep the filters pushed into the scan
+    ctes = point_ctes(cols, filters=f"k.site = ? AND k.stratum IN ({', '.join('?' * len(strata))})",
+                      window=clause, by_layer=by_layer, by_step=by_step)
     sql = f"""
         WITH sel AS (SELECT run_id, last_k FROM runs
                      WHERE status IN ({", ".join("?" * len(statuses))}) AND ({where})),
-        per_layer AS (
-            SELECT {", ".join(f"k.{g.strip()}" for g in group.split(","))},
-                   {", ".join(f"median(k.{c}) AS m{i}" for i, c in enumerate(cols))},
-                   min(k.n_tokens) AS n_tokens
-            FROM ranks k JOIN sel USING (run_id)
-            WHERE k.site = ? AND k.stratum IN ({", ".join("?" * len(strata))}) AND {step_clause}
-            GROUP BY {group}),
-        per_run AS (SELECT {keys}, {", ".join(f"median(m{i}) AS m{i}" for i in range(len(cols)))},
-                           min(n_tokens) AS n_tokens
-                    FROM per_layer GROUP BY {keys})
-        SELECT p.*, r.ffn_width, r.final_val_ppl AS val_ppl, {", ".join(f"r.{f}" for f in factors)}
+        {ctes}
+        SELECT p.* EXCLUDE (n_layers), r.ffn_width, r.final_val_ppl AS val_ppl, {", ".join(f"r.{f}" for f in factors)}
         FROM per_run p JOIN runs r USING (run_id)"""
     cur = con.execute(sql, [*statuses, site, *strata, *params])
     return _rows(cur, (*metrics, N_TOKENS), by_layer, by_step)

@@ -18,6 +18,7 @@ import duckdb
 
 from spectraldb import spectra
 from spectraldb.backfills import BACKFILL
+from spectraldb.points import RUN_POINTS_SQL
 from spectraldb.errors import StoreError, StoreLocked
 from workers.protocol import PROTOCOL
 
@@ -263,17 +264,6 @@ def _kept(records: list[dict], from_end: dict[tuple, int], last_k: int) -> list[
     key = lambda r: (r["step"], r["layer"], r["site"], r["stratum"])  # noqa: E731
     return [r if from_end.get(key(r), last_k + 1) <= last_k else {**r, "eigenvalues": None} for r in records]
 
-
-# The run's aggregated values (as the layer_points view defines them), stored with the run.
-RUN_POINTS_SQL = """
-    INSERT INTO run_points
-    SELECT k.run_id, k.site, k.stratum, k.metric, median(k.value), count(*), min(k.n_tokens)
-    FROM (SELECT m.run_id, m.layer, m.site, m.stratum, m.metric, median(m.value) AS value,
-                 min(m.n_tokens) AS n_tokens
-          FROM rank_metrics m JOIN runs r USING (run_id)
-          WHERE m.run_id = ? AND m.from_end <= r.last_k
-          GROUP BY m.run_id, m.layer, m.site, m.stratum, m.metric) k
-    GROUP BY k.run_id, k.site, k.stratum, k.metric"""
 
 def write_run(path: str | Path, run, result: dict, provenance: dict, spec_name: str = "",
               wait_s: float = LOCK_WAIT_S) -> str:

@@ -22,7 +22,7 @@ def perturbed_metric(monkeypatch):
 
 
 def perturbed_aggregation(monkeypatch):
-    monkeypatch.setattr(store, "RUN_POINTS_SQL", store.RUN_POINTS_SQL.replace("median(m.value)", "max(m.value)"))
+    monkeypatch.setattr(store, "RUN_POINTS_SQL", store.RUN_POINTS_SQL.replace("median(k.", "max(k."))
 
 
 def perturbed_fit(monkeypatch):

@@ -129,3 +129,28 @@ def test_a_store_of_the_old_protocol_is_migrated_kept_and_never_pooled(tmp_path)
     assert "protocol" not in json.loads(only.stdout)[0] and "fitted separately" not in only.stderr
     status = runner.invoke(app, ["status", "--db", str(old), "--format", "json"])
     assert "protocol 1" in status.stderr
+
+
+def test_the_layer_points_view_equals_the_one_definition(tmp_path):
+    """layer_points is SQL frozen in a migration; the store and the queries use points.point_ctes.
+    On a store with skipped strata and several layers, the two give the same values."""
+    from spectraldb.points import point_ctes
+    from spectraldb.predicates import METRICS
+
+    db = tmp_path / "v.duckdb"
+    for mult in (1, 2):
+        put(db, mult=mult, layers=3, rank_of=lambda D, step, layer: D / (2 + layer + step / 100))
+    run = RunSpec.model_validate({"model": {"d_model": 32, "ffn_mult": 1}, "train": {"steps": 30, "seed": 9},
+                                  "measure": {"every": 10, "last_k": 2}})
+    store.write_run(db, run, series_result({(10, "tail"): 6, (20, "tail"): 8, (30, "tail"): None,
+                                            (10, "all"): 9, (20, "all"): 9, (30, "all"): 11}), {})
+    sql = f"""WITH sel AS (SELECT run_id, last_k FROM runs),
+              {point_ctes(list(METRICS.values()), by_site=True, by_layer=True)}
+              SELECT run_id, layer, site, stratum, metric, value
+              FROM (UNPIVOT per_run ON {", ".join(f'm{i} AS "{n}"' for i, n in enumerate(METRICS))}
+                    INTO NAME metric VALUE value) ORDER BY ALL"""
+    with store.connect(db, read_only=True) as con:
+        built = con.execute(sql).fetchall()
+        view = con.execute("SELECT run_id, layer, site, stratum, metric, value FROM layer_points ORDER BY ALL").fetchall()
+    assert len(built) == len(view) > 100
+    assert all(a[:5] == b[:5] and a[5] == pytest.approx(b[5], rel=1e-12) for a, b in zip(built, view))
