@@ -294,6 +294,36 @@ def plot(kind: str = typer.Argument(..., help="scaling | dynamics | depth | reny
     typer.echo(f"wrote {output}", err=True)
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@app.command()
+def serve(db: Optional[str] = DbOpt, host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
+          port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free port)."),
+          token: Optional[str] = typer.Option(None, envvar="SPECDB_TOKEN",
+                                              help="Require `Authorization: Bearer TOKEN` on every request.")):
+    """Serve the store read-only over HTTP: a JSON API with one endpoint per verb (/api/beta,
+    /api/matched, /api/delta, /api/dynamics, /api/depth, /api/renyi, /api/runs, /api/status,
+    POST /api/sql) and OpenAPI docs at /docs. Ctrl-C stops it.
+
+    Examples: specdb serve · specdb serve --host 0.0.0.0 --token "$(openssl rand -hex 16)"
+    """
+    import uvicorn
+
+    from spectraldb.service import create_app
+
+    path = Path(db or DEFAULT_DB)
+    if host not in LOOPBACK and not token:
+        fail(f"--host {host}: serving beyond this machine needs --token (anyone who can reach the port could "
+             "read the store otherwise)", 2)
+    if token is not None and len(token) < 8:
+        fail("--token: use at least 8 characters", 2)
+    if not path.is_file():
+        fail(f"{path}: no such store (run `specdb run SPEC` first, or pass --db)", 2)
+    typer.echo(f"serving {path} on http://{host}:{port} (docs at /docs{', token required' if token else ''})", err=True)
+    uvicorn.run(create_app(path, token), host=host, port=port, log_level="warning")
+
+
 def main() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     app()

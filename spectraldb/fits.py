@@ -123,7 +123,8 @@ def _bootstrap(widths, seed_values, draws) -> tuple[float, float]:
     """95% percentile interval of β from resampling seeds within each width; `draws` holds one
     (BOOTSTRAP, n_seeds) count matrix per width, shared by the metrics of a group."""
     lx = np.log(np.asarray(widths, dtype=float))
-    ly = np.stack([np.log(w @ np.asarray(v, dtype=float) / len(v)) for v, w in zip(seed_values, draws)],
+    # an elementwise sum, not a BLAS product: the interval is the same to the last bit on every call
+    ly = np.stack([np.log((w * np.asarray(v, dtype=float)).sum(axis=1) / len(v)) for v, w in zip(seed_values, draws)],
                   axis=1)  # (B, n)
     xc = lx - lx.mean()
     slopes = ((ly - ly.mean(axis=1, keepdims=True)) * xc).sum(axis=1) / (xc**2).sum()
@@ -142,8 +143,8 @@ def fit_groups(points, metrics, key_names, notes, label=lambda k: " / ".join(map
     """points: (key tuple, width, seed, {metric: value}) → one row of fits per key (with a
     seed-bootstrap interval when some width has several seeds and `bootstrap`)."""
     series: dict[tuple, dict[float, list]] = defaultdict(lambda: defaultdict(list))
-    for key, width, _seed, values in points:
-        series[key][width].append(values)
+    for key, width, seed, values in sorted(points, key=lambda p: (str(p[0]), p[1], str(p[2]), repr(sorted(p[3].items())))):
+        series[key][width].append(values)  # seeds in a fixed order: the bootstrap never depends on SQL's row order
     rng = np.random.default_rng(0)
     rows = []
     for key in sorted(series, key=lambda k: tuple(str(x) for x in k)):

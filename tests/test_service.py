@@ -1,0 +1,188 @@
+"""`specdb serve`: the JSON API through its test client and as a real server process."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from cli.main import app as cli_app
+from spectraldb.errors import SpecError
+from spectraldb.service import create_app, run_limited_sql
+from tests.conftest import put
+
+runner = CliRunner()
+SECRET = "TOP-SECRET-SERVICE"
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    """AdamW (β 1) and Muon (β 0.5) at 4 widths, n_head 4 and 8, two seeds at n_head 4; one diverged run."""
+    path = tmp_path_factory.mktemp("svc") / "s.duckdb"
+    for n_head in (4, 8):
+        for mult in (1, 2, 4, 8):
+            for seed in ((0, 1) if n_head == 4 else (0,)):
+                put(path, mult=mult, n_head=n_head, seed=seed, rank_of=lambda D, s, l, k=seed: D / 4 * (1 + 0.01 * k))
+                put(path, optimizer="muon", mult=mult, n_head=n_head, seed=seed, ppl=51.0,
+                    rank_of=lambda D, s, l, h=n_head: 2 * D ** (0.5 if h == 4 else 0.6))
+    put(path, mult=1, seed=7, status="diverged", rank_of=lambda D, s, l: D / 2)
+    (path.parent / "secret.txt").write_text(SECRET)
+    return path
+
+
+@pytest.fixture(scope="module")
+def client(db):
+    return TestClient(create_app(db))
+
+
+def cli_json(db, *args):
+    result = runner.invoke(cli_app, [*args, "--db", str(db), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), [line for line in result.stderr.strip().splitlines() if line]
+
+
+SAME_AS_CLI = [
+    ("/api/beta", {}, ["query", "beta"]),
+    ("/api/beta", {"stratum": "all", "by": "optimizer,n_head", "metric": "renyi:3"},
+     ["query", "beta", "--by", "optimizer,n_head", "--metric", "renyi:3"]),
+    ("/api/beta", {"layer": "each", "window": 1, "where": "n_head = 4"},
+     ["query", "beta", "--layer", "each", "--window", "1", "--where", "n_head = 4"]),
+    ("/api/dynamics", {"where": "n_head = 8"}, ["query", "dynamics", "--where", "n_head = 8"]),
+    ("/api/depth", {"site": "pre"}, ["query", "depth", "--site", "pre"]),
+    ("/api/matched", {"ppl_tol": 0.05, "by": "optimizer,n_head"},
+     ["query", "matched", "--ppl-tol", "0.05", "--by", "optimizer,n_head"]),
+    ("/api/delta", {"arch": "n_head", "reference": "4", "stratum": "all"},
+     ["query", "delta", "--arch", "n_head", "--reference", "4", "--stratum", "all"]),
+    ("/api/renyi", {"ffn_mult": 2}, ["query", "renyi", "--ffn-mult", "2"]),
+]
+
+
+@pytest.mark.parametrize("path, params, args", SAME_AS_CLI, ids=[f"{p}{i}" for i, (p, _, _) in enumerate(SAME_AS_CLI)])
+def test_each_endpoint_returns_what_the_cli_prints(db, client, path, params, args):
+    response = client.get(path, params=params)
+    assert response.status_code == 200, response.text
+    rows, notes = cli_json(db, *args)
+    assert response.json()["rows"] == rows and rows
+    assert response.json()["notes"] == notes
+
+
+def test_runs_run_spectrum_status(db, client):
+    page = client.get("/api/runs", params={"limit": 5, "offset": 2, "status": "done"}).json()
+    assert page["total"] == 24 and len(page["rows"]) == 5 and page["offset"] == 2
+    assert client.get("/api/runs", params={"where": "n_head = 8"}).json()["total"] == 8
+    rid = page["rows"][0]["run_id"]
+    one = client.get(f"/api/runs/{rid}").json()
+    assert one["run"]["run_id"] == rid and one["run"]["config"]["model"]["d_model"] == 32
+    assert [e["step"] for e in one["evals"]] == [300] and len(one["ranks"]) == 3 * 2 * 2
+    spec = client.get(f"/api/runs/{rid}/spectrum", params={"layer": 1, "site": "pre"}).json()
+    assert spec["step"] == 300 and len(spec["eigenvalues"]) == spec["n_dim"]
+    assert spec["eigenvalues"] == sorted(spec["eigenvalues"], reverse=True)
+    status = client.get("/api/status").json()
+    assert status["runs"] == {"done": 24, "diverged": 1} and status["in_flight"] == []
+    assert client.get("/docs").status_code == 200 and "/api/beta" in client.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize("path, params, code, words", [
+    ("/api/beta", {"stratum": "tial"}, 400, "--stratum: unknown stratum 'tial'"),
+    ("/api/beta", {"site": "middle"}, 400, "--site: unknown site 'middle'"),
+    ("/api/beta", {"by": "colour"}, 400, "--by: unknown factor 'colour'"),
+    ("/api/beta", {"window": "abc"}, 422, "--window"),
+    ("/api/beta", {"where": "error((SELECT content FROM read_text('secret.txt')))"}, 400, "subqueries are not allowed"),
+    ("/api/beta", {"where": "TRUE) UNION SELECT run_id FROM spectra WHERE (TRUE"}, 400, "must be one predicate"),
+    ("/api/beta", {"where": "CAST(corpus AS INTEGER) > 0"}, 400, "query failed"),
+    ("/api/matched", {"metric": "bogus"}, 400, "--metric: unknown metric 'bogus'"),
+    ("/api/renyi", {}, 422, "--ffn_mult"),
+    ("/api/runs", {"limit": 0}, 422, "--limit"),
+    ("/api/runs/nosuchrun", {}, 404, "no such run"),
+    ("/api/runs/nosuchrun/spectrum", {}, 404, "no such run"),
+])
+def test_bad_parameters_get_one_line_in_the_clis_words(client, path, params, code, words):
+    response = client.get(path, params=params)
+    assert response.status_code == code, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and words in detail and "\n" not in detail
+    assert "Traceback" not in response.text and SECRET not in response.text and "sotu" not in response.text
+
+
+def test_sql_is_one_read_only_select_with_limits(db, client):
+    ok = client.post("/api/sql", json={"query": "SELECT optimizer, count(*) AS n FROM runs GROUP BY 1 ORDER BY 1"})
+    assert ok.status_code == 200 and ok.json()["rows"] == [{"optimizer": "AdamW", "n": 13}, {"optimizer": "Muon", "n": 12}]
+    for bad, words in [("DROP TABLE runs", "refused"), ("SELECT 1; SELECT 2", "expected one statement"),
+                       (f"SELECT * FROM read_text('{db.parent / 'secret.txt'}')", "disabled"),
+                       ("SET enable_external_access = true", "refused"), ("", "no statement")]:
+        response = client.post("/api/sql", json={"query": bad})
+        assert response.status_code == 400 and words in response.json()["detail"], (bad, response.text)
+        assert SECRET not in response.text
+    cols, rows, notes = run_limited_sql(db, "SELECT * FROM range(100)", row_cap=10)
+    assert len(rows) == 10 and notes == ["row cap reached: the first 10 rows are shown"]
+    t0 = time.monotonic()
+    with pytest.raises(SpecError, match="time limit of 0.5 s"):
+        run_limited_sql(db, "SELECT count(*) FROM range(100000000000) a", time_limit_s=0.5)
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_token_guards_every_request(db):
+    guarded = TestClient(create_app(db, token="s3cret-token"))
+    assert guarded.get("/api/status").status_code == 401
+    assert guarded.get("/api/status", headers={"Authorization": "Bearer wrong-token"}).status_code == 401
+    assert guarded.get("/api/status", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+
+
+def test_serving_beyond_loopback_needs_a_token(db):
+    result = runner.invoke(cli_app, ["serve", "--db", str(db), "--host", "0.0.0.0"])
+    assert result.exit_code == 2 and "needs --token" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = runner.invoke(cli_app, ["serve", "--db", str(db.parent / "none.duckdb")])
+    assert result.exit_code == 2 and "no such store" in result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url, token=None):
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=60) as response:
+        return response.status, json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_a_real_server_process_answers_over_http_and_waits_out_a_commit(db, client):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--db", str(db), "--port", str(port),
+                             "--token", "token-for-test"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                get(f"{base}/api/status", "token-for-test")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "slow"
+                time.sleep(0.2)
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            get(f"{base}/api/beta")
+        assert denied.value.code == 401
+        code, body = get(f"{base}/api/beta?stratum=all", "token-for-test")
+        assert code == 200 and body == client.get("/api/beta").json()
+        # a writer holds the file for 2 s (as a driver's commit would): the request waits, then answers
+        writer = subprocess.Popen([sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(db)!r}); "
+                                   "print('open', flush=True); time.sleep(2)"], stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline().strip() == "open"
+        t0 = time.monotonic()
+        code, body = get(f"{base}/api/beta", "token-for-test")
+        writer.wait()
+        assert code == 200 and body["rows"] and time.monotonic() - t0 > 0.5
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err, err
