@@ -23,6 +23,42 @@ def _figure(nrows: int, ncols: int, **kw):
     return fig, axes
 
 
+def scaling_series(con, stratum="all", site="post", metrics=("hard", "soft"), include_diverged=False, where=None,
+                   by=("optimizer",)) -> tuple[dict, list[str]]:
+    """The scaling figure's data, for matplotlib and the dashboard alike: {metric: [series]} with
+    one series per group of `specdb query beta --by …` (protocol joins when several are selected):
+    name, widths, seed-mean values, β with its interval (None under the 3-width floor) and the
+    fitted line with its 95% band on a 50-point grid. The β is the query's."""
+    answer = queries.beta(con, stratum, site, include_diverged, by=by, where=where)
+    key_names = [k for k in (*by, "protocol") if answer.rows and k in answer.rows[0]]
+    fitted = {tuple(r[k] for k in key_names): r for r in answer.rows}
+    vals = queries.run_values(con, ("hard", "soft"), stratum=stratum, site=site, where=where,
+                              include_diverged=include_diverged, factors=(*by, "protocol"))
+    out = {}
+    for metric in metrics:
+        groups = defaultdict(lambda: defaultdict(list))
+        for v in vals:
+            groups[tuple(v.factors[k] for k in key_names)][v.factors["ffn_width"]].append(v.values[metric])
+        series = []
+        for key, pts in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+            w = np.array(sorted(pts), dtype=float)
+            y = np.array([np.mean(pts[x]) for x in sorted(pts)])
+            row = fitted.get(key, {})
+            item = {"name": " / ".join(f"protocol {x}" if k == "protocol" else str(x) for k, x in zip(key_names, key)),
+                    "widths": w.tolist(), "values": y.tolist(), "beta": row.get(f"beta_{metric}"),
+                    "beta_low": row.get(f"beta_{metric}_low"), "beta_high": row.get(f"beta_{metric}_high"),
+                    "line": None}
+            if item["beta"] is not None:
+                fit = power_law(w, y)  # the query's fit of the same seed means: same β
+                grid = np.geomspace(w.min(), w.max(), 50)
+                lo, hi = _band(np.log(w), np.log(y), np.log(grid), fit)
+                item["line"] = {"x": grid.tolist(), "y": (np.exp(fit.intercept) * grid**fit.beta).tolist(),
+                                "lo": np.exp(lo).tolist(), "hi": np.exp(hi).tolist()}
+            series.append(item)
+        out[metric] = series
+    return out, answer.notes
+
+
 def scaling(con, strata=("all",), site="post", include_diverged=False, where=None):
     """Rank vs FFN width on log–log axes, one series per group of `specdb query beta` (per
     optimizer, and per protocol when runs of several are selected) with its fitted line, the
@@ -30,30 +66,19 @@ def scaling(con, strata=("all",), site="post", include_diverged=False, where=Non
     the query: a group with fewer than 3 widths gets its points but no line."""
     fig, axes = _figure(len(strata), 2)
     for row, stratum in enumerate(strata):
-        answer = queries.beta(con, stratum, site, include_diverged, where=where)
-        key_names = [k for k in ("optimizer", "protocol") if answer.rows and k in answer.rows[0]]
-        fitted = {tuple(r[k] for k in key_names): r for r in answer.rows}
-        vals = queries.run_values(con, ("hard", "soft"), stratum=stratum, site=site, where=where,
-                                  include_diverged=include_diverged, factors=("protocol",))
+        data, _ = scaling_series(con, stratum, site, include_diverged=include_diverged, where=where)
         for col, metric in enumerate(("hard", "soft")):
             ax = axes[row][col]
-            by = defaultdict(lambda: defaultdict(list))
-            for v in vals:
-                by[tuple(v.factors[k] for k in key_names)][v.factors["ffn_width"]].append(v.values[metric])
-            for i, (key, pts) in enumerate(sorted(by.items(), key=lambda kv: tuple(map(str, kv[0])))):
-                color, name = f"C{i}", " / protocol ".join(map(str, key))
-                w = np.array(sorted(pts), dtype=float)
-                y = np.array([np.mean(pts[x]) for x in sorted(pts)])
-                ax.scatter(w, y, color=color, s=22, zorder=3)
-                beta = fitted.get(key, {}).get(f"beta_{metric}")
-                if beta is None:
-                    ax.plot(w, y, color=color, lw=0.8, ls=":", label=f"{name}: no fit (< {queries.MIN_WIDTHS} widths)")
+            for i, s in enumerate(data[metric]):
+                color = f"C{i}"
+                ax.scatter(s["widths"], s["values"], color=color, s=22, zorder=3)
+                if s["line"] is None:
+                    ax.plot(s["widths"], s["values"], color=color, lw=0.8, ls=":",
+                            label=f"{s['name']}: no fit (< {queries.MIN_WIDTHS} widths)")
                     continue
-                fit = power_law(w, y)  # the query's fit of the same seed means: same β
-                grid = np.geomspace(w.min(), w.max(), 50)
-                ax.plot(grid, np.exp(fit.intercept) * grid**fit.beta, color=color, label=f"{name}: β={beta:.2f}")
-                lo, hi = _band(np.log(w), np.log(y), np.log(grid), fit)
-                ax.fill_between(grid, np.exp(lo), np.exp(hi), color=color, alpha=0.15, lw=0)
+                line = s["line"]
+                ax.plot(line["x"], line["y"], color=color, label=f"{s['name']}: β={s['beta']:.2f}")
+                ax.fill_between(line["x"], line["lo"], line["hi"], color=color, alpha=0.15, lw=0)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("FFN width D")

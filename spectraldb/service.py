@@ -41,6 +41,19 @@ def _split(values: list[str] | None) -> list[str]:
     return [x.strip() for part in values or [] for x in part.split(",") if x.strip()]
 
 
+DASHBOARD = Path(__file__).resolve().parent / "dashboard" / "index.html"
+
+
+def plotly_bundle() -> Path:
+    """plotly.js as the `plotly` PyPI package ships it: served by specdb itself, never a CDN."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("plotly")  # locate without importing the (large) Python package
+    if spec is None or not spec.submodule_search_locations:
+        raise StoreError("the dashboard needs the plotly package: pip install plotly")
+    return Path(list(spec.submodule_search_locations)[0]) / "package_data" / "plotly.min.js"
+
+
 class SQLRequest(BaseModel):
     query: str
 
@@ -134,6 +147,30 @@ def create_app(db: str | Path, token: str | None = None):
     @app.get("/api/renyi")
     def renyi(ffn_mult: float, step: int | None = None, stratum: str = "all", include_diverged: bool = False):
         return answer(queries.renyi, ffn_mult=ffn_mult, step=step, stratum=stratum, include_diverged=include_diverged)
+
+    @app.get("/api/scaling")
+    def scaling(stratum: str = "all", site: str = "post", include_diverged: bool = False,
+                by: list[str] | None = Query(None), where: str | None = None):
+        """The study's main figure as data: per group, the seed-mean points, β with its interval
+        and the fitted line with its 95% band, for hard and soft rank (as `specdb plot scaling`)."""
+        from spectraldb.plots import scaling_series
+
+        with store.connect(db, read_only=True) as con:
+            data, notes = scaling_series(con, stratum, site, include_diverged=include_diverged, where=where,
+                                         by=queries.check_factors(_split(by)))
+        return {"series": json.loads(json.dumps(data)), "notes": notes}
+
+    @app.get("/", include_in_schema=False)
+    def dashboard():
+        from fastapi.responses import HTMLResponse
+
+        return HTMLResponse(DASHBOARD.read_text(encoding="utf-8"))
+
+    @app.get("/static/plotly.min.js", include_in_schema=False)
+    def plotly_js():
+        from fastapi.responses import FileResponse
+
+        return FileResponse(plotly_bundle(), media_type="application/javascript")
 
     @app.get("/api/runs")
     def runs(status: str | None = None, optimizer: str | None = None, where: str | None = None,

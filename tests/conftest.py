@@ -77,7 +77,9 @@ def flat(rank: float, dim: int) -> np.ndarray:
 
 
 def put(db, *, optimizer="adamw", mult=1, seed=0, steps=300, n_head=4, rank_of=None, ppl=50.0, layers=2,
-        stratum="all", status="done", n_per_dim=50):
+        stratum="all", status="done", n_per_dim=50, strata=None):
+    """Plant one run without training. `strata` ({stratum: factor}) writes several strata, each
+    with rank_of × factor; otherwise the one `stratum`."""
     run = RunSpec.model_validate({"model": {"d_model": 32, "n_head": n_head, "ffn_mult": mult},
                                   "optimizer": optimizer, "train": {"steps": steps, "seed": seed},
                                   "measure": {"every": 100, "last_k": 2}})
@@ -87,8 +89,9 @@ def put(db, *, optimizer="adamw", mult=1, seed=0, steps=300, n_head=4, rank_of=N
         for layer in range(layers):
             r = rank_of(D, step, layer)
             for site in ("pre", "post"):
-                spectra.append({"step": step, "layer": layer, "site": site, "stratum": stratum,
-                                "n_tokens": n_per_dim * D, "n_dim": D, "eigenvalues": flat(r, D), "min_eigenvalue": 0.0})
+                for st, factor in (strata or {stratum: 1.0}).items():
+                    spectra.append({"step": step, "layer": layer, "site": site, "stratum": st, "n_tokens": n_per_dim * D,
+                                    "n_dim": D, "eigenvalues": flat(min(D, r * factor), D), "min_eigenvalue": 0.0})
     store.write_run(db, run, {"status": status, "started_at": 0.0, "finished_at": 1.0, "spectra": spectra,
                               "evals": [{"step": steps, "train_loss": 3.0, "val_loss": float(np.log(ppl)),
                                          "val_ppl": ppl}]}, {})

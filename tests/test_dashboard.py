@@ -1,0 +1,100 @@
+"""The dashboard in a real headless browser (Debian's chromium + chromium-driver, driven by selenium)."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import put
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `specdb serve` on a store with AdamW (β 1) and Muon (β 0.5) at 4 widths, tail ranks halved."""
+    db = tmp_path_factory.mktemp("dash") / "d.duckdb"
+    for mult in (1, 2, 4, 8):
+        put(db, mult=mult, strata={"all": 1.0, "tail": 0.5}, rank_of=lambda D, s, l: D / 4)
+        put(db, optimizer="muon", mult=mult, strata={"all": 1.0, "tail": 0.5}, ppl=51.0,
+            rank_of=lambda D, s, l: 2 * D ** 0.5)
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--db", str(db), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/api/status", timeout=5).read()
+            break
+        except (urllib.error.URLError, ConnectionError):
+            assert time.time() < deadline and proc.poll() is None, "the server did not start"
+            time.sleep(0.2)
+    yield base
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    assert Path(driver_path).exists(), "chromium-driver is missing (apt-get install chromium chromium-driver)"
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2200"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+def traces(browser, kind="points"):
+    return browser.execute_script(
+        "return (document.getElementById('scaling').data || []).filter(t => t.meta === arguments[0])"
+        ".map(t => ({name: t.name, y: Array.from(t.y)}));", kind)
+
+
+def test_the_dashboard_loads_draws_and_reacts(server, browser, tmp_path):
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser.get(server + "/")
+    assert browser.execute_async_script("window.specdbReady.then(arguments[arguments.length - 1]);") is True
+    # the main figure: one point trace per optimizer, β of `query beta` in the legend, a fit each
+    tail = traces(browser)
+    assert [t["name"].split(":")[0] for t in tail] == ["AdamW", "Muon"]
+    assert "β=1.00" in tail[0]["name"] and "β=0.50" in tail[1]["name"]
+    assert len(traces(browser, "fit")) == 2 and len(traces(browser, "band")) == 4
+    # switching the stratum redraws the figure with that stratum's points (tail ranks are halved)
+    Select(browser.find_element("id", "stratum")).select_by_visible_text("all")
+    WebDriverWait(browser, 30).until(lambda b: traces(b)[0]["y"] != tail[0]["y"])
+    assert traces(browser)[0]["y"] == pytest.approx([2 * y for y in tail[0]["y"]], rel=1e-6)
+    # the tables and the run page
+    assert "AdamW" in browser.find_element("id", "betas").text and "Muon" in browser.find_element("id", "betas").text
+    assert "matched pair" in browser.find_element("id", "matched").text
+    browser.find_element("css selector", "#runs td.link").click()
+    WebDriverWait(browser, 30).until(lambda b: b.execute_script(
+        "return (document.getElementById('run-spectrum').data || []).length") == 1)
+    assert browser.execute_script("return document.getElementById('run-loss').data.length") == 2
+    # everything the page loads comes from specdb itself, and nothing went wrong in the console
+    sources = browser.execute_script("return Array.from(document.scripts).map(s => s.src).filter(Boolean)")
+    assert sources and all(s.startswith(server) for s in sources)
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+    shot = tmp_path / "dashboard.png"
+    browser.save_screenshot(str(shot))
+    assert shot.read_bytes()[:4] == b"\x89PNG"
+    if os.environ.get("SPECDB_WRITE_SCREENSHOT"):  # refresh the README's picture deliberately
+        shutil.copy(shot, ROOT / "docs" / "dashboard.png")
