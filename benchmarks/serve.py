@@ -1,0 +1,157 @@
+"""Load on `specdb serve`: concurrent clients while a writer commits runs.
+
+    python benchmarks/serve.py [--runs 1000] [--clients 32] [--seconds 30] [--db /tmp/specdb-serve.duckdb]
+                               [--warm-db specdb.duckdb]
+
+Builds (once) a synthetic store of `--runs` runs (benchmarks/queries.py's builder), starts a real
+`specdb serve` on a free loopback port, and for `--seconds` runs `--clients` client threads that
+request a mix of endpoints while another process commits one new run per second through
+`store.write_run` (as a driver would). Prints per endpoint: requests, requests/s, p50 and p99
+latency, errors; and the writer's commits and its slowest commit. With `--warm-db`, first times
+warm `/api/beta` alone (sequential requests, no writer) on that store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import runpy
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ENDPOINTS = ["/api/beta", "/api/beta?stratum=tail&by=optimizer,n_head", "/api/matched", "/api/runs?limit=50",
+             "/api/status", "/api/dynamics?stratum=all"]
+
+WRITER = """
+import sys, time, numpy as np
+from spectraldb import store
+from spectraldb.spec import RunSpec
+db, seconds = sys.argv[1], float(sys.argv[2])
+t_end, i, worst, n = time.time() + seconds, 0, 0.0, 0
+while time.time() < t_end:
+    t0 = time.time()
+    run = RunSpec.model_validate({"model": {"d_model": 32, "ffn_mult": 1 + i % 8}, "train": {"steps": 300, "seed": 10_000 + i}})
+    D = run.model.ffn_width
+    spectra = [{"step": s, "layer": l, "site": site, "stratum": "all", "n_tokens": 50 * D, "n_dim": D,
+                "eigenvalues": np.linspace(1.0, 0.01, D), "min_eigenvalue": 0.0}
+               for s in (100, 200, 300) for l in (0, 1) for site in ("pre", "post")]
+    store.write_run(db, run, {"status": "done", "started_at": 0.0, "finished_at": 1.0, "spectra": spectra,
+                              "evals": [{"step": 300, "train_loss": 3.0, "val_loss": 3.0, "val_ppl": 20.0}]}, {})
+    worst, n, i = max(worst, time.time() - t0), n + 1, i + 1
+    time.sleep(max(0.0, 1.0 - (time.time() - t0)))
+print(n, worst)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(db: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--db", str(db), "--port", str(port)],
+                            cwd=HERE.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(base + "/api/status", timeout=5).read()
+            return proc, base
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.2)
+    raise SystemExit("the server did not start")
+
+
+def fetch(url: str) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            json.loads(r.read())
+            code = r.status
+    except urllib.error.HTTPError as e:
+        code = e.code
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        code = 0
+    return code, time.perf_counter() - t0
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=1000)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--db", type=Path, default=Path("/tmp/specdb-serve.duckdb"))
+    ap.add_argument("--warm-db", type=Path, default=None)
+    args = ap.parse_args()
+
+    if args.warm_db:
+        proc, base = serve(args.warm_db)
+        try:
+            times = [fetch(base + "/api/beta")[1] for _ in range(60)][10:]
+            print(f"warm /api/beta on {args.warm_db}: p50 {pct(times, 0.5):.1f} ms, p99 {pct(times, 0.99):.1f} ms "
+                  f"({len(times)} sequential requests)", flush=True)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+
+    if not args.db.exists():
+        runpy.run_path(str(HERE / "queries.py"))["build"](args.db, args.runs)
+    proc, base = serve(args.db)
+    stats: dict[str, list[float]] = defaultdict(list)
+    errors: dict[str, int] = defaultdict(int)
+    stop = time.monotonic() + args.seconds
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(args.db), str(args.seconds)], cwd=HERE.parent,
+                              stdout=subprocess.PIPE, text=True)
+    lock = threading.Lock()
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        while time.monotonic() < stop:
+            path = rng.choice(ENDPOINTS)
+            code, seconds = fetch(base + path)
+            with lock:
+                stats[path].append(seconds)
+                if code != 200:
+                    errors[path] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - t0
+    commits, worst = writer.communicate(timeout=300)[0].split()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    print(f"{args.clients} clients for {wall:.0f} s on {args.db} while a writer committed {commits} runs "
+          f"(slowest commit {float(worst):.2f} s)")
+    print(f"{'endpoint':48s} {'requests':>8s} {'req/s':>7s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s}")
+    for path in ENDPOINTS:
+        xs = stats[path]
+        print(f"{path:48s} {len(xs):8d} {len(xs) / wall:7.1f} {pct(xs, 0.5):8.1f} {pct(xs, 0.99):8.1f} {errors[path]:6d}")
+    total = sum(len(x) for x in stats.values())
+    print(f"{'all':48s} {total:8d} {total / wall:7.1f} {pct([y for x in stats.values() for y in x], 0.5):8.1f} "
+          f"{pct([y for x in stats.values() for y in x], 0.99):8.1f} {sum(errors.values()):6d}")
+    print(f"median over endpoints of p50: {statistics.median(pct(x, 0.5) for x in stats.values()):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
