@@ -22,6 +22,7 @@ from spectraldb.progress import PlainReporter, SidecarReporter, Throttle
 from spectraldb.provenance import provenance
 from spectraldb.spec import Plan, RunSpec
 from spectraldb.writer import Spool, WriterLock, check_store_folder, drain, one_line
+from workers.records import RunResult
 
 COMPLETE = ("done", "diverged")
 
@@ -145,7 +146,7 @@ class _Sink:
         self.plan, self.db, self.prov, self.reporter, self.result, self.spool = plan, db, prov, reporter, result, spool
         self.unspooled: list[tuple[RunSpec, dict]] = []
 
-    def put(self, run: RunSpec, res: dict) -> None:
+    def put(self, run: RunSpec, res: RunResult) -> None:
         note = ""
         try:
             status = store.write_run(self.db, run, res, self.prov, self.plan.spec_name, wait_s=COMMIT_WAIT_S)

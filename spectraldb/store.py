@@ -21,6 +21,7 @@ from spectraldb.backfills import BACKFILL
 from spectraldb.points import RUN_POINTS_SQL
 from spectraldb.errors import StoreError, StoreLocked
 from workers.protocol import PROTOCOL
+from workers.records import RunResult
 
 LOCK_WAIT_S = 30.0
 # New stores are written in DuckDB 1.0's storage format, the oldest that holds the schema, so the
@@ -265,12 +266,13 @@ def _kept(records: list[dict], from_end: dict[tuple, int], last_k: int) -> list[
     return [r if from_end.get(key(r), last_k + 1) <= last_k else {**r, "eigenvalues": None} for r in records]
 
 
-def write_run(path: str | Path, run, result: dict, provenance: dict, spec_name: str = "",
+def write_run(path: str | Path, run, result: RunResult, provenance: dict, spec_name: str = "",
               wait_s: float = LOCK_WAIT_S) -> str:
     """Store one finished run (done, diverged or failed) in a single transaction; returns the
     status the store holds for it afterwards.
 
-    `run` is a spectraldb.spec.RunSpec; `result` is what workers.train.run returned. A run
+    `run` is a spectraldb.spec.RunSpec; `result` is what workers.train.run returned (a
+    workers.records.RunResult). A run
     stored again (a retried failure) replaces its earlier rows, except that a `done` run is
     never replaced by a failed or diverged one (whatever race produced the second result).
     """

@@ -21,6 +21,7 @@ from workers.extract import NonFiniteActivations, measure
 from workers.model import GPT, GPTConfig
 from workers.optim import build_optimizers, lr_multiplier, set_lr
 from workers.protocol import PROTOCOL
+from workers.records import RunResult
 
 Progress = Callable[[int, int], None]
 DIVERGED_PPL = 1000.0
@@ -54,15 +55,15 @@ def evaluate(model, windows: torch.Tensor, autocast_dtype, chunk: int = 64) -> f
 
 
 def run(config: dict, ds: Dataset, progress: Progress | None = None, threads: int | None = None,
-        checkpoint: str | Path | None = None) -> dict:
+        checkpoint: str | Path | None = None) -> RunResult:
     """Train and measure one run; failures come back as status 'failed' with what was measured.
 
     With `checkpoint` (a file path) and `config["checkpoint"]["every"]`, the run saves its whole
     state there every N steps and, if the file exists when it starts, resumes from it: a resumed
     run ends with exactly the measurements of an uninterrupted one (bitwise on CPU).
     """
-    result = {"status": "running", "error": None, "evals": [], "spectra": [],
-              "started_at": time.time(), "device": None, "protocol": PROTOCOL}
+    result: RunResult = {"status": "running", "error": None, "evals": [], "spectra": [],
+                         "started_at": time.time(), "device": None, "protocol": PROTOCOL}
     try:
         _run(config, ds, result, progress, threads, Path(checkpoint) if checkpoint else None)
     except Exception:  # noqa: BLE001 - the driver records the failure, the sweep goes on
