@@ -109,7 +109,10 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT
         try:
             if (not read_only) if verify is None else verify:
                 _check_size(con, path)
-            _check_version(con, path, migrate=not read_only)
+            stamp = _stamp(path)
+            if not (read_only and _CURRENT.get(str(path)) == stamp):
+                _check_version(con, path, migrate=not read_only)
+                _CURRENT[str(path)] = stamp
         except duckdb.Error as exc:
             raise StoreError(f"{path}: damaged store ({_first_line(exc)})") from None
         try:
@@ -119,6 +122,17 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT
             raise StoreError(f"{path}: damaged store or failing disk ({_first_line(exc)})") from None
     finally:
         con.close()
+
+
+# path → (size, mtime) at which its schema was last found current: a reader that opens the same
+# unchanged file again (the service, once per request) skips the schema queries.
+_CURRENT: dict[str, tuple] = {}
+
+
+def _stamp(path: Path) -> tuple:
+    st = path.stat()
+    wal = Path(f"{path}.wal")
+    return st.st_size, st.st_mtime_ns, wal.stat().st_mtime_ns if wal.exists() else None
 
 
 def _check_size(con, path: Path) -> None:
