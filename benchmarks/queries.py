@@ -52,6 +52,8 @@ def build(db: Path, runs: int) -> None:
                  LATERAL (SELECT 0.5 * pow(r.ffn_width, r.b) * (1 + 0.01 * l.layer) AS v)""")
         con.execute("""INSERT INTO run_points SELECT run_id, site, stratum, metric, median(value), count(*),
                        min(n_tokens) FROM layer_points GROUP BY ALL""")  # what write_run stores per run
+        con.execute("""INSERT INTO step_points SELECT run_id, site, stratum, metric, step, median(value), count(*),
+                       min(n_tokens) FROM rank_metrics GROUP BY ALL""")
         con.execute("COMMIT")
         n = con.execute("SELECT count(*) FROM ranks").fetchone()[0]
     print(f"built {db}: {runs} runs, {n:,} rank rows", flush=True)

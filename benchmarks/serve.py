@@ -74,6 +74,9 @@ def serve(db: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the server did not start")
 
 
+FAILURES: list[str] = []
+
+
 def fetch(url: str) -> tuple[int, float]:
     t0 = time.perf_counter()
     try:
@@ -82,8 +85,10 @@ def fetch(url: str) -> tuple[int, float]:
             code = r.status
     except urllib.error.HTTPError as e:
         code = e.code
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        FAILURES.append(f"{url}: {e.code} {e.read()[:300]!r}")
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
         code = 0
+        FAILURES.append(f"{url}: {type(e).__name__}: {e}")
     return code, time.perf_counter() - t0
 
 
@@ -151,6 +156,8 @@ def main() -> None:
     print(f"{'all':48s} {total:8d} {total / wall:7.1f} {pct([y for x in stats.values() for y in x], 0.5):8.1f} "
           f"{pct([y for x in stats.values() for y in x], 0.99):8.1f} {sum(errors.values()):6d}")
     print(f"median over endpoints of p50: {statistics.median(pct(x, 0.5) for x in stats.values()):.1f} ms")
+    for line in FAILURES[:5]:
+        print("error:", line)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ caller supplies `sel`, the runs to read, with their `last_k`):
   per_run    the median of that over layers, with the number of layers.
 
 The store writes `run_points` with it (the default window: each series' last `last_k` values,
-ranks.from_end ≤ runs.last_k), and `query --window/--step/--layer` and `query dynamics` ask it
-other windows. The `layer_points` view (a migration, so frozen SQL) is compared with it by a test.
+ranks.from_end ≤ runs.last_k) and `step_points` (one window per measured step, which `query
+dynamics` reads), and `query --window/--step/--layer` ask it other windows. The `layer_points` view (a migration, so frozen SQL) is compared with it by a test.
 """
 
 from __future__ import annotations
@@ -46,5 +46,15 @@ RUN_POINTS_SQL = f"""
     WITH sel AS (SELECT run_id, last_k FROM runs WHERE run_id = ?),
     {point_ctes(list(METRICS.values()), by_site=True)}
     SELECT run_id, site, stratum, metric, value, n_layers, n_tokens
+    FROM (UNPIVOT per_run ON {", ".join(f'm{i} AS "{name}"' for i, name in enumerate(METRICS))}
+          INTO NAME metric VALUE value)"""
+
+
+# Every metric of one run at every measured step (the window is the step itself): step_points.
+RUN_STEP_POINTS_SQL = f"""
+    INSERT INTO step_points
+    WITH sel AS (SELECT run_id, last_k FROM runs WHERE run_id = ?),
+    {point_ctes(list(METRICS.values()), window="TRUE", by_site=True, by_step=True)}
+    SELECT run_id, site, stratum, metric, step, value, n_layers, n_tokens
     FROM (UNPIVOT per_run ON {", ".join(f'm{i} AS "{name}"' for i, name in enumerate(METRICS))}
           INTO NAME metric VALUE value)"""

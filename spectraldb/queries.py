@@ -83,19 +83,20 @@ def run_values(con, metrics, *, stratum="all", site="post", window=None, step=No
     check_site(site)
     statuses = _statuses(include_diverged)
     factors = tuple(dict.fromkeys(("optimizer", "seed", *(f for f in factors if f in FACTORS))))
-    fast = window is None and step is None and not by_layer and not by_step
-    if fast:  # the stored per-run aggregate (run_points) answers the default question directly
+    fast = window is None and step is None and not by_layer
+    if fast:  # the stored aggregates (run_points; step_points per step) answer directly
+        table, step_col = ("step_points", "p.step, ") if by_step else ("run_points", "")
         sql = f"""
-            SELECT p.run_id, p.stratum, {", ".join(f"max(p.value) FILTER (WHERE p.metric = ?) AS m{i}"
+            SELECT p.run_id, p.stratum, {step_col}{", ".join(f"max(p.value) FILTER (WHERE p.metric = ?) AS m{i}"
                                                     for i in range(len(metrics)))},
                    min(p.n_tokens) AS n_tokens,
                    any_value(r.ffn_width) AS ffn_width, any_value(r.final_val_ppl) AS val_ppl,
                    {", ".join(f"any_value(r.{f}) AS {f}" for f in factors)}
-            FROM run_points p JOIN runs r USING (run_id)
+            FROM {table} p JOIN runs r USING (run_id)
             WHERE r.status IN ({", ".join("?" * len(statuses))}) AND ({where}) AND p.site = ?
               AND p.stratum IN ({", ".join("?" * len(strata))})
               AND p.metric IN ({", ".join("?" * len(metrics))})
-            GROUP BY p.run_id, p.stratum"""
+            GROUP BY p.run_id, p.stratum{", p.step" if by_step else ""}"""
         cur = con.execute(sql, [*metrics, *statuses, site, *strata, *metrics])
         return _rows(cur, (*metrics, N_TOKENS), by_layer, by_step)
     if by_step:

@@ -8,12 +8,14 @@ Parameters and defaults are the CLI's; so are the error words. Answers are
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -24,6 +26,7 @@ from spectraldb.progress import read_sidecar
 
 SQL_ROW_CAP = 10_000
 SQL_TIME_LIMIT_S = 10.0
+CACHE_ENTRIES = 512
 log = logging.getLogger("specdb.service")
 
 
@@ -62,11 +65,48 @@ def create_app(db: str | Path, token: str | None = None):
     import duckdb
     from fastapi import FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
 
     db = Path(db)
     app = FastAPI(title="specdb", version="1", description="Read-only queries over a specdb store: the "
                   "study's questions (β, matched pairs, Δ), runs, spectra and SQL.")
+
+    cache: OrderedDict = OrderedDict()
+    pending: dict = {}
+
+    @app.middleware("http")
+    async def answers(request: Request, call_next):
+        """Answers depend on the store's content only: a GET is answered from memory until the
+        file changes (a commit changes its size or mtimes), so a sweep committing every second
+        costs each question one computation a second, whatever the number of clients."""
+        path = request.url.path
+        if request.method != "GET" or not path.startswith("/api/") or path == "/api/status":
+            return await call_next(request)
+        try:
+            key = (path, tuple(sorted(request.query_params.multi_items())), store._stamp(db))
+        except OSError:
+            return await call_next(request)
+        if key in cache:
+            cache.move_to_end(key)
+            return Response(cache[key], media_type="application/json", headers={"x-specdb-cache": "hit"})
+        if key in pending:  # the same question is being computed: wait for it rather than compute it again
+            body = await asyncio.shield(pending[key])
+            if body is not None:
+                return Response(body, media_type="application/json", headers={"x-specdb-cache": "shared"})
+            return await call_next(request)
+        pending[key] = asyncio.get_running_loop().create_future()
+        body = None
+        try:
+            response = await call_next(request)
+            if response.status_code != 200:
+                return response
+            body = b"".join([chunk async for chunk in response.body_iterator])
+            cache[key] = body
+            while len(cache) > CACHE_ENTRIES:
+                cache.popitem(last=False)
+            return Response(body, media_type="application/json")
+        finally:
+            pending.pop(key).set_result(body)
 
     @app.middleware("http")
     async def bearer(request: Request, call_next):

@@ -18,7 +18,7 @@ import duckdb
 
 from spectraldb import spectra
 from spectraldb.backfills import BACKFILL
-from spectraldb.points import RUN_POINTS_SQL
+from spectraldb.points import RUN_POINTS_SQL, RUN_STEP_POINTS_SQL
 from spectraldb.errors import StoreError, StoreLocked
 from workers.protocol import PROTOCOL
 from workers.records import RunResult
@@ -131,8 +131,11 @@ _CURRENT: dict[str, tuple] = {}
 
 def _stamp(path: Path) -> tuple:
     st = path.stat()
-    wal = Path(f"{path}.wal")
-    return st.st_size, st.st_mtime_ns, wal.stat().st_mtime_ns if wal.exists() else None
+    try:  # a writer's checkpoint may remove the WAL between any two calls
+        wal = Path(f"{path}.wal").stat().st_mtime_ns
+    except FileNotFoundError:
+        wal = None
+    return st.st_size, st.st_mtime_ns, wal
 
 
 def _check_size(con, path: Path) -> None:
@@ -328,12 +331,13 @@ def write_run(path: str | Path, run, result: RunResult, provenance: dict, spec_n
             if held and held[0] == "done" and result["status"] != "done":
                 con.execute("ROLLBACK")
                 return "done"
-            for table in ("run_points", "reinjection", "ranks", "spectra", "evals", "runs"):
+            for table in ("step_points", "run_points", "reinjection", "ranks", "spectra", "evals", "runs"):
                 con.execute(f"DELETE FROM {table} WHERE run_id = ?", [rid])
             for table, rows in (("runs", [run_row]), ("evals", eval_rows), ("spectra", spec_rows),
                                 ("ranks", rank), ("reinjection", reinjection)):
                 _insert(con, table, rows)
             con.execute(RUN_POINTS_SQL, [rid])
+            con.execute(RUN_STEP_POINTS_SQL, [rid])
             con.execute("COMMIT")
         except BaseException:
             _rollback(con)
@@ -357,7 +361,7 @@ def _finite(x):
 
 
 
-EXPORTED = ("runs", "evals", "spectra", "ranks", "reinjection", "run_points", "rank_metrics", "layer_points",
+EXPORTED = ("runs", "evals", "spectra", "ranks", "reinjection", "run_points", "step_points", "rank_metrics", "layer_points",
             "points", "betas")
 
 

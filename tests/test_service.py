@@ -186,3 +186,21 @@ def test_a_real_server_process_answers_over_http_and_waits_out_a_commit(db, clie
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+def test_answers_are_remembered_until_the_store_changes(tmp_path):
+    db = tmp_path / "c.duckdb"
+    for mult in (1, 2, 4):
+        put(db, mult=mult, rank_of=lambda D, s, l: D / 4)
+    client = TestClient(create_app(db, token="cache-token"))
+    auth = {"Authorization": "Bearer cache-token"}
+    first = client.get("/api/beta", headers=auth)
+    again = client.get("/api/beta", headers=auth)
+    assert again.headers.get("x-specdb-cache") == "hit" and again.json() == first.json()
+    assert client.get("/api/beta").status_code == 401  # the token is checked before any remembered answer
+    other = client.get("/api/beta", params={"stratum": "tail"}, headers=auth)
+    assert other.headers.get("x-specdb-cache") is None  # other parameters, another answer
+    put(db, mult=8, rank_of=lambda D, s, l: D / 4)  # a commit
+    after = client.get("/api/beta", headers=auth)
+    assert after.headers.get("x-specdb-cache") is None and after.json()["rows"][0]["n_widths"] == 4
+    assert first.json()["rows"][0]["n_widths"] == 3

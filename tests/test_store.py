@@ -25,6 +25,7 @@ COLUMNS = {
               "spectral_entropy", "renyi_0_5", "renyi_1", "renyi_1_5", "renyi_2", "renyi_3", "renyi_5",
               "renyi_inf", "eee", "from_end"],
     "run_points": ["run_id", "site", "stratum", "metric", "value", "n_layers", "n_tokens"],
+    "step_points": ["run_id", "site", "stratum", "metric", "step", "value", "n_layers", "n_tokens"],
     "reinjection": ["run_id", "step", "layer", "stratum", "js_divergence", "rho_0_5", "rho_1", "rho_1_5",
                     "rho_2", "rho_3", "rho_5", "rho_inf"],
 }
