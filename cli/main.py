@@ -320,6 +320,13 @@ def serve(db: Optional[str] = DbOpt, host: str = typer.Option("127.0.0.1", help=
         fail("--token: use at least 8 characters", 2)
     if not path.is_file():
         fail(f"{path}: no such store (run `specdb run SPEC` first, or pass --db)", 2)
+    from spectraldb.store import connect
+
+    try:  # an outdated or damaged store is refused now, not on every request
+        with connect(path, read_only=True):
+            pass
+    except StoreError as exc:
+        fail(str(exc), 2)
     typer.echo(f"serving {path} on http://{host}:{port} (docs at /docs{', token required' if token else ''})", err=True)
     uvicorn.run(create_app(path, token), host=host, port=port, log_level="warning")
 
