@@ -18,7 +18,9 @@ EXAMPLES = {
     "paper_160m_postln.yaml": (96, {"AdamW (lr=0.0001)", "AdamW (lr=0.0003)", "Muon", "NorMuon", "Dion (1/2)",
                                     "Dion (1/16)"}),
     "paper_160m_nope.yaml": (80, {"AdamW", "Muon", "NorMuon", "Dion (1/2)", "Dion (1/16)"}),
+    "cpu_reproduction.yaml": (56, {"AdamW", "Muon", "NorMuon", "Dion (1/2)", "Dion (1/4)", "Dion (1/16)"}),
 }
+PAPER = sorted(name for name in EXAMPLES if name.startswith("paper_"))
 
 
 def test_every_shipped_yaml_is_covered():
@@ -35,7 +37,7 @@ def test_example_validates_and_plans(name, tmp_path):
     assert result.exit_code == 0 and f"{count} runs: {count} new" in result.stderr
 
 
-@pytest.mark.parametrize("name", sorted(EXAMPLES))
+@pytest.mark.parametrize("name", PAPER)
 def test_paper_specs_follow_the_studys_protocol(name):
     """Dion with bf16 state, and the training batch measured as the study did: at most one
     data-parallel rank's share (131,072 tokens) per step."""
@@ -82,3 +84,13 @@ def test_architecture_specs_share_their_reference_half_with_the_width_sweep():
     assert {r.run_id for r in nope if r.model.pos == "rope"} == width
     postln = load_spec(ROOT / "examples" / "paper_160m_postln.yaml")[0].runs
     assert {r.model.n_post_norm for r in postln} == {3, 6, 9, 12}
+
+
+def test_the_cpu_reproduction_and_the_default_share_runs():
+    """The default's 8 runs are the reproduction's seed-0 AdamW/Muon runs at 1000 steps: a store
+    that ran the default needs only the rest."""
+    default = {r.run_id for r in load_spec(ROOT / "experiments.yaml")[0].runs}
+    repro = load_spec(ROOT / "examples" / "cpu_reproduction.yaml")[0].runs
+    assert len(default) == 8 and default <= {r.run_id for r in repro}
+    long = [r for r in repro if r.train.steps == 2000]
+    assert len(long) == 8 and {r.label for r in long} == {"AdamW"} and {r.measure.every for r in long} == {400}
