@@ -178,7 +178,8 @@ def status(spec: Optional[Path] = typer.Argument(None, help="A spec: count its r
 def sql(query: Optional[str] = typer.Argument(None, help='A SELECT statement, or "-" to read it from stdin'),
         file: Optional[Path] = typer.Option(None, "--file", help="Read the statement from this file."),
         db: Optional[str] = DbOpt, fmt: str = FormatOpt):
-    """Read-only SQL over the store: tables runs, evals, spectra, ranks, reinjection, run_points;
+    """Read-only SQL over the store: tables runs, evals, spectra, ranks, reinjection, run_points,
+    step_points;
     views rank_metrics, layer_points, points, betas. Only SELECT (and EXPLAIN) statements run; the
     store is opened read-only and file access is disabled.
 

@@ -1,8 +1,8 @@
 """What a run needs, against what the store and the machine can give, checked before training.
 
-Schema-valid numbers can still be impossible: a seed the store's INTEGER column cannot hold,
-a width whose covariance needs terabytes, a `resources.cpus` no node has (Ray would wait
-forever). `estimate_memory` is a deliberately simple upper-bound model (fp32 training state,
+Schema-valid numbers can still be impossible (what the store's INTEGER columns cannot hold the
+spec models already refuse): a width whose covariance needs terabytes, a `resources.cpus` no
+node has (Ray would wait forever). `estimate_memory` is a deliberately simple upper-bound model (fp32 training state,
 activations kept for backward, float64 covariance accumulators); `plan` shows it per run.
 """
 
@@ -13,7 +13,6 @@ from pathlib import Path
 
 from spectraldb.errors import SpecError
 
-INT32_MAX = 2**31 - 1  # the store's INTEGER columns (steps, seed, widths, …)
 GiB = 1024**3
 
 
@@ -51,22 +50,12 @@ def _name(run) -> str:
     return f"run {run.run_id} ({run.label}, ffn_mult={run.model.ffn_mult:g}, seed={run.train.seed})"
 
 
-def check_store_bounds(run) -> None:
-    """Values the store's INTEGER columns could not hold would fail only at commit, after training."""
-    for field, value in (("model.ffn_mult", run.model.ffn_width), ("model.d_model", run.model.d_model),
-                         ("train.steps", run.train.steps), ("train.seed", run.train.seed),
-                         ("train.batch_size", run.train.batch_size), ("model.n_layer", run.model.n_layer)):
-        if value > INT32_MAX:
-            raise SpecError(f"{field}: {_name(run)} gives {value}, more than the store holds ({INT32_MAX})")
-
-
 def preflight(runs, executor: str, address: str | None) -> None:
     """Refuse, before anything trains, runs that cannot fit this machine or this local Ray."""
     local = address is None
     mem = machine_memory()
     cpus = os.cpu_count() or 1
     for r in runs:
-        check_store_bounds(r)
         need = estimate_memory(r)
         if local and need > mem:
             raise SpecError(f"model: {_name(r)} needs an estimated {need / GiB:,.1f} GiB of memory; this "
