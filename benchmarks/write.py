@@ -1,10 +1,13 @@
 """Time `store.write_run` for one paper-scale run: can a single writer keep up?
 
-    python benchmarks/write.py [--d 3456] [--steps 31] [--keep all|last_k]
+    python benchmarks/write.py [--d 3072] [--steps 31] [--keep all|last_k] [--driver-metrics]
 
 Builds the result a 160M run returns (12 layers × 2 sites × 4 strata × `--steps` measured
 steps, D eigenvalues each) with random spectra and stores it into a fresh store, twice, printing
-the time of each write and the store's size.
+the time of each write and the store's size. The workers attach the metrics
+(`spectraldb.spectra.attach_metrics`), so that is timed apart, as the worker's share; with
+`--driver-metrics` the result arrives without them (a spooled result from an older version)
+and `write_run` computes them.
 """
 
 from __future__ import annotations
@@ -16,15 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
+from spectraldb import spectra as metrics
 from spectraldb import store
 from spectraldb.spec import RunSpec
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--d", type=int, default=3456)
+    ap.add_argument("--d", type=int, default=3072)
     ap.add_argument("--steps", type=int, default=31)
     ap.add_argument("--keep", default="all")
+    ap.add_argument("--driver-metrics", action="store_true")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     db = Path(tempfile.mkdtemp()) / "w.duckdb"
@@ -39,6 +44,10 @@ def main():
                    for st in ("all", "head", "mid", "tail")]
         result = {"status": "done", "started_at": 0.0, "finished_at": 1.0, "spectra": spectra,
                   "evals": [{"step": s, "train_loss": 3.0, "val_loss": 3.1, "val_ppl": 22.2} for s in steps]}
+        t = time.perf_counter()
+        if not a.driver_metrics:
+            metrics.attach_metrics(spectra)
+            print(f"worker: metrics of {len(spectra)} spectra in {time.perf_counter() - t:.1f} s")
         t = time.perf_counter()
         store.write_run(db, run, result, {})
         dt = time.perf_counter() - t

@@ -84,3 +84,33 @@ def js_divergence(eigs_a, eigs_b) -> float:
         return float((a * np.log(a / b)).sum())
 
     return min(math.log(2), max(0.0, (kl(p, m) + kl(q, m)) / 2))
+
+
+def metrics(eigs) -> dict[str, float]:
+    """The per-spectrum suite the `ranks` table stores (column name → value)."""
+    return {"soft_rank": soft_rank(eigs), "hard_rank": hard_rank(eigs), "spectral_entropy": spectral_entropy(eigs),
+            **{f"renyi_{alpha_name(a)}": renyi_rank(eigs, a) for a in RENYI_ALPHAS}, "eee": eee(eigs)}
+
+
+def reinjection(pre, post) -> dict[str, float]:
+    """What the `reinjection` table stores for one (pre, post) pair: JS and ρ_α = R_α(post)/R_α(pre)."""
+    return {"js_divergence": js_divergence(pre, post),
+            **{f"rho_{alpha_name(a)}": renyi_rank(post, a) / renyi_rank(pre, a) for a in RENYI_ALPHAS}}
+
+
+def attach_metrics(records: list[dict]) -> list[dict]:
+    """Give every computed spectrum record its `metrics`, and every `pre` record whose `post`
+    partner (same step, layer, stratum) was computed its `reinjection`. Records that already
+    carry them are left alone. Runs in the worker; the driver calls it for results that lack
+    them (spooled by an older version), so both paths share these definitions."""
+    post = {(r.get("step"), r["layer"], r["stratum"]): r["eigenvalues"] for r in records if r["site"] == "post"}
+    for r in records:
+        eig = r["eigenvalues"]
+        if eig is None:
+            continue
+        if "metrics" not in r:
+            r["metrics"] = metrics(eig)
+        partner = post.get((r.get("step"), r["layer"], r["stratum"]))
+        if r["site"] == "pre" and partner is not None and "reinjection" not in r:
+            r["reinjection"] = reinjection(eig, partner)
+    return records

@@ -15,6 +15,8 @@ from importlib import resources
 from pathlib import Path
 
 import duckdb
+import numpy as np
+import pyarrow as pa
 
 from spectraldb import spectra
 from spectraldb.backfills import BACKFILL
@@ -96,7 +98,7 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            con = duckdb.connect(str(path), read_only=read_only, config=config)
+            con = duckdb.connect(str(path), read_only=True, config=config) if read_only else _open_writer(path, config)
             break
         except duckdb.Error as exc:
             if _is_lock_error(exc) and time.monotonic() < deadline:
@@ -124,6 +126,27 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT
         con.close()
 
 
+# Rows per row group for writers. A checkpoint rewrites the table's last, partly filled row group
+# whole; at DuckDB's default (122,880 rows) that group holds ~41 paper-scale runs' spectra, so
+# each commit rewrote up to ~3 GB of eigenvalues and the file bloated (benchmarks/write.py).
+ROW_GROUP_SIZE = 2048
+
+
+def _open_writer(path: Path, config: dict):
+    """A writer: the store attached with small row groups (a per-attach setting, so every
+    writer must ask for it; readers of any DuckDB version read row groups of any size)."""
+    version = config.pop("storage_compatibility_version", None)
+    con = duckdb.connect(":memory:", config=config)
+    try:
+        options = f"ROW_GROUP_SIZE {ROW_GROUP_SIZE}" + (f", STORAGE_VERSION '{version}'" if version else "")
+        con.execute(f"ATTACH '{str(path).replace(chr(39), chr(39) * 2)}' AS store ({options})")
+        con.execute("USE store")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
 # path → (size, mtime) at which its schema was last found current: a reader that opens the same
 # unchanged file again (the service, once per request) skips the schema queries.
 _CURRENT: dict[str, tuple] = {}
@@ -141,7 +164,8 @@ def _stamp(path: Path) -> tuple:
 def _check_size(con, path: Path) -> None:
     """A truncated store can open and answer the queries that touch only its first blocks; the
     highest block its tables use says how long the file must be (metadata only, ~20 ms)."""
-    block_size = int(con.execute("PRAGMA database_size").fetchone()[2] or 0)
+    block_size = int(con.execute("SELECT block_size FROM pragma_database_size() "
+                                 "WHERE database_name = current_database()").fetchone()[0] or 0)
     highest = -1
     for (table,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall():
         top = con.execute("SELECT max(block_id) FROM pragma_storage_info(?)", [table]).fetchone()[0]
@@ -234,34 +258,18 @@ def statuses(path: str | Path) -> dict[str, str]:
 
 
 def rank_rows(run_id: str, records: list[dict]) -> list[dict]:
-    """One ranks row (by column name) per computed spectrum: soft, hard, entropy, the Rényi
-    family, EEE."""
-    rows = []
-    for r in records:
-        if r["eigenvalues"] is None:
-            continue
-        eig = r["eigenvalues"]
-        rows.append({"run_id": run_id, "step": r["step"], "layer": r["layer"], "site": r["site"],
-                     "stratum": r["stratum"], "n_tokens": r["n_tokens"], "soft_rank": spectra.soft_rank(eig),
-                     "hard_rank": spectra.hard_rank(eig), "spectral_entropy": spectra.spectral_entropy(eig),
-                     **{f"renyi_{spectra.alpha_name(a)}": spectra.renyi_rank(eig, a) for a in spectra.RENYI_ALPHAS},
-                     "eee": spectra.eee(eig)})
-    return rows
+    """One ranks row (by column name) per computed spectrum, from the metrics the worker
+    attached (`spectraldb.spectra.attach_metrics`, called here for records that lack them)."""
+    spectra.attach_metrics(records)
+    return [{"run_id": run_id, "step": r["step"], "layer": r["layer"], "site": r["site"], "stratum": r["stratum"],
+             "n_tokens": r["n_tokens"], **r["metrics"]} for r in records if r["eigenvalues"] is not None]
 
 
 def reinjection_rows(run_id: str, records: list[dict]) -> list[dict]:
     """JS(pre, post) and ρ_α = R_α(post)/R_α(pre) where both sites were computed."""
-    by = {(r["step"], r["layer"], r["site"], r["stratum"]): r["eigenvalues"] for r in records}
-    rows = []
-    for (step, layer, site, stratum), pre in by.items():
-        post = by.get((step, layer, "post", stratum))
-        if site != "pre" or pre is None or post is None:
-            continue
-        rows.append({"run_id": run_id, "step": step, "layer": layer, "stratum": stratum,
-                     "js_divergence": spectra.js_divergence(pre, post),
-                     **{f"rho_{spectra.alpha_name(a)}": spectra.renyi_rank(post, a) / spectra.renyi_rank(pre, a)
-                        for a in spectra.RENYI_ALPHAS}})
-    return rows
+    spectra.attach_metrics(records)
+    return [{"run_id": run_id, "step": r["step"], "layer": r["layer"], "stratum": r["stratum"], **r["reinjection"]}
+            for r in records if "reinjection" in r]
 
 
 def series_from_end(records: list[dict]) -> dict[tuple, int]:
@@ -322,9 +330,12 @@ def write_run(path: str | Path, run, result: RunResult, provenance: dict, spec_n
     spec_rows = [{"run_id": rid, "step": s["step"], "layer": s["layer"], "site": s["site"], "stratum": s["stratum"],
                   "n_tokens": s["n_tokens"], "n_dim": s["n_dim"], "skipped": s["min_eigenvalue"] is None,
                   "min_eigenvalue": s["min_eigenvalue"],
-                  "eigenvalues": None if s["eigenvalues"] is None else [float(v) for v in s["eigenvalues"]]}
+                  "eigenvalues": None if s["eigenvalues"] is None else np.asarray(s["eigenvalues"], dtype=np.float64)}
                  for s in stored]
     with connect(path, wait_s=wait_s) as con:
+        # a run's rows are written once, into the file: a commit that crosses this threshold
+        # checkpoints instead of first copying everything into the WAL (about half the time)
+        con.execute("SET checkpoint_threshold = '1MB'")
         con.execute("BEGIN")
         try:
             held = con.execute("SELECT status FROM runs WHERE run_id = ?", [rid]).fetchone()
@@ -346,11 +357,26 @@ def write_run(path: str | Path, run, result: RunResult, provenance: dict, spec_n
 
 
 def _insert(con, table: str, rows: list[dict]) -> None:
-    """Insert rows by column name (every row has the keys of the first)."""
+    """Insert rows by column name, as one columnar batch (every row has the keys of the first)."""
     if rows:
-        cols = list(rows[0])
-        con.executemany(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                        [[r[c] for c in cols] for r in rows])
+        batch = pa.table({c: _column([r[c] for r in rows]) for c in rows[0]})
+        con.register("_specdb_batch", batch)
+        try:
+            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _specdb_batch")
+        finally:
+            con.unregister("_specdb_batch")
+
+
+def _column(values: list) -> pa.Array:
+    """An Arrow column; a column of numpy arrays (eigenvalues) becomes list<double> without
+    a Python float per value."""
+    if not any(isinstance(v, np.ndarray) for v in values):
+        return pa.array(values)
+    lengths = np.array([0 if v is None else len(v) for v in values], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int32)]).astype(np.int32)
+    flat = np.concatenate([np.asarray(v, dtype=np.float64) for v in values if v is not None] or [np.zeros(0)])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat),
+                                    mask=pa.array([v is None for v in values]))
 
 
 def _finite(x):

@@ -41,6 +41,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, corpus, optimizer):
         assert (a["step"], a["layer"], a["site"], a["stratum"]) == (b["step"], b["layer"], b["site"], b["stratum"])
         if a["eigenvalues"] is not None:
             assert np.array_equal(a["eigenvalues"], b["eigenvalues"])
+        assert a.get("metrics") == b.get("metrics") and a.get("reinjection") == b.get("reinjection")
 
 
 def test_checkpoint_is_removed_once_stored_and_does_not_change_run_ids(tmp_path, corpus):

@@ -1,40 +1,77 @@
-"""Streaming FFN-activation covariances and their eigenvalues (docs/design.md §1).
+"""Streaming FFN-activation covariances, their eigenvalues and metrics (docs/design.md §1).
 
 Activations are never stored: each forward hook folds its (N, D) chunk into running moments
-(Chan's merge: count, mean, centred scatter), so memory is O(D²) per accumulator whatever N is.
+(Chan's merge: count, mean, centred scatter, kept in float64), so memory is O(D²) per
+accumulator whatever N is. A measurement has two halves, so the second can leave the
+training loop (workers/train.py runs it on a background thread):
+
+- `accumulate` needs this step's weights: it runs the tokens through the model; per chunk the
+  positions are sorted by stratum once, and each stratum's centred product is one symmetric
+  rank-k update (SYRK, half the work of a GEMM) in the precision's accumulation dtype;
+- `decompose` turns the moments into spectra (one batched `eigvalsh` per width, on the device
+  that holds them) and the spectra into the metric suite (`spectraldb.spectra`).
+
+The precision policy (`PRECISIONS`) comes from measurement: docs/benchmarks.md, "Precision".
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from scipy.linalg import blas
+
+from spectraldb import spectra
 
 SITES = ("pre", "post")
 STRATA = ("head", "mid", "tail")  # 'all' is the merge of the three, so it costs nothing extra
+
+
+class Precision(NamedTuple):
+    accumulate: torch.dtype   # dtype of each chunk's centred product (the fold is always fp64)
+    decompose: torch.dtype    # dtype of the eigensolver
+
+
+PRECISIONS = {"fp64": Precision(torch.float64, torch.float64),
+              "fp32": Precision(torch.float32, torch.float64)}
 
 
 class NonFiniteActivations(ArithmeticError):
     """The model produced inf/NaN activations: the run has diverged."""
 
 
+def gram(xc: torch.Tensor) -> torch.Tensor:
+    """XᵀX of an (N, D) tensor. Only the upper triangle is meaningful on a CPU (BLAS syrk from
+    scipy's OpenBLAS: its threads are capped with threadpoolctl by whoever runs the loop)."""
+    if xc.device.type != "cpu":
+        return xc.mT @ xc
+    a = xc.contiguous().numpy()  # C-ordered (N, D), so a.T is a Fortran (D, N) view: no copy
+    syrk = blas.dsyrk if a.dtype == np.float64 else blas.ssyrk
+    return torch.from_numpy(syrk(1.0, a.T))
+
+
+def symmetric(upper: torch.Tensor) -> torch.Tensor:
+    """The full symmetric matrix whose upper triangle is `upper`'s."""
+    return torch.triu(upper) + torch.triu(upper, 1).mT
+
+
 class StreamingCovariance:
     """Mean-centred feature covariance C = (X−μ)ᵀ(X−μ)/(N−1), accumulated chunk by chunk."""
 
-    def __init__(self, dim: int, dtype: torch.dtype = torch.float64, device="cpu"):
-        self.dim, self.dtype, self.device = dim, dtype, torch.device(device)
+    def __init__(self, dim: int, accumulate: torch.dtype = torch.float64, device="cpu"):
+        self.dim, self.accumulate, self.device = dim, accumulate, torch.device(device)
         self.n = 0
-        self.mean = torch.zeros(dim, dtype=dtype, device=self.device)
-        self.m2 = torch.zeros(dim, dim, dtype=dtype, device=self.device)
+        self.mean = torch.zeros(dim, dtype=torch.float64, device=self.device)
+        self.m2 = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)  # upper triangle
 
     def update(self, x) -> "StreamingCovariance":
-        x = torch.as_tensor(x).to(device=self.device, dtype=self.dtype).reshape(-1, self.dim)
+        x = torch.as_tensor(x).to(device=self.device, dtype=self.accumulate).reshape(-1, self.dim)
         nb = x.shape[0]
         if nb:
             mb = x.mean(0)
-            xc = x - mb
-            self._fold(nb, mb, xc.T @ xc)
+            self._fold(nb, mb.double(), gram(x - mb).double())
         return self
 
     def merge(self, other: "StreamingCovariance") -> "StreamingCovariance":
@@ -47,40 +84,60 @@ class StreamingCovariance:
     def _fold(self, nb: int, mb: torch.Tensor, m2b: torch.Tensor) -> None:
         n = self.n + nb
         delta = mb - self.mean
-        self.m2 += m2b + torch.outer(delta, delta) * (self.n * nb / n)
-        self.mean += delta * (nb / n)
+        self.m2.add_(m2b).addr_(delta, delta, alpha=self.n * nb / n)  # in place: no D×D temporaries
+        self.mean.add_(delta, alpha=nb / n)
         self.n = n
 
-    def covariance(self) -> np.ndarray:
+    def scaled(self) -> torch.Tensor:
+        """m2/(N−1) on the device: the covariance's upper triangle."""
         if self.n < 2:
             raise ValueError("a covariance needs at least two samples")
-        return (self.m2.double().cpu() / (self.n - 1)).numpy()
+        return self.m2 / (self.n - 1)
 
-    def spectrum(self) -> tuple[np.ndarray, float]:
+    def covariance(self) -> np.ndarray:
+        return symmetric(self.scaled()).cpu().numpy()
+
+    def spectrum(self, dtype: torch.dtype = torch.float64) -> tuple[np.ndarray, float]:
         """(eigenvalues descending and clamped at 1e-12, the most negative raw eigenvalue)."""
-        c = torch.from_numpy(self.covariance())
-        if not torch.isfinite(c).all():
+        if not torch.isfinite(self.m2).all():
             raise NonFiniteActivations("non-finite FFN activations: the covariance has inf or NaN entries")
-        eig = torch.linalg.eigvalsh((c + c.T) / 2).numpy()[::-1].copy()
-        return np.clip(eig, 1e-12, None), float(eig.min())
+        return spectra_of([self.scaled()], dtype)[0]
 
     def eigenvalues(self) -> np.ndarray:
         return self.spectrum()[0]
+
+
+def spectra_of(upper: list[torch.Tensor], dtype: torch.dtype = torch.float64) -> list[tuple[np.ndarray, float]]:
+    """Eigenvalues of symmetric matrices given by their upper triangles: one batched `eigvalsh`
+    per size, on the device that holds them. Each: (descending, clamped at 1e-12; raw minimum)."""
+    out: list = [None] * len(upper)
+    by_dim: dict[int, list[int]] = {}
+    for i, c in enumerate(upper):
+        by_dim.setdefault(c.shape[-1], []).append(i)
+    for idx in by_dim.values():
+        batch = torch.stack([upper[i] for i in idx]).to(dtype)
+        eig = torch.linalg.eigvalsh(batch, UPLO="U").double().cpu().numpy()
+        for i, e in zip(idx, eig):
+            e = e[::-1].copy()
+            out[i] = (np.clip(e, spectra.EIG_FLOOR, None), float(e.min()))
+    return out
 
 
 class FFNProbe:
     """Forward hooks on every block's FFN that feed per-stratum covariances.
 
     `pre` is the output of `mlp.c_fc`; `post` is the input of `mlp.c_proj`. Before each forward,
-    `labels` must hold the stratum (0 head, 1 mid, 2 tail) of every input position.
+    `order` must sort the chunk's positions by stratum (0 head, 1 mid, 2 tail) and `counts`
+    hold how many positions each stratum has.
     """
 
-    def __init__(self, model: torch.nn.Module, sites=SITES, dtype=torch.float64, device="cpu"):
+    def __init__(self, model: torch.nn.Module, sites=SITES, accumulate=torch.float64, device="cpu"):
         self.sites = tuple(sites)
-        D = model.cfg.ffn_width
-        self.acc = {(layer, site, s): StreamingCovariance(D, dtype, device)
-                    for layer in range(model.cfg.n_layer) for site in self.sites for s in range(3)}
-        self.labels: torch.Tensor | None = None
+        self.n_layer, D = model.cfg.n_layer, model.cfg.ffn_width
+        self.acc = {(layer, site, s): StreamingCovariance(D, accumulate, device)
+                    for layer in range(self.n_layer) for site in self.sites for s in range(3)}
+        self.order: torch.Tensor | None = None
+        self.counts: list[int] = []
         self._handles = []
         for layer, block in enumerate(model.transformer.h):
             if "pre" in self.sites:
@@ -90,10 +147,14 @@ class FFNProbe:
                 self._handles.append(block.mlp.c_proj.register_forward_pre_hook(
                     lambda m, inp, layer=layer: self._fold(layer, "post", inp[0])))
 
+    def label(self, labels: torch.Tensor) -> None:
+        """Set the strata (0 head, 1 mid, 2 tail) of the next forward's positions."""
+        self.order = torch.argsort(labels, stable=True)
+        self.counts = torch.bincount(labels, minlength=3).tolist()
+
     def _fold(self, layer: int, site: str, act: torch.Tensor) -> None:
-        x = act.detach().reshape(-1, act.shape[-1])
-        for s in range(3):
-            rows = x[self.labels == s]
+        x = act.detach().reshape(-1, act.shape[-1]).index_select(0, self.order)
+        for s, rows in enumerate(torch.split(x, self.counts)):
             if rows.shape[0]:
                 self.acc[(layer, site, s)].update(rows)
 
@@ -101,16 +162,17 @@ class FFNProbe:
         for h in self._handles:
             h.remove()
 
-    def results(self, strata, min_tokens: int) -> list[dict]:
-        """One record per layer × site × stratum; a stratum under the token floor is skipped."""
+    def select(self, strata, min_tokens: int) -> list[tuple[dict, StreamingCovariance | None]]:
+        """One (record, covariance to decompose) per layer × site × stratum; a stratum under the
+        token floor gets None. Raises NonFiniteActivations here, synchronously, so a diverged
+        run stops at the step that diverged whether or not decomposition runs later."""
         out = []
-        n_layer = 1 + max(k[0] for k in self.acc)
-        for layer in range(n_layer):
+        for layer in range(self.n_layer):
             for site in self.sites:
                 parts = [self.acc[(layer, site, s)] for s in range(3)]
                 for name in strata:
                     if name == "all":
-                        cov = StreamingCovariance(parts[0].dim, parts[0].dtype, parts[0].device)
+                        cov = StreamingCovariance(parts[0].dim, parts[0].accumulate, parts[0].device)
                         for p in parts:
                             cov.merge(p)
                     else:
@@ -118,27 +180,46 @@ class FFNProbe:
                     floor = max(min_tokens, math.ceil(cov.dim / 4), 2)
                     rec = {"layer": layer, "site": site, "stratum": name, "n_tokens": cov.n,
                            "n_dim": cov.dim, "eigenvalues": None, "min_eigenvalue": None}
-                    if cov.n >= floor:
-                        rec["eigenvalues"], rec["min_eigenvalue"] = cov.spectrum()
-                    out.append(rec)
+                    out.append((rec, cov if cov.n >= floor else None))
+        kept = [c.m2 for _, c in out if c is not None]
+        if kept and not torch.isfinite(torch.stack([m.sum() for m in kept])).all():
+            raise NonFiniteActivations("non-finite FFN activations: the covariance has inf or NaN entries")
         return out
 
 
 @torch.no_grad()
-def measure(model, tokens: torch.Tensor, token_strata: torch.Tensor, *, sites, strata,
-            min_tokens: int, chunk: int = 64, autocast_dtype=None, cov_dtype=torch.float64) -> list[dict]:
-    """Run `tokens` (n, T) through the model and return every requested spectrum."""
+def accumulate(model, tokens: torch.Tensor, token_strata: torch.Tensor, *, sites, strata, min_tokens: int,
+               chunk: int = 64, autocast_dtype=None, precision: str = "fp64") -> list[tuple[dict, object]]:
+    """Run `tokens` (n, T) through the model: what `decompose` needs, as `FFNProbe.select` gives it."""
     device = tokens.device
     was_training = model.training
     model.eval()
-    probe = FFNProbe(model, sites, cov_dtype, device)
+    probe = FFNProbe(model, sites, PRECISIONS[precision].accumulate, device)
     try:
         for i in range(0, tokens.shape[0], chunk):
             idx = tokens[i:i + chunk]
-            probe.labels = token_strata[idx].reshape(-1)
+            probe.label(token_strata[idx].reshape(-1))
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 model.hidden(idx)
     finally:
         probe.remove()
         model.train(was_training)
-    return probe.results(strata, min_tokens)
+    return probe.select(strata, min_tokens)
+
+
+def decompose(selected: list[tuple[dict, object]], precision: str = "fp64") -> list[dict]:
+    """Spectra and metrics of what `accumulate` selected (safe to run on another thread)."""
+    todo = [(rec, cov) for rec, cov in selected if cov is not None]
+    done = spectra_of([cov.scaled() for _, cov in todo], PRECISIONS[precision].decompose)
+    for (rec, _), (eig, low) in zip(todo, done):
+        rec["eigenvalues"], rec["min_eigenvalue"] = eig, low
+    records = [rec for rec, _ in selected]
+    spectra.attach_metrics(records)
+    return records
+
+
+def measure(model, tokens: torch.Tensor, token_strata: torch.Tensor, *, sites, strata, min_tokens: int,
+            chunk: int = 64, autocast_dtype=None, precision: str = "fp64") -> list[dict]:
+    """Run `tokens` (n, T) through the model and return every requested spectrum (synchronous)."""
+    return decompose(accumulate(model, tokens, token_strata, sites=sites, strata=strata, min_tokens=min_tokens,
+                                chunk=chunk, autocast_dtype=autocast_dtype, precision=precision), precision)

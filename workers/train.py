@@ -10,14 +10,17 @@ import math
 import os
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from workers.data import Dataset, eval_batch, measurement_batch
-from workers.extract import NonFiniteActivations, measure
+from workers.extract import NonFiniteActivations, accumulate, decompose
 from workers.model import GPT, GPTConfig
 from workers.optim import build_optimizers, lr_multiplier, set_lr
 from workers.protocol import PROTOCOL
@@ -55,17 +58,22 @@ def evaluate(model, windows: torch.Tensor, autocast_dtype, chunk: int = 64) -> f
 
 
 def run(config: dict, ds: Dataset, progress: Progress | None = None, threads: int | None = None,
-        checkpoint: str | Path | None = None) -> RunResult:
+        checkpoint: str | Path | None = None, overlap: bool = True) -> RunResult:
     """Train and measure one run; failures come back as status 'failed' with what was measured.
 
     With `checkpoint` (a file path) and `config["checkpoint"]["every"]`, the run saves its whole
     state there every N steps and, if the file exists when it starts, resumes from it: a resumed
     run ends with exactly the measurements of an uninterrupted one (bitwise on CPU).
+    `overlap` False decomposes each measured step inline (the same numbers, later).
     """
     result: RunResult = {"status": "running", "error": None, "evals": [], "spectra": [],
                          "started_at": time.time(), "device": None, "protocol": PROTOCOL}
     try:
-        _run(config, ds, result, progress, threads, Path(checkpoint) if checkpoint else None)
+        with ExitStack() as stack:
+            if threads:  # scipy's BLAS (the covariance products) shares the run's cores too
+                stack.enter_context(threadpool_limits(threads, user_api="blas"))
+            background = stack.enter_context(Decompositions(result, threads, overlap))
+            _run(config, ds, result, progress, threads, Path(checkpoint) if checkpoint else None, background)
     except Exception:  # noqa: BLE001 - the driver records the failure, the sweep goes on
         result["status"] = "failed"
         result["error"] = traceback.format_exc(limit=8)
@@ -73,8 +81,72 @@ def run(config: dict, ds: Dataset, progress: Progress | None = None, threads: in
     return result
 
 
+class Decompositions:
+    """Eigendecompositions and metrics of measured steps, off the training loop.
+
+    `submit` hands a step's accumulated moments to one background thread (with its own CUDA
+    stream on a GPU) and returns at once; the records land in `result["spectra"]`, in step order,
+    at the next `join` — before the next measured step, a checkpoint, and the end of the run.
+    With `overlap` False the work runs inline: the reference the overlapped path must equal.
+    """
+
+    def __init__(self, result: dict, threads: int | None, overlap: bool = True):
+        self.result, self.threads, self.overlap = result, threads, overlap
+        self.pool = self.pending = self.stream = None
+
+    def __enter__(self) -> "Decompositions":
+        return self
+
+    def submit(self, step: int, selected: list, precision: str) -> None:
+        self.join()
+        if not self.overlap:
+            self._land(step, decompose(selected, precision))
+            return
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="specdb-decompose")
+        ready = None
+        if any(cov is not None and cov.device.type == "cuda" for _, cov in selected):
+            self.stream = self.stream or torch.cuda.Stream()
+            ready = torch.cuda.Event()
+            ready.record()  # the moments are complete on the training stream at this point
+        self.pending = (step, self.pool.submit(self._work, selected, precision, ready))
+
+    def _work(self, selected: list, precision: str, ready) -> list[dict]:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        if ready is None:
+            return decompose(selected, precision)
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            return decompose(selected, precision)
+
+    def join(self) -> None:
+        if self.pending is not None:
+            step, future = self.pending
+            self.pending = None
+            self._land(step, future.result())
+
+    def _land(self, step: int, records: list[dict]) -> None:
+        for rec in records:
+            rec["step"] = step
+            self.result["spectra"].append(rec)
+
+    def __exit__(self, kind, exc, tb) -> None:
+        try:
+            if kind is None:
+                self.join()
+            elif self.pending is not None:  # the run failed: keep what finished, report the first error
+                try:
+                    self.join()
+                except Exception:  # noqa: BLE001
+                    pass
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+
+
 def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, threads: int | None,
-         ckpt_path: Path | None) -> None:
+         ckpt_path: Path | None, background: Decompositions) -> None:
     tr, ms, mc = config["train"], config["measure"], config["model"]
     device = pick_device(tr["device"])
     result["device"] = str(device)
@@ -83,7 +155,7 @@ def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, thr
     torch.manual_seed(tr["seed"])
     rng = np.random.default_rng(tr["seed"])
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    cov_dtype = torch.float32 if device.type == "cuda" else torch.float64
+    precision = ms.get("precision", "fp64")
 
     cfg = GPTConfig(vocab_size=ds.vocab_size, context=config["data"]["context"], n_layer=mc["n_layer"],
                     d_model=mc["d_model"], n_head=mc["n_head"], ffn_mult=mc["ffn_mult"],
@@ -104,9 +176,10 @@ def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, thr
     if every and ckpt_path.exists():
         first = _restore(ckpt_path, model, optimizers, rng, result, device) + 1
 
-    def take(tokens):
-        return measure(model, tokens, token_strata, sites=ms["sites"], strata=ms["strata"],
-                       min_tokens=ms["min_stratum_tokens"], autocast_dtype=autocast, cov_dtype=cov_dtype)
+    def take(tokens):  # the forward passes run now (they need this step's weights); the rest overlaps
+        background.join()
+        return accumulate(model, tokens, token_strata, sites=ms["sites"], strata=ms["strata"],
+                          min_tokens=ms["min_stratum_tokens"], autocast_dtype=autocast, precision=precision)
 
     for step in range(first, steps + 1):
         starts = rng.integers(0, train.size - T - 1, size=B)
@@ -142,13 +215,13 @@ def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, thr
                     records = take(fixed)
                 except NonFiniteActivations as exc:
                     return _diverged(result, f"diverged at step {step}: {exc}")
-            for rec in records:
-                rec["step"] = step
-                result["spectra"].append(rec)
+            background.submit(step, records, precision)
         if every and step % every == 0 and step < steps:
+            background.join()
             _save(ckpt_path, step, model, optimizers, rng, result)
         if progress is not None:
             progress(step, steps)
+    background.join()
     result["status"] = "done"
 
 
@@ -181,6 +254,7 @@ def _restore(path: Path, model, optimizers, rng, result: dict, device) -> int:
 
 
 def _diverged(result: dict, message: str) -> None:
-    """Stop the run; the measurements of earlier steps stay in the result."""
+    """Stop the run; the measurements of earlier steps stay in the result (the caller's
+    Decompositions lands the last of them on the way out)."""
     result["status"] = "diverged"
     result["error"] = message

@@ -29,7 +29,8 @@ NOT_HASHED = ("name", "store", "resources", "checkpoint", "train.device", "optim
 # Fields added after run ids were first issued: left out of the hash while they hold the
 # value that reproduces the earlier behaviour, so existing stores keep their run ids.
 HASHED_UNLESS_DEFAULT = {"model.pos": "rope", "model.norm": "pre", "model.postln_frac": None,
-                         "model.activation": "relu2", "measure.keep_eigenvalues": "all"}
+                         "model.activation": "relu2", "measure.keep_eigenvalues": "all",
+                         "measure.precision": "fp64"}
 
 
 class Section(BaseModel):
@@ -179,6 +180,9 @@ class MeasureSpec(Section):
     source: Literal["heldout", "train_batch"] = "heldout"
     min_stratum_tokens: int = Field(1000, ge=2, le=INT32_MAX)
     keep_eigenvalues: Literal["all", "last_k"] = "all"  # ranks are always kept
+    # fp64: products, fold and eigensolver in float64 (the default: fp32 moves R_0.5 and JS by
+    # more than 1e-4, docs/benchmarks.md "Precision"); fp32: each chunk's product in float32
+    precision: Literal["fp64", "fp32"] = "fp64"
 
     @model_validator(mode="after")
     def _unique(self):
