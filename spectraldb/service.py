@@ -17,6 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import BaseModel
 
@@ -27,6 +28,13 @@ from spectraldb.progress import read_sidecar
 SQL_ROW_CAP = 10_000
 SQL_TIME_LIMIT_S = 10.0
 CACHE_ENTRIES = 512
+MAX_STALE_S = 10.0  # the oldest answer served while its refresh computes (x-specdb-cache: stale)
+
+
+class Answer(NamedTuple):
+    stamp: tuple        # the store's (size, mtimes) when the computation started
+    body: bytes
+    computed_at: float  # time.monotonic() when it started
 log = logging.getLogger("specdb.service")
 
 
@@ -71,39 +79,85 @@ def create_app(db: str | Path, token: str | None = None):
     app = FastAPI(title="specdb", version="1", description="Read-only queries over a specdb store: the "
                   "study's questions (β, matched pairs, Δ), runs, spectra and SQL.")
 
-    cache: OrderedDict = OrderedDict()
+    cache: OrderedDict = OrderedDict()  # (path, params) → Answer
     pending: dict = {}
+    refreshing: dict = {}  # (path, params) → the task computing its fresh answer
+
+    async def inner(scope) -> tuple[int, bytes]:
+        """Answer a GET through the routes alone (no middleware), collecting the body."""
+        sent = {"status": 500, "body": []}
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                sent["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                sent["body"].append(message.get("body", b""))
+
+        await app.router(dict(scope), receive, send)
+        return sent["status"], b"".join(sent["body"])
+
+    async def refresh(question, scope) -> None:
+        try:
+            started, stamp = time.monotonic(), store._stamp(db)  # read first: a commit meanwhile → stale again
+            status, body = await inner(scope)
+            if status == 200:
+                remember(question, Answer(stamp, body, started))
+            else:  # let the next request meet the error the normal way
+                cache.pop(question, None)
+        except Exception:  # noqa: BLE001
+            cache.pop(question, None)
+        finally:
+            refreshing.pop(question, None)
+
+    def remember(question, answer) -> None:
+        cache[question] = answer
+        cache.move_to_end(question)
+        while len(cache) > CACHE_ENTRIES:
+            cache.popitem(last=False)
 
     @app.middleware("http")
     async def answers(request: Request, call_next):
         """Answers depend on the store's content only: a GET is answered from memory until the
-        file changes (a commit changes its size or mtimes), so a sweep committing every second
-        costs each question one computation a second, whatever the number of clients."""
+        file changes (a commit changes its size or mtimes). After a commit the previous answer
+        is still served — marked `x-specdb-cache: stale` with its `Age` — while one background
+        computation refreshes it, for at most MAX_STALE_S; so a sweep committing every second
+        costs each question one computation at a time and no client waits for it.
+        `Cache-Control: no-cache` asks for the current answer, computed if need be."""
         path = request.url.path
         if request.method != "GET" or not path.startswith("/api/") or path == "/api/status":
             return await call_next(request)
+        question = (path, tuple(sorted(request.query_params.multi_items())))
         try:
-            key = (path, tuple(sorted(request.query_params.multi_items())), store._stamp(db))
+            stamp = store._stamp(db)
         except OSError:
             return await call_next(request)
-        if key in cache:
-            cache.move_to_end(key)
-            return Response(cache[key], media_type="application/json", headers={"x-specdb-cache": "hit"})
+        known = cache.get(question)
+        if known is not None and known.stamp == stamp:
+            cache.move_to_end(question)
+            return Response(known.body, media_type="application/json", headers={"x-specdb-cache": "hit"})
+        age = time.monotonic() - known.computed_at if known is not None else math.inf
+        if age <= MAX_STALE_S and "no-cache" not in request.headers.get("cache-control", "").lower():
+            if question not in refreshing:
+                refreshing[question] = asyncio.get_running_loop().create_task(refresh(question, dict(request.scope)))
+            return Response(known.body, media_type="application/json",
+                            headers={"x-specdb-cache": "stale", "age": str(int(age))})
+        key = (question, stamp)
         if key in pending:  # the same question is being computed: wait for it rather than compute it again
             body = await asyncio.shield(pending[key])
             if body is not None:
                 return Response(body, media_type="application/json", headers={"x-specdb-cache": "shared"})
             return await call_next(request)
         pending[key] = asyncio.get_running_loop().create_future()
-        body = None
+        body, started = None, time.monotonic()
         try:
             response = await call_next(request)
             if response.status_code != 200:
                 return response
             body = b"".join([chunk async for chunk in response.body_iterator])
-            cache[key] = body
-            while len(cache) > CACHE_ENTRIES:
-                cache.popitem(last=False)
+            remember(question, Answer(stamp, body, started))
             return Response(body, media_type="application/json")
         finally:
             pending.pop(key).set_result(body)

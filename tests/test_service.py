@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from cli.main import app as cli_app
+from spectraldb import service
 from spectraldb.errors import SpecError
 from spectraldb.service import create_app, run_limited_sql
 from tests.conftest import put
@@ -201,6 +202,37 @@ def test_answers_are_remembered_until_the_store_changes(tmp_path):
     other = client.get("/api/beta", params={"stratum": "tail"}, headers=auth)
     assert other.headers.get("x-specdb-cache") is None  # other parameters, another answer
     put(db, mult=8, rank_of=lambda D, s, l: D / 4)  # a commit
-    after = client.get("/api/beta", headers=auth)
+    after = client.get("/api/beta", headers={**auth, "Cache-Control": "no-cache"})  # the current answer, now
     assert after.headers.get("x-specdb-cache") is None and after.json()["rows"][0]["n_widths"] == 4
     assert first.json()["rows"][0]["n_widths"] == 3
+
+
+def test_after_a_commit_the_previous_answer_is_served_while_one_refresh_computes(tmp_path):
+    db = tmp_path / "s.duckdb"
+    for mult in (1, 2, 4):
+        put(db, mult=mult, rank_of=lambda D, s, l: D / 4)
+    with TestClient(create_app(db)) as client:  # one event loop for the background refresh
+        assert client.get("/api/beta").json()["rows"][0]["n_widths"] == 3
+        put(db, mult=8, rank_of=lambda D, s, l: D / 4)  # a commit
+        stale = client.get("/api/beta")
+        assert stale.headers["x-specdb-cache"] == "stale" and int(stale.headers["age"]) <= service.MAX_STALE_S
+        assert stale.json()["rows"][0]["n_widths"] == 3
+        for _ in range(100):  # the refresh lands without any client waiting for it
+            fresh = client.get("/api/beta")
+            if fresh.headers["x-specdb-cache"] == "hit":
+                break
+            time.sleep(0.05)
+        assert fresh.headers["x-specdb-cache"] == "hit" and fresh.json()["rows"][0]["n_widths"] == 4
+
+
+def test_an_answer_older_than_the_staleness_bound_is_recomputed_before_it_is_served(tmp_path, monkeypatch):
+    db = tmp_path / "o.duckdb"
+    for mult in (1, 2, 4):
+        put(db, mult=mult, rank_of=lambda D, s, l: D / 4)
+    monkeypatch.setattr(service, "MAX_STALE_S", 0.0)
+    with TestClient(create_app(db)) as client:
+        client.get("/api/beta")
+        put(db, mult=8, rank_of=lambda D, s, l: D / 4)
+        time.sleep(0.01)
+        after = client.get("/api/beta")
+        assert after.headers.get("x-specdb-cache") is None and after.json()["rows"][0]["n_widths"] == 4

@@ -7,9 +7,10 @@
    decompose / metrics, beside the previous design (fp64 GEMM per stratum after three boolean
    gathers, host fp64 eigvalsh one matrix at a time) and a naive reference (every activation
    kept, numpy.cov per stratum, numpy eigvalsh), with ratios. Medians of interleaved repeats.
-2. Measurement's share of training for the default sweep (1000 steps of 32 × 64 tokens, AdamW,
-   measured at 6 steps over 16,384 held-out tokens) at ffn_mult 1 and 8: what the training loop
-   waits for (the forward passes and products) and all the work (with the decomposition).
+2. Measurement's share of training at ffn_mult 1 and 8, for the default sweep (1000 steps of
+   32 × 64 tokens, 6 measured steps over 16,384 held-out tokens) and the previous default (300
+   steps, 4 × 32,768): what the training loop waits for (forward passes and products), all of
+   specdb's measurement (with the decomposition), and the previous design's.
 3. `--scaling`: eigvalsh (fp64, fp32) and the fp64 product per 1,000 tokens at D = 768 … 6144,
    the inputs of the projection in docs/scaling.md.
 """
@@ -128,6 +129,8 @@ def one_step(device, n_tokens: int, repeats: int) -> None:
         todo = [cov.scaled() for _, cov in selected if cov is not None]
         t_dec, _ = timed(lambda: extract.spectra_of(todo), device)
         t_all, recs = timed(lambda: extract.measure(model, tokens, strata_of, **kw), device)
+        rows.setdefault("specdb: measure() with precision fp32", []).append(
+            timed(lambda: extract.measure(model, tokens, strata_of, precision="fp32", **kw), device)[0])
         t_met, _ = timed(lambda: [spectra.metrics(r["eigenvalues"]) for r in recs if r["eigenvalues"] is not None],
                          device)
         rows.setdefault("specdb: accumulate (forward + products)", []).append(t_acc)
@@ -149,14 +152,16 @@ def one_step(device, n_tokens: int, repeats: int) -> None:
 
 
 def share(device, repeats: int) -> None:
-    print("measurement share of training, default sweep (1000 steps, batch 32 x 64, 6 measured "
-          "steps of 16,384 tokens)")
+    """Measurement time over training time for a run of the default sweep (1000 steps, 6 measured
+    steps of 16,384 tokens) and of the previous default (300 steps, 4 of 32,768 tokens)."""
+    kw = dict(sites=SITES, strata=STRATA, min_tokens=1000)
+    print("measurement share of training (batch 32 x 64, AdamW): what the loop waits for / all of "
+          "specdb's measurement / the previous design's")
     for mult in (1, 8):
         model = model_for(mult, device)
         opt = build_optimizers(model, ADAMW)[0]
         gen = torch.Generator().manual_seed(1)
         x = torch.randint(0, 2048, (32, 65), generator=gen).to(device)
-        tokens = torch.randint(0, 2048, (256, 64), generator=gen).to(device)
         strata_of = torch.from_numpy(np.random.default_rng(0).integers(0, 3, 2048)).to(device)
 
         def step():
@@ -168,18 +173,21 @@ def share(device, repeats: int) -> None:
         for _ in range(3):
             step()
         t_step = statistics.median(timed(step, device)[0] for _ in range(10 * repeats))
-        kw = dict(sites=SITES, strata=STRATA, min_tokens=1000)
-        waits, total = [], []
-        for _ in range(repeats):
-            t_acc, selected = timed(lambda: extract.accumulate(model, tokens, strata_of, **kw), device)
-            t_dec, _ = timed(lambda: extract.decompose(selected), device)
-            waits.append(t_acc)
-            total.append(t_acc + t_dec)
-        train_s = 1000 * t_step
-        w, a = 6 * statistics.median(waits), 6 * statistics.median(total)
-        print(f"  ffn_mult {mult} (D = {model.cfg.ffn_width}): training {train_s:6.1f} s ({t_step * 1e3:.1f} ms/step); "
-              f"measurement waited for {w:5.2f} s = {100 * w / train_s:4.1f}%, all of it {a:5.2f} s = "
-              f"{100 * a / train_s:4.1f}%")
+        for steps, n_measured, n_tokens in ((1000, 6, 16384), (300, 4, 32768)):
+            tokens = torch.randint(0, 2048, (n_tokens // 64, 64), generator=gen).to(device)
+            waits, total, before = [], [], []
+            for _ in range(repeats):
+                t_acc, selected = timed(lambda: extract.accumulate(model, tokens, strata_of, **kw), device)
+                t_dec, _ = timed(lambda: extract.decompose(selected), device)
+                waits.append(t_acc)
+                total.append(t_acc + t_dec)
+                before.append(timed(lambda: previous_design(model, tokens, strata_of), device)[0])
+            train_s = steps * t_step
+            w, a, b = (n_measured * statistics.median(v) for v in (waits, total, before))
+            print(f"  ffn_mult {mult} (D = {model.cfg.ffn_width}), {steps} steps, {n_measured} x {n_tokens:,} tokens: "
+                  f"training {train_s:5.1f} s ({t_step * 1e3:.1f} ms/step); measurement {w:5.2f} s = "
+                  f"{100 * w / train_s:4.1f}% / {a:5.2f} s = {100 * a / train_s:4.1f}% / {b:5.2f} s = "
+                  f"{100 * b / train_s:4.1f}%")
 
 
 def scaling(device) -> None:
