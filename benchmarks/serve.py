@@ -1,14 +1,16 @@
 """Load on `specdb serve`: concurrent clients while a writer commits runs.
 
     python benchmarks/serve.py [--runs 1000] [--clients 32] [--seconds 30] [--db /tmp/specdb-serve.duckdb]
-                               [--warm-db specdb.duckdb]
+                               [--warm-db specdb.duckdb] [--no-cache]
 
 Builds (once) a synthetic store of `--runs` runs (benchmarks/queries.py's builder), starts a real
 `specdb serve` on a free loopback port, and for `--seconds` runs `--clients` client threads that
 request a mix of endpoints while another process commits one new run per second through
 `store.write_run` (as a driver would). Prints per endpoint: requests, requests/s, p50 and p99
-latency, errors; and the writer's commits and its slowest commit. With `--warm-db`, first times
-warm `/api/beta` alone (sequential requests, no writer) on that store.
+latency, errors; how answers were served (hit, stale while a refresh computed, shared, computed)
+and the oldest stale one; and the writer's commits and its slowest commit. With `--warm-db`,
+first times warm `/api/beta` alone (sequential requests, no writer) on that store. With
+`--no-cache` every request demands the current answer (the worst case for latency).
 """
 
 from __future__ import annotations
@@ -77,12 +79,17 @@ def serve(db: Path) -> tuple[subprocess.Popen, str]:
 FAILURES: list[str] = []
 
 
+HEADERS: dict[str, str] = {}
+SEEN: list[tuple[str, int]] = []  # (x-specdb-cache, age) of every answer
+
+
 def fetch(url: str) -> tuple[int, float]:
     t0 = time.perf_counter()
     try:
-        with urllib.request.urlopen(url, timeout=60) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=HEADERS), timeout=60) as r:
             json.loads(r.read())
             code = r.status
+            SEEN.append((r.headers.get("x-specdb-cache") or "computed", int(r.headers.get("age") or 0)))
     except urllib.error.HTTPError as e:
         code = e.code
         FAILURES.append(f"{url}: {e.code} {e.read()[:300]!r}")
@@ -104,7 +111,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--db", type=Path, default=Path("/tmp/specdb-serve.duckdb"))
     ap.add_argument("--warm-db", type=Path, default=None)
+    ap.add_argument("--no-cache", action="store_true", help="send Cache-Control: no-cache (never a stale answer)")
     args = ap.parse_args()
+    if args.no_cache:
+        HEADERS["Cache-Control"] = "no-cache"
 
     if args.warm_db:
         proc, base = serve(args.warm_db)
@@ -156,6 +166,9 @@ def main() -> None:
     print(f"{'all':48s} {total:8d} {total / wall:7.1f} {pct([y for x in stats.values() for y in x], 0.5):8.1f} "
           f"{pct([y for x in stats.values() for y in x], 0.99):8.1f} {sum(errors.values()):6d}")
     print(f"median over endpoints of p50: {statistics.median(pct(x, 0.5) for x in stats.values()):.1f} ms")
+    kinds = {k: sum(1 for kind, _ in SEEN if kind == k) for k in sorted({kind for kind, _ in SEEN})}
+    print("answers: " + ", ".join(f"{k} {v}" for k, v in kinds.items()) +
+          f"; oldest stale answer {max((age for kind, age in SEEN if kind == 'stale'), default=0)} s")
     for line in FAILURES[:5]:
         print("error:", line)
 

@@ -84,7 +84,8 @@ def create_app(db: str | Path, token: str | None = None):
     refreshing: dict = {}  # (path, params) → the task computing its fresh answer
 
     async def inner(scope) -> tuple[int, bytes]:
-        """Answer a GET through the routes alone (no middleware), collecting the body."""
+        """Answer a copy of a request's GET through the whole app, past the remembered answers
+        (its headers, the token included, are the original request's), collecting the body."""
         sent = {"status": 500, "body": []}
 
         async def receive():
@@ -96,7 +97,7 @@ def create_app(db: str | Path, token: str | None = None):
             elif message["type"] == "http.response.body":
                 sent["body"].append(message.get("body", b""))
 
-        await app.router(dict(scope), receive, send)
+        await app({**scope, "specdb_refresh": True}, receive, send)
         return sent["status"], b"".join(sent["body"])
 
     async def refresh(question, scope) -> None:
@@ -127,7 +128,8 @@ def create_app(db: str | Path, token: str | None = None):
         costs each question one computation at a time and no client waits for it.
         `Cache-Control: no-cache` asks for the current answer, computed if need be."""
         path = request.url.path
-        if request.method != "GET" or not path.startswith("/api/") or path == "/api/status":
+        if (request.method != "GET" or not path.startswith("/api/") or path == "/api/status"
+                or request.scope.get("specdb_refresh")):
             return await call_next(request)
         question = (path, tuple(sorted(request.query_params.multi_items())))
         try:
