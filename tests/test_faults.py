@@ -182,7 +182,7 @@ def test_status_shows_a_spec_and_the_runs_in_flight(tmp_path, corpus):
     assert before.exit_code == 0 and json.loads(before.stdout) == [{"status": "new", "runs": 3}]
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "run", str(spec), "--executor", "inline"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen = ""
+    seen, outputs = "", []
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None and "in flight" not in seen:
@@ -191,9 +191,10 @@ def test_status_shows_a_spec_and_the_runs_in_flight(tmp_path, corpus):
                 q = subprocess.run([sys.executable, "-m", "cli.main", "status", "--db", str(db)],
                                    capture_output=True, text=True)
                 seen = q.stderr
+                outputs.append(f"[{q.returncode}] {q.stderr.strip()}")
     finally:
-        proc.communicate(timeout=300)
-    assert "in flight" in seen and "step" in seen
+        out, err = proc.communicate(timeout=300)
+    assert "in flight" in seen and "step" in seen, (outputs, err[-2000:])
     assert not (tmp_path / "s.duckdb.progress.json").exists()  # removed when the sweep ends
     after = runner.invoke(app, ["status", str(spec), "--format", "json"])
     assert json.loads(after.stdout) == [{"status": "done", "runs": 3}]
