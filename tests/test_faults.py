@@ -177,7 +177,7 @@ def test_no_traceback_ever_reaches_the_user(tmp_path, doc):
 def test_status_shows_a_spec_and_the_runs_in_flight(tmp_path, corpus):
     db = tmp_path / "s.duckdb"
     spec = tmp_path / "s.yaml"
-    spec.write_text(tiny_spec(corpus, db, "sweep:\n  seed: [0, 1, 2]\n", steps=150).replace("every: 3", "every: 50"))
+    spec.write_text(tiny_spec(corpus, db, "sweep:\n  seed: [0, 1, 2]\n", steps=300).replace("every: 3", "every: 100"))
     before = runner.invoke(app, ["status", str(spec), "--format", "json"])
     assert before.exit_code == 0 and json.loads(before.stdout) == [{"status": "new", "runs": 3}]
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "run", str(spec), "--executor", "inline"],
@@ -188,10 +188,9 @@ def test_status_shows_a_spec_and_the_runs_in_flight(tmp_path, corpus):
         while time.time() < deadline and proc.poll() is None and "in flight" not in seen:
             time.sleep(0.3)
             if db.exists():
-                q = subprocess.run([sys.executable, "-m", "cli.main", "status", "--db", str(db)],
-                                   capture_output=True, text=True)
+                q = runner.invoke(app, ["status", "--db", str(db)])  # in process: no interpreter start per poll
                 seen = q.stderr
-                outputs.append(f"[{q.returncode}] {q.stderr.strip()}")
+                outputs.append(f"[{q.exit_code}] {q.stderr.strip()}")
     finally:
         out, err = proc.communicate(timeout=300)
     assert "in flight" in seen and "step" in seen, (outputs, err[-2000:])

@@ -48,6 +48,20 @@ def test_the_batched_decomposition_equals_the_per_matrix_one_bitwise():
         np.testing.assert_allclose(eig, np.sort(np.linalg.eigvalsh(full))[::-1].clip(1e-12), rtol=1e-9, atol=1e-12)
 
 
+def test_batches_are_split_to_bound_their_memory(monkeypatch):
+    rng = np.random.default_rng(1)
+    mats = [torch.triu(torch.from_numpy(rng.standard_normal((30, 12))).mT @ torch.from_numpy(rng.standard_normal((30, 12))))
+            for _ in range(5)]
+    whole = extract.spectra_of(mats)
+    sizes = []
+    eigvalsh = torch.linalg.eigvalsh
+    monkeypatch.setattr(extract, "BATCH_BYTES", 2 * 8 * 12 * 12)  # two matrices per batch
+    monkeypatch.setattr(torch.linalg, "eigvalsh", lambda b, UPLO: sizes.append(len(b)) or eigvalsh(b, UPLO=UPLO))
+    split = extract.spectra_of(mats)
+    assert sizes == [2, 2, 1]
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(whole, split))
+
+
 def naive_records(model, tokens, strata_of):
     """The reference of the issue: keep every activation, numpy.cov per stratum, numpy eigvalsh."""
     acts = {}

@@ -38,6 +38,9 @@ PRECISIONS = {"fp64": Precision(torch.float64, torch.float64),
               "fp32": Precision(torch.float32, torch.float64)}
 
 
+BATCH_BYTES = 1 << 30  # the most one stacked eigvalsh batch copies (on the device that holds it)
+
+
 class NonFiniteActivations(ArithmeticError):
     """The model produced inf/NaN activations: the run has diverged."""
 
@@ -114,12 +117,15 @@ def spectra_of(upper: list[torch.Tensor], dtype: torch.dtype = torch.float64) ->
     by_dim: dict[int, list[int]] = {}
     for i, c in enumerate(upper):
         by_dim.setdefault(c.shape[-1], []).append(i)
-    for idx in by_dim.values():
-        batch = torch.stack([upper[i] for i in idx]).to(dtype)
-        eig = torch.linalg.eigvalsh(batch, UPLO="U").double().cpu().numpy()
-        for i, e in zip(idx, eig):
-            e = e[::-1].copy()
-            out[i] = (np.clip(e, spectra.EIG_FLOOR, None), float(e.min()))
+    for dim, idx in by_dim.items():
+        per_batch = max(1, BATCH_BYTES // (8 * dim * dim))  # the stacked copy stays bounded: 3 at D = 6144
+        for start in range(0, len(idx), per_batch):
+            part = idx[start:start + per_batch]
+            batch = torch.stack([upper[i] for i in part]).to(dtype)
+            eig = torch.linalg.eigvalsh(batch, UPLO="U").double().cpu().numpy()
+            for i, e in zip(part, eig):
+                e = e[::-1].copy()
+                out[i] = (np.clip(e, spectra.EIG_FLOOR, None), float(e.min()))
     return out
 
 
