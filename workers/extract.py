@@ -71,10 +71,14 @@ class StreamingCovariance:
 
     def update(self, x) -> "StreamingCovariance":
         x = torch.as_tensor(x).to(device=self.device, dtype=self.accumulate).reshape(-1, self.dim)
+        return self._update_owned(x.clone() if x.shape[0] else x)
+
+    def _update_owned(self, x: torch.Tensor) -> "StreamingCovariance":
+        """`update` for rows this accumulator may overwrite (centred in place: no copy)."""
         nb = x.shape[0]
         if nb:
             mb = x.mean(0)
-            self._fold(nb, mb.double(), gram(x - mb).double())
+            self._fold(nb, mb.double(), gram(x.sub_(mb)).double())
         return self
 
     def merge(self, other: "StreamingCovariance") -> "StreamingCovariance":
@@ -159,10 +163,13 @@ class FFNProbe:
         self.counts = torch.bincount(labels, minlength=3).tolist()
 
     def _fold(self, layer: int, site: str, act: torch.Tensor) -> None:
+        # one gather sorts the chunk by stratum; it is a fresh copy, so each stratum's rows are
+        # converted once and centred in place
         x = act.detach().reshape(-1, act.shape[-1]).index_select(0, self.order)
+        x = x.to(self.acc[(layer, site, 0)].accumulate)
         for s, rows in enumerate(torch.split(x, self.counts)):
             if rows.shape[0]:
-                self.acc[(layer, site, s)].update(rows)
+                self.acc[(layer, site, s)]._update_owned(rows)
 
     def remove(self) -> None:
         for h in self._handles:
