@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from workers.extract import StreamingCovariance
 from workers.optim import orthogonalize
@@ -46,8 +47,9 @@ def main() -> None:
         x = np.concatenate([c.astype(np.float64) for c in chunks])  # the N×D matrix a naive tool keeps
         return np.cov(x, rowvar=False)
 
-    s, ts, _ = timed(streaming)
-    r, tn, _ = timed(naive)
+    with threadpool_limits(a.threads, user_api="blas"):  # numpy's and scipy's BLAS too
+        s, ts, _ = timed(streaming)
+        r, tn, _ = timed(naive)
     # torch allocations are invisible to tracemalloc, so count the bytes each method must hold:
     ms = (a.d * a.d + a.d) * 8 + a.chunk * a.d * 8  # float64 scatter + mean + one chunk in float64
     mn = a.n * a.d * 8 + a.d * a.d * 8              # all activations in float64 + the covariance
