@@ -22,7 +22,7 @@ from typing import NamedTuple
 from pydantic import BaseModel
 
 from spectraldb import queries, store
-from spectraldb.errors import SpecError, StoreError
+from spectraldb.errors import SpecError, StoreError, StoreLocked
 from spectraldb.progress import read_sidecar
 
 SQL_ROW_CAP = 10_000
@@ -329,13 +329,21 @@ def create_app(db: str | Path, token: str | None = None):
         keys = ("step", "n_tokens", "n_dim", "skipped", "min_eigenvalue", "eigenvalues")
         return records([dict(zip(keys, row))])[0]
 
+    counted: dict = {}  # the last counts read, for while a commit holds the file
+
     @app.get("/api/status")
     def status():
-        """Runs by status and the runs in flight (from a running `specdb run`'s progress file)."""
-        with store.connect(db, read_only=True) as con:
-            counts = dict(con.execute("SELECT status, count(*) FROM runs GROUP BY status").fetchall())
+        """Runs by status and the runs in flight (from a running `specdb run`'s progress file).
+        While a commit holds the store, the counts read just before it are returned at once
+        (`runs_as_of` says when they were read) rather than waiting for the commit."""
+        try:
+            with store.connect(db, read_only=True, wait_s=0 if counted else store.LOCK_WAIT_S) as con:
+                counts = dict(con.execute("SELECT status, count(*) FROM runs GROUP BY status").fetchall())
+            counted.update(runs=counts, at=time.time())
+        except StoreLocked:
+            counts = counted["runs"]
         in_flight = [{"run_id": rid, **info} for rid, info in read_sidecar(db).items()]
-        return {"runs": counts, "in_flight": in_flight, "updated": time.time()}
+        return {"runs": counts, "in_flight": in_flight, "updated": time.time(), "runs_as_of": counted["at"]}
 
     @app.post("/api/sql")
     def sql(body: SQLRequest):

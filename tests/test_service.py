@@ -189,6 +189,27 @@ def test_a_real_server_process_answers_over_http_and_waits_out_a_commit(db, clie
     assert proc.returncode == 0 and "Traceback" not in err, err
 
 
+def test_status_answers_at_once_while_a_commit_holds_the_store(tmp_path):
+    db = tmp_path / "l.duckdb"
+    put(db, mult=1, rank_of=lambda D, s, l: D / 4)
+    client = TestClient(create_app(db))
+    before = client.get("/api/status").json()
+    assert before["runs"] == {"done": 1} and before["runs_as_of"] <= before["updated"]
+    writer = subprocess.Popen([sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(db)!r}); "
+                               "print('open', flush=True); time.sleep(3)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "open"
+        t0 = time.monotonic()
+        during = client.get("/api/status").json()
+        assert time.monotonic() - t0 < 1.0  # no wait for the commit
+        assert during["runs"] == {"done": 1} and during["runs_as_of"] == before["runs_as_of"]
+    finally:
+        writer.wait()
+    put(db, mult=2, rank_of=lambda D, s, l: D / 4)
+    after = client.get("/api/status").json()
+    assert after["runs"] == {"done": 2} and after["runs_as_of"] > before["runs_as_of"]
+
+
 def test_answers_are_remembered_until_the_store_changes(tmp_path):
     db = tmp_path / "c.duckdb"
     for mult in (1, 2, 4):
