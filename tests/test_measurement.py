@@ -111,6 +111,22 @@ def test_fp32_products_stay_close_and_differ_from_fp64():
         assert y["metrics"]["hard_rank"] == pytest.approx(x["metrics"]["hard_rank"], rel=1e-4)
 
 
+def test_the_products_never_run_under_the_forward_autocast(monkeypatch):
+    """On a GPU the forward runs under bfloat16 autocast, and the hooks inside it: a float32
+    product there would silently become a bfloat16 one (the build before issue 9 did that)."""
+    gram, seen = extract.gram, []
+
+    def watched(xc):
+        seen.append((torch.is_autocast_enabled("cpu"), xc.dtype))
+        return gram(xc)
+
+    monkeypatch.setattr(extract, "gram", watched)
+    model = tiny_model()
+    extract.accumulate(model, torch.randint(0, 60, (10, 8)), torch.arange(60) % 3, **KW,
+                       autocast_dtype=torch.bfloat16, precision="fp32")
+    assert seen and all(state == (False, torch.float32) for state in seen)
+
+
 def test_non_finite_activations_are_caught_before_any_decomposition(monkeypatch):
     model = tiny_model()
     with torch.no_grad():

@@ -163,13 +163,16 @@ class FFNProbe:
         self.counts = torch.bincount(labels, minlength=3).tolist()
 
     def _fold(self, layer: int, site: str, act: torch.Tensor) -> None:
-        # one gather sorts the chunk by stratum; it is a fresh copy, so each stratum's rows are
-        # converted once and centred in place
-        x = act.detach().reshape(-1, act.shape[-1]).index_select(0, self.order)
-        x = x.to(self.acc[(layer, site, 0)].accumulate)
-        for s, rows in enumerate(torch.split(x, self.counts)):
-            if rows.shape[0]:
-                self.acc[(layer, site, s)]._update_owned(rows)
+        # hooks run inside the forward's autocast region, which would turn a float32 product into
+        # a bfloat16 one on a GPU: the products keep the precision policy's dtype
+        with torch.autocast(act.device.type, enabled=False):
+            # one gather sorts the chunk by stratum; it is a fresh copy, so each stratum's rows are
+            # converted once and centred in place
+            x = act.detach().reshape(-1, act.shape[-1]).index_select(0, self.order)
+            x = x.to(self.acc[(layer, site, 0)].accumulate)
+            for s, rows in enumerate(torch.split(x, self.counts)):
+                if rows.shape[0]:
+                    self.acc[(layer, site, s)]._update_owned(rows)
 
     def remove(self) -> None:
         for h in self._handles:
