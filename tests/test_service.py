@@ -196,7 +196,7 @@ def test_status_answers_at_once_while_a_commit_holds_the_store(tmp_path):
     before = client.get("/api/status").json()
     assert before["runs"] == {"done": 1} and before["runs_as_of"] <= before["updated"]
     writer = subprocess.Popen([sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(db)!r}); "
-                               "print('open', flush=True); time.sleep(3)"], stdout=subprocess.PIPE, text=True)
+                               "print('open', flush=True); time.sleep(1.5)"], stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "open"
         t0 = time.monotonic()
