@@ -231,3 +231,16 @@ def test_precision_is_a_spec_field_that_changes_the_run_id_only_when_set(tmp_pat
     (tmp_path / "c.yaml").write_text(base.replace("min_stratum_tokens: 20}", "min_stratum_tokens: 20, precision: fp32}"))
     ids = [load_spec(tmp_path / f"{n}.yaml")[0].runs[0].run_id for n in "abc"]
     assert ids[0] == ids[1] != ids[2]
+
+
+def test_a_spooled_result_keeps_the_worker_metrics_exactly(tiny_run, tmp_path):
+    from spectraldb.writer import Spool
+
+    run, ds = tiny_run
+    result = train.run(run.config(), ds)
+    spool = Spool(tmp_path / "s.duckdb")
+    back = Spool.load(spool.put(run.run_id, run.config(), result, {}, "tiny"))["result"]
+    assert [r.get("metrics") for r in back["spectra"]] == [r.get("metrics") for r in result["spectra"]]
+    store.write_run(tmp_path / "direct.duckdb", run, result, {})
+    store.write_run(tmp_path / "s.duckdb", run, back, {})
+    assert ranks_and_reinjection(tmp_path / "s.duckdb") == ranks_and_reinjection(tmp_path / "direct.duckdb")
