@@ -86,6 +86,8 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT
     Read-only connections cannot touch other files unless `external_access` (export only).
     `verify` (default: for writers) also checks that the file holds every block its tables use."""
     path = Path(path)
+    if "\\" in str(path):  # DuckDB would read it as a folder separator (writer.check_store_name)
+        raise StoreError(f"{path}: a store path cannot contain a backslash (DuckDB reads it as a folder separator)")
     if read_only and not path.exists():
         raise StoreError(f"{path}: no such store (run `specdb run SPEC` first, or pass --db)")
     config = _config(read_only, external_access)

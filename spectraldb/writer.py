@@ -63,8 +63,17 @@ class WriterLock:
             self.fd = None
 
 
+def check_store_name(store_path) -> None:
+    """DuckDB reads a backslash in a file name as a folder separator: such a store would land
+    elsewhere, or nowhere."""
+    if "\\" in str(store_path):
+        raise SpecError(f"{store_path}: a store path cannot contain a backslash (DuckDB reads it as a "
+                        "folder separator)")
+
+
 def check_store_folder(store_path) -> None:
     """A store whose folder is missing or read-only is refused before anything trains."""
+    check_store_name(store_path)
     folder = Path(store_path).resolve().parent
     if not folder.is_dir():
         raise SpecError(f"{store_path}: folder {folder} does not exist (create it, or pass another --db)")

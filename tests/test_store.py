@@ -141,3 +141,30 @@ def test_query_beta_recovers_planted_exponents(tmp_path):
     assert set(rows["Muon"]) == {"optimizer", "beta_hard", "beta_hard_low", "beta_hard_high", "r2_hard",
                                  "beta_soft", "beta_soft_low", "beta_soft_high", "r2_soft", "delta_12", "n_widths",
                                  "min_n_over_d"}
+
+
+@pytest.mark.parametrize("name", ["it's.duckdb", "a b;--'.duckdb", "ü ñ (1).duckdb"])
+def test_a_store_path_with_quotes_and_separators_is_attached_literally(tmp_path, name):
+    """Writers attach the store by a quoted literal (for its row-group size): a hostile name must
+    still name exactly that file."""
+    db = tmp_path / name
+    run = RunSpec.model_validate({"model": {"d_model": 32, "ffn_mult": 1}, "train": {"steps": 2},
+                                  "measure": {"every": 1, "last_k": 1}})
+    result = {"status": "done", "started_at": 0.0, "finished_at": 1.0,
+              "evals": [{"step": 2, "train_loss": 3.0, "val_loss": 3.0, "val_ppl": 20.0}],
+              "spectra": [{"step": 2, "layer": 0, "site": "post", "stratum": "all", "n_tokens": 100, "n_dim": 32,
+                           "eigenvalues": flat(4.0, 32), "min_eigenvalue": 0.0}]}
+    assert store.write_run(db, run, result, {}) == "done"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".duckdb") == [name]
+    with store.connect(db, read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM ranks").fetchone()[0] == 1
+
+
+def test_a_store_path_with_a_backslash_is_refused_in_one_line(tmp_path):
+    """DuckDB reads a backslash as a folder separator: the store would land in another folder."""
+    db = tmp_path / "x\\y.duckdb"
+    with pytest.raises(StoreError, match="backslash"):
+        store.connect(db).__enter__()
+    result = CliRunner().invoke(app, ["run", "experiments.yaml", "--db", str(db), "--executor", "inline"])
+    assert result.exit_code == 2 and "backslash" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
