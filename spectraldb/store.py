@@ -260,16 +260,15 @@ def statuses(path: str | Path) -> dict[str, str]:
 
 
 def rank_rows(run_id: str, records: list[dict]) -> list[dict]:
-    """One ranks row (by column name) per computed spectrum, from the metrics the worker
-    attached (`spectraldb.spectra.attach_metrics`, called here for records that lack them)."""
-    spectra.attach_metrics(records)
+    """One ranks row (by column name) per computed spectrum, from the metrics attached to it
+    (`spectraldb.spectra.attach_metrics`: by the worker, or by `write_run` for records without)."""
     return [{"run_id": run_id, "step": r["step"], "layer": r["layer"], "site": r["site"], "stratum": r["stratum"],
              "n_tokens": r["n_tokens"], **r["metrics"]} for r in records if r["eigenvalues"] is not None]
 
 
 def reinjection_rows(run_id: str, records: list[dict]) -> list[dict]:
-    """JS(pre, post) and ρ_α = R_α(post)/R_α(pre) where both sites were computed."""
-    spectra.attach_metrics(records)
+    """JS(pre, post) and ρ_α = R_α(post)/R_α(pre) where both sites were computed (attached as for
+    `rank_rows`)."""
     return [{"run_id": run_id, "step": r["step"], "layer": r["layer"], "stratum": r["stratum"], **r["reinjection"]}
             for r in records if "reinjection" in r]
 
@@ -323,7 +322,7 @@ def write_run(path: str | Path, run, result: RunResult, provenance: dict, spec_n
     }
     eval_rows = [{"run_id": rid, "step": e["step"], "train_loss": _finite(e["train_loss"]),
                   "val_loss": _finite(e["val_loss"]), "val_ppl": _finite(e["val_ppl"])} for e in evals]
-    records = result.get("spectra", [])
+    records = spectra.attach_metrics(result.get("spectra", []))  # a no-op for a worker's records
     from_end = series_from_end(records)
     rank = [{**row, "from_end": from_end.get((row["step"], row["layer"], row["site"], row["stratum"]))}
             for row in rank_rows(rid, records)]

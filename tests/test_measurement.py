@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from spectraldb import spectra, store
+from spectraldb import store
 from spectraldb.spec import load_spec
 from tests.conftest import tiny_spec
 from workers import extract, train
+from workers.bench import naive
 from workers.data import prepare
 from workers.model import GPT, GPTConfig
 
@@ -62,38 +63,16 @@ def test_batches_are_split_to_bound_their_memory(monkeypatch):
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(whole, split))
 
 
-def naive_records(model, tokens, strata_of):
-    """The reference of the issue: keep every activation, numpy.cov per stratum, numpy eigvalsh."""
-    acts = {}
-    hooks = []
-    for layer, block in enumerate(model.transformer.h):
-        hooks.append(block.mlp.c_fc.register_forward_hook(
-            lambda m, i, o, layer=layer: acts.__setitem__((layer, "pre"), o.reshape(-1, o.shape[-1]).double())))
-        hooks.append(block.mlp.c_proj.register_forward_pre_hook(
-            lambda m, i, layer=layer: acts.__setitem__((layer, "post"), i[0].reshape(-1, i[0].shape[-1]).double())))
-    with torch.no_grad():
-        model.hidden(tokens)
-    for h in hooks:
-        h.remove()
-    labels = strata_of[tokens].reshape(-1).numpy()
-    out = {}
-    for (layer, site), x in acts.items():
-        x = x.numpy()
-        for name, rows in (("all", x), ("head", x[labels == 0]), ("mid", x[labels == 1]), ("tail", x[labels == 2])):
-            out[(layer, site, name)] = np.sort(np.linalg.eigvalsh(np.cov(rows, rowvar=False)))[::-1].clip(1e-12)
-    return out
-
-
 def test_the_fp64_measurement_equals_the_naive_reference_within_1e_9():
     model = tiny_model()
     tokens = torch.randint(0, 60, (40, 8), generator=torch.Generator().manual_seed(1))
     strata_of = torch.arange(60) % 3
     got = extract.measure(model, tokens, strata_of, **KW, chunk=7)  # uneven chunks
-    ref = naive_records(model, tokens, strata_of)
+    ref = naive(model, tokens, strata_of)  # every activation kept, numpy.cov, numpy eigvalsh
     assert len(got) == 16
     for rec in got:
-        want = ref[(rec["layer"], rec["site"], rec["stratum"])]
-        for name, value in spectra.metrics(want).items():
+        want, metrics = ref[(rec["layer"], rec["site"], rec["stratum"])]
+        for name, value in metrics.items():
             if name != "renyi_0_5":  # R_0.5 weighs the numerical floor: checked apart below
                 assert rec["metrics"][name] == pytest.approx(value, rel=1e-9), name
         top = want > want[0] * 1e-8

@@ -89,7 +89,8 @@ def previous_design(model, tokens, strata_of, chunk=64):
 
 
 def naive(model, tokens, strata_of):
-    """Keep every activation (N×D float64 per layer × site), numpy.cov per stratum, eigvalsh."""
+    """Keep every activation (N×D float64 per layer × site), numpy.cov per stratum, eigvalsh:
+    (layer, site, stratum) → (eigenvalues, metrics). Also the tests' reference."""
     acts, hooks = {}, []
     for layer, block in enumerate(model.transformer.h):
         hooks.append(block.mlp.c_fc.register_forward_hook(
@@ -102,11 +103,12 @@ def naive(model, tokens, strata_of):
     for h in hooks:
         h.remove()
     labels = strata_of[tokens].reshape(-1).cpu().numpy()
-    out = []
-    for parts in acts.values():
+    out = {}
+    for (layer, site), parts in acts.items():
         x = torch.cat(parts).double().cpu().numpy()
-        for rows in (x, x[labels == 0], x[labels == 1], x[labels == 2]):
-            out.append(spectra.metrics(np.linalg.eigvalsh(np.cov(rows, rowvar=False))[::-1].clip(1e-12)))
+        for name, rows in zip(STRATA, (x, x[labels == 0], x[labels == 1], x[labels == 2])):
+            eig = np.linalg.eigvalsh(np.cov(rows, rowvar=False))[::-1].clip(1e-12)
+            out[(layer, site, name)] = (eig, spectra.metrics(eig))
     return out
 
 

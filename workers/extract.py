@@ -70,8 +70,8 @@ class StreamingCovariance:
         self.m2 = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)  # upper triangle
 
     def update(self, x) -> "StreamingCovariance":
-        x = torch.as_tensor(x).to(device=self.device, dtype=self.accumulate).reshape(-1, self.dim)
-        return self._update_owned(x.clone() if x.shape[0] else x)
+        x = torch.as_tensor(x).to(device=self.device, dtype=self.accumulate, copy=True)
+        return self._update_owned(x.reshape(-1, self.dim))
 
     def _update_owned(self, x: torch.Tensor) -> "StreamingCovariance":
         """`update` for rows this accumulator may overwrite (centred in place: no copy)."""
