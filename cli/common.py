@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import typer
 
 from cli.output import FORMATS
@@ -26,6 +28,29 @@ def evaluation_error(exc: Exception, where: str | None) -> str:
     if where:
         return f"--where: the predicate failed while being evaluated ({kind}); check its types and functions"
     return f"query failed: {str(exc).strip().splitlines()[0][:200]}"
+
+
+@contextlib.contextmanager
+def capped_memory(limit_bytes: int):
+    """This process's address space capped while a read runs (spectraldb.bounds), then restored:
+    a runaway query fails with an out-of-memory error instead of taking the machine down."""
+    import resource
+
+    from spectraldb.bounds import cap_process_memory
+
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    cap_process_memory(limit_bytes)
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, before)
+
+
+def cli_time_limit() -> float:
+    """A query's time limit at the terminal (SPECDB_READ_TIME_S; default bounds.CLI_TIME_S)."""
+    from spectraldb.bounds import CLI_TIME_S, ReadLimits
+
+    return ReadLimits.from_env(CLI_TIME_S).time_s
 
 
 def fail(message: str, code: int) -> None:

@@ -12,9 +12,9 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import (DEFAULT_DB, DbOpt, FormatOpt, SetOpt, check_format, duckdb_errors,
-                        evaluation_error, fail)
-from cli.output import render
+from cli.common import (DEFAULT_DB, DbOpt, FormatOpt, SetOpt, capped_memory, check_format, cli_time_limit,
+                        duckdb_errors, evaluation_error, fail)
+from cli.output import printable, render, render_stream
 from cli.query import DivergedOpt, SiteOpt, WhereOpt, query_app
 from spectraldb.errors import SpecError, StoreError
 
@@ -74,6 +74,8 @@ def run(spec: Path = typer.Argument(..., help="Spec file, e.g. experiments.yaml"
         fail(str(exc), 2)
     except RayStartError as exc:
         fail(str(exc), 1)
+    for line in result.damaged:
+        typer.echo(f"damaged spool entry {printable(line)}", err=True)
     if result.recovered:
         typer.echo(f"committed {result.recovered} finished run(s) from {path}.spool", err=True)
     if not result.statuses:
@@ -102,8 +104,26 @@ def plan(spec: Path = typer.Argument(..., help="Spec file"), db: Optional[str] =
     except (SpecError, StoreError) as exc:
         fail(str(exc), 2)
     render(rows, fmt)
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("new", "done", "diverged", "failed")}
+    counts = {s: sum(r["status"] == s for r in rows) for s in PLAN_STATUSES}
     typer.echo(f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()), err=True)
+    _spool_notes(db or p.store)
+
+
+PLAN_STATUSES = ("new", "spooled", "done", "diverged", "failed")
+
+
+def _spool_notes(db) -> None:
+    """Damaged spool entries (now, and moved aside earlier): their runs are trained again."""
+    from spectraldb.writer import Spool
+
+    spool = Spool(db)
+    for path, why in spool.scan()[1]:
+        typer.echo(f"damaged spool entry {printable(path.name)}: {printable(why)}; the next `specdb run` moves it to "
+                   f"{spool.damaged_dir.name}/ and trains its run again", err=True)
+    moved = spool.damaged()
+    if moved:
+        typer.echo(f"{len(moved)} damaged spool entr{'y' if len(moved) == 1 else 'ies'} kept in {spool.damaged_dir} "
+                   "(each with a .why file); their runs were trained again", err=True)
 
 
 @app.command()
@@ -130,7 +150,7 @@ def status(spec: Optional[Path] = typer.Argument(None, help="A spec: count its r
         except (SpecError, StoreError) as exc:
             fail(str(exc), 2)
         render([{"status": st, "runs": sum(r["status"] == st for r in rows)}
-                for st in ("new", "done", "diverged", "failed") if any(r["status"] == st for r in rows)], fmt)
+                for st in PLAN_STATUSES if any(r["status"] == st for r in rows)], fmt)
         db = db or plan_.store
         if not Path(db).exists():
             return
@@ -163,15 +183,19 @@ def status(spec: Optional[Path] = typer.Argument(None, help="A spec: count its r
         if number != PROTOCOL:
             typer.echo(f"{n} run(s) measured under protocol {number} (this specdb measures protocol {PROTOCOL}): "
                        "kept, never fitted together with current runs; see docs/design.md", err=True)
-    spooled = Spool(path).pending()
+    spooled = Spool(path).run_ids()
     if spooled:
-        typer.echo(f"{len(spooled)} finished run(s) waiting in {path}.spool to be committed "
+        typer.echo(f"{len(spooled)} finished run(s) waiting in {Spool(path).dir} to be committed "
                    "(the next `specdb run` on this store commits them first)", err=True)
-    for rid, info in read_sidecar(path).items():
-        typer.echo(f"in flight {rid} {info['label']}: step {info['step']}/{info['steps']}", err=True)
+    _spool_notes(path)
+    flight, note = read_sidecar(path)
+    if note:
+        typer.echo(printable(note), err=True)
+    for rid, info in flight.items():
+        typer.echo(printable(f"in flight {rid} {info['label']}: step {info['step']}/{info['steps']}"), err=True)
     for rid, opt, mult, st, err in unfinished:
         last = (err or "").strip().splitlines()[-1:] or [""]
-        typer.echo(f"{st} {rid} {opt} ffn_mult={mult:g}: {last[0]}", err=True)
+        typer.echo(printable(f"{st} {rid} {opt} ffn_mult={mult:g}: {last[0]}"), err=True)
 
 
 @app.command()
@@ -191,6 +215,7 @@ def sql(query: Optional[str] = typer.Argument(None, help='A SELECT statement, or
 
       echo "SELECT count(*) FROM runs" | specdb sql -
     """
+    from spectraldb.bounds import CLI_TIME_S, ReadLimits
     from spectraldb.sqlshell import run_sql
 
     check_format(fmt)
@@ -202,11 +227,19 @@ def sql(query: Optional[str] = typer.Argument(None, help='A SELECT statement, or
         text = sys.stdin.read()
     else:
         text = query
+    notes = []
     try:
-        cols, rows = run_sql(db or DEFAULT_DB, text)
+        limits = ReadLimits.from_env(CLI_TIME_S)
+        with capped_memory(limits.process_bytes):
+            run_sql(db or DEFAULT_DB, text, limits.time_s,
+                    lambda cols, rows: notes.append(render_stream(cols, rows, fmt)))
     except (StoreError, SpecError) as exc:
         fail(str(exc), 2)
-    render(rows, fmt, cols)
+    except MemoryError:
+        fail("sql: out of memory (SPECDB_PROCESS_MEMORY_MB raises this process's cap)", 1)
+    for note in notes:
+        if note:
+            typer.echo(note, err=True)
 
 
 @app.command()
@@ -279,7 +312,7 @@ def plot(kind: str = typer.Argument(..., help="scaling | dynamics | depth | reny
     if kind == "renyi" and ffn_mult is None:
         fail("--ffn-mult: the renyi figure needs a width (e.g. --ffn-mult 4)", 2)
     try:
-        with connect(db or DEFAULT_DB, read_only=True) as con:
+        with connect(db or DEFAULT_DB, read_only=True, time_limit_s=cli_time_limit()) as con:
             if kind == "scaling":
                 fig = plots.scaling(con, strata, site, include_diverged, where)
             elif kind == "renyi":
@@ -296,21 +329,30 @@ def plot(kind: str = typer.Argument(..., help="scaling | dynamics | depth | reny
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+WILDCARDS = ("0.0.0.0", "::", "")
 
 
 @app.command()
 def serve(db: Optional[str] = DbOpt, host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
           port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free port)."),
           token: Optional[str] = typer.Option(None, envvar="SPECDB_TOKEN",
-                                              help="Require `Authorization: Bearer TOKEN` on every request.")):
+                                              help="Require this token: `Authorization: Bearer TOKEN`, or a browser "
+                                                   "opens /?token=TOKEN once."),
+          allowed_host: Optional[List[str]] = typer.Option(None, "--allowed-host",
+                                                           help="A name clients use to reach a non-loopback --host "
+                                                                "(checked against the Host header; repeatable).")):
     """Serve the store read-only over HTTP: a JSON API with one endpoint per verb (/api/beta,
     /api/matched, /api/delta, /api/dynamics, /api/depth, /api/renyi, /api/runs, /api/status,
-    POST /api/sql) and OpenAPI docs at /docs. Ctrl-C stops it.
+    POST /api/sql), the dashboard at / and OpenAPI docs at /docs (offline). Ctrl-C stops it.
 
-    Examples: specdb serve · specdb serve --host 0.0.0.0 --token "$(openssl rand -hex 16)"
+    Only requests whose Host header names this server are answered (localhost, 127.0.0.1, [::1],
+    and each --allowed-host). Reads are bounded (README, "Security model").
+
+    Examples: specdb serve · specdb serve --host 0.0.0.0 --allowed-host lab-box --token "$(openssl rand -hex 16)"
     """
     import uvicorn
 
+    from spectraldb.bounds import SERVICE_TIME_S, ReadLimits, cap_process_memory
     from spectraldb.service import create_app
 
     path = Path(db or DEFAULT_DB)
@@ -319,17 +361,31 @@ def serve(db: Optional[str] = DbOpt, host: str = typer.Option("127.0.0.1", help=
              "read the store otherwise)", 2)
     if token is not None and len(token) < 8:
         fail("--token: use at least 8 characters", 2)
+    names = [h.strip() for part in allowed_host or [] for h in part.split(",") if h.strip()]
+    for name in names:
+        if not all(c.isalnum() or c in "-.[]:" for c in name) or len(name) > 253:
+            fail(f"--allowed-host: {printable(name)!r} is not a host name", 2)
+    if host in WILDCARDS and not names:
+        fail(f"--host {host or '(all)'}: name the host names clients will use with --allowed-host (the Host header "
+             "of every request is checked against them)", 2)
+    if host not in LOOPBACK and host not in WILDCARDS:
+        names.append(f"[{host}]" if ":" in host else host)
     if not path.is_file():
         fail(f"{path}: no such store (run `specdb run SPEC` first, or pass --db)", 2)
     from spectraldb.store import connect
 
     try:  # an outdated or damaged store is refused now, not on every request
+        limits = ReadLimits.from_env(SERVICE_TIME_S)
         with connect(path, read_only=True):
             pass
-    except StoreError as exc:
+    except (StoreError, SpecError) as exc:
         fail(str(exc), 2)
-    typer.echo(f"serving {path} on http://{host}:{port} (docs at /docs{', token required' if token else ''})", err=True)
-    uvicorn.run(create_app(path, token), host=host, port=port, log_level="warning")
+    shown = "localhost" if host in LOOPBACK else (names[0] if names else host)
+    typer.echo(f"serving {path} on http://{shown}:{port} (docs at /docs"
+               f"{'; token required: a browser opens /?token=<token> once' if token else ''})", err=True)
+    cap_process_memory(limits.process_bytes)
+    # no access log: a browser's first /?token=… request would write the token into it
+    uvicorn.run(create_app(path, token, names, limits), host=host, port=port, log_level="warning", access_log=False)
 
 
 def main() -> None:

@@ -6,7 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import DEFAULT_DB, DbOpt, FormatOpt, check_format, duckdb_errors, evaluation_error, fail
+from cli.common import (DEFAULT_DB, DbOpt, FormatOpt, capped_memory, check_format, cli_time_limit, duckdb_errors,
+                        evaluation_error, fail)
 from cli.output import render
 from spectraldb.errors import SpecError, StoreError
 
@@ -20,17 +21,21 @@ WhereOpt = typer.Option(None, "--where", help='Predicate on the runs table, e.g.
 
 def _query(fn, columns, fmt, db, stratum="all", site="post", include_diverged=False, **kwargs):
     """Validate the common options, run a query function, print rows (stdout) and notes (stderr)."""
+    from spectraldb.bounds import ReadLimits
     from spectraldb.queries import excluded_diverged
     from spectraldb.store import connect
 
     check_format(fmt)
     try:
-        with connect(db or DEFAULT_DB, read_only=True) as con:
+        with capped_memory(ReadLimits.from_env().process_bytes), \
+                connect(db or DEFAULT_DB, read_only=True, time_limit_s=cli_time_limit()) as con:
             answer = fn(con, stratum=stratum, include_diverged=include_diverged,
                         **({"site": site} if site is not None else {}), **kwargs)
             n = 0 if include_diverged else excluded_diverged(con, kwargs.get("where"))
     except (StoreError, SpecError) as exc:
         fail(str(exc), 2)
+    except MemoryError:
+        fail("query: out of memory (SPECDB_PROCESS_MEMORY_MB raises this process's cap)", 1)
     except duckdb_errors() as exc:
         fail(evaluation_error(exc, kwargs.get("where")), 2)
     rows = answer.rows

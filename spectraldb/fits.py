@@ -177,5 +177,13 @@ def fit_groups(points, metrics, key_names, notes, label=lambda k: " / ".join(map
         row["n_widths"] = len(widths)
         if any(len(v) > 1 for v in by_width.values()):
             row["n_seeds"] = max(len(v) for v in by_width.values())
-        rows.append(row)
-    return rows
+        rows.append((key, row))
+    # computed in the fixed text order above (it fixes the bootstrap's draws); shown in natural
+    # order, so steps and layers read 1, 200, 1000 rather than 1, 1000, 200
+    return [row for key, row in sorted(rows, key=lambda kr: natural(kr[0]))]
+
+
+def natural(key: tuple) -> tuple:
+    """A sort key that orders numbers as numbers and everything else as text, numbers first."""
+    return tuple((0, float(x), "") if isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+                 else (1, 0.0, str(x)) for x in key)

@@ -8,7 +8,7 @@ from collections import defaultdict
 import numpy as np
 
 from spectraldb import queries
-from spectraldb.fits import power_law, t_quantile
+from spectraldb.fits import natural, power_law, t_quantile
 
 METRIC_TITLES = {"hard": "hard rank (participation ratio)", "soft": "soft rank (exp entropy)"}
 
@@ -40,7 +40,7 @@ def scaling_series(con, stratum="all", site="post", metrics=("hard", "soft"), in
         for v in vals:
             groups[tuple(v.factors[k] for k in key_names)][v.factors["ffn_width"]].append(v.values[metric])
         series = []
-        for key, pts in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        for key, pts in sorted(groups.items(), key=lambda kv: natural(kv[0])):
             w = np.array(sorted(pts), dtype=float)
             y = np.array([np.mean(pts[x]) for x in sorted(pts)])
             row = fitted.get(key, {})
@@ -109,8 +109,8 @@ def _beta_lines(rows, x_key, xlabel, title):
         for r in rows:
             if r[f"beta_{metric}"] is not None:
                 by[r["optimizer"]].append((r[x_key], r[f"beta_{metric}"], r[f"beta_{metric}_low"], r[f"beta_{metric}_high"]))
-        for i, (opt, pts) in enumerate(sorted(by.items())):
-            pts.sort()
+        for i, (opt, pts) in enumerate(sorted(by.items(), key=lambda kv: natural((kv[0],)))):
+            pts.sort(key=lambda p: natural(p[:1]))
             x = [p[0] for p in pts]
             ax.plot(x, [p[1] for p in pts], marker="o", color=f"C{i}", label=opt)
             lo = [p[2] if p[2] is not None else p[1] for p in pts]

@@ -68,8 +68,14 @@ def check_where(con, where: str | None) -> str:
     sql = f"SELECT run_id FROM runs WHERE ({where})"
     try:
         tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+        # unparenthesised too: "TRUE) OR (TRUE" parses inside parentheses, never without them,
+        # so a predicate that passes is one balanced expression wherever a verb places it
+        bare = json.loads(con.execute("SELECT json_serialize_sql(?)", [f"SELECT run_id FROM runs WHERE {where}"]
+                                      ).fetchone()[0])
     except Exception:  # noqa: BLE001 - parser failures of every kind are the user's predicate
         raise SpecError(f"--where: not a predicate DuckDB can parse; {WHERE_HELP}") from None
+    if not tree.get("error") and bare.get("error"):
+        raise SpecError(f"--where: must be {WHERE_HELP} (its parentheses must balance)")
     if tree.get("error"):
         raise SpecError(f"--where: not a valid predicate ({str(tree.get('error_message', '')).splitlines()[0][:160]})")
     stmts = tree.get("statements", [])

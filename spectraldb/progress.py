@@ -92,30 +92,31 @@ class Throttle:
 
 class SidecarReporter:
     """Wraps a reporter and mirrors the runs in flight to `<store>.progress.json`, so that
-    `specdb status` in another terminal can show them. Written atomically, at most once a second."""
+    `specdb status` in another terminal can show them. Written atomically (an exclusively created
+    temporary file, never through a symlink), at most once a second."""
 
     def __init__(self, inner: PlainReporter, store_path):
         import os
-        from pathlib import Path
+
+        from spectraldb.files import beside
 
         self.inner = inner
-        self.path = Path(f"{store_path}.progress.json")
+        self.path = beside(store_path, ".progress.json")
         self.runs: dict[str, dict] = {}
         self.pid = os.getpid()
         self.throttle = Throttle(1.0)
 
     def _write(self, force: bool = False) -> None:
         import json
-        import os
+
+        from spectraldb.files import write_atomically
 
         if not force and not self.throttle.ready(0, 1):
             return
-        tmp = self.path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps({"pid": self.pid, "updated": time.time(), "runs": self.runs}))
-            os.replace(tmp, self.path)
+            write_atomically(self.path, json.dumps({"pid": self.pid, "updated": time.time(), "runs": self.runs}).encode())
         except OSError:  # best effort: a full disk must not stop a sweep over a progress display
-            tmp.unlink(missing_ok=True)
+            pass
 
     def start(self, total: int, skipped: int) -> None:
         self.inner.start(total, skipped)
@@ -136,19 +137,38 @@ class SidecarReporter:
 
     def close(self) -> None:
         self.inner.close()
-        self.path.unlink(missing_ok=True)
+        if not self.path.is_symlink():
+            self.path.unlink(missing_ok=True)
 
 
-def read_sidecar(store_path) -> dict:
-    """Runs in flight according to a live driver's sidecar ({} if none or its driver is gone)."""
+SIDECAR_BYTES = 1 << 20
+
+
+def read_sidecar(store_path) -> tuple[dict, str | None]:
+    """(runs in flight, note): the live driver's progress file, checked. A progress file that is
+    not a regular file, not JSON of the right shape, or not written by the process that holds the
+    store's writer lock (a stale file, a pid of 1 or -1) is ignored with a one-line note."""
     import json
-    import os
-    from pathlib import Path
 
-    path = Path(f"{store_path}.progress.json")
+    from spectraldb.files import beside, read_regular
+    from spectraldb.writer import writer_pid
+
+    path = beside(store_path, ".progress.json")
+    if not path.exists() and not path.is_symlink():
+        return {}, None
+    ignored = f"ignored {path.name}"
     try:
-        data = json.loads(path.read_text())
-        os.kill(int(data["pid"]), 0)  # the driver is still alive
-    except (OSError, ValueError, KeyError):
-        return {}
-    return data.get("runs", {})
+        data = json.loads(read_regular(path, SIDECAR_BYTES))
+    except (OSError, ValueError, RecursionError) as exc:
+        return {}, f"{ignored}: not a readable progress file ({type(exc).__name__})"
+    runs = data.get("runs") if isinstance(data, dict) else None
+    pid = data.get("pid") if isinstance(data, dict) else None
+    if not isinstance(pid, int) or isinstance(pid, bool) or not isinstance(runs, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("label"), str)
+            and all(isinstance(v.get(x), int) and not isinstance(v.get(x), bool) for x in ("step", "steps"))
+            for k, v in runs.items()):
+        return {}, f"{ignored}: not of the expected shape"
+    holder = writer_pid(store_path)
+    if holder is None or holder != pid:
+        return {}, f"{ignored}: stale (no running `specdb run` with pid {pid} holds this store)"
+    return {k: {"label": v["label"], "step": v["step"], "steps": v["steps"]} for k, v in runs.items()}, None

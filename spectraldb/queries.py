@@ -175,6 +175,8 @@ def beta(con, stratum: str = "all", site: str = "post", include_diverged: bool =
     """β of rank vs FFN width per group (default: per optimizer; hard, soft and Δ₁,₂)."""
     metrics = (metric,) if metric else ("hard", "soft")
     by = check_factors(by)
+    if window is not None and window < 1:
+        raise SpecError(f"--window: must be at least 1 measured step (got {window})")
     if layer not in ("agg", "each"):
         raise SpecError(f"--layer: expected agg or each, got {layer!r}")
     notes: list[str] = []
@@ -289,6 +291,9 @@ def matched(con, stratum: str = "all", site: str = "post", include_diverged: boo
             where: str | None = None) -> Answer:
     """Pairs of groups whose validation perplexity matches within `ppl_tol` (relative; width by
     width, or as a mean over the sweep) while their β differs by at least `min_dbeta`."""
+    for name, value in (("--ppl-tol", ppl_tol), ("--min-dbeta", min_dbeta)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise SpecError(f"{name}: must be a finite number ≥ 0 (got {value})")
     notes: list[str] = []
     by = split_protocols(by, selected_protocols(con, where, include_diverged), notes)
     means = width_means(con, (metric,), by, strata=[stratum], site=site, where=where,
@@ -335,6 +340,7 @@ def delta(con, arch: str = "n_head", *, baseline: str = "adamw", reference: str 
     if arch not in FACTORS or arch in ("optimizer", "optimizer_name", "ffn_mult", "seed"):
         raise SpecError(f"--arch: {arch!r} is not an architecture factor of runs")
     rows, notes = [], []
+    check_where(con, where)  # one balanced predicate before it is combined with the protocol below
     found = selected_protocols(con, where, include_diverged)
     if len(found) > 1:  # the k-of-n comparison has one reference: use the current protocol only
         newest = max(f["protocol"] for f in found)

@@ -32,7 +32,8 @@ class RayStartError(RuntimeError):
 
 
 def plan_rows(plan: Plan, db: str | Path) -> list[dict]:
-    """Every run of the plan with its status in the store: new, done, diverged or failed."""
+    """Every run of the plan with its status in the store: new, done, diverged, failed, or spooled
+    (finished, its verified result waiting in the spool to be committed)."""
     known = store.statuses(db)
     spooled = Spool(db).run_ids()
     return [{"run_id": r.run_id, "optimizer": r.label, "ffn_mult": r.model.ffn_mult,
@@ -56,6 +57,7 @@ class SweepResult:
     statuses: dict[str, str] = field(default_factory=dict)
     recovered: int = 0                                  # spooled results committed before training
     waiting: list[str] = field(default_factory=list)    # results still spooled at the end
+    damaged: list[str] = field(default_factory=list)    # spool entries moved aside (their runs retrained)
 
     @property
     def ok(self) -> bool:
@@ -109,9 +111,11 @@ def run_sweep(plan: Plan, db: str | Path, *, executor: str = "ray", address: str
     check_store_folder(db)
     with WriterLock(db):
         spool = Spool(db)
-        recovered, _ = drain(spool, db, store.LOCK_WAIT_S) if spool.pending() else (0, [])
+        damaged: list[str] = []
+        recovered, _ = drain(spool, db, store.LOCK_WAIT_S, damaged) if spool.pending() else (0, [])
         runs = todo(plan, db, retry_failed)
-        result = SweepResult(total=len(plan.runs), skipped=len(plan.runs) - len(runs), recovered=recovered)
+        result = SweepResult(total=len(plan.runs), skipped=len(plan.runs) - len(runs), recovered=recovered,
+                             damaged=damaged)
         if not runs:
             return result
         preflight(runs, executor, address)

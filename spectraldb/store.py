@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from spectraldb import spectra
 from spectraldb.backfills import BACKFILL
+from spectraldb.bounds import MiB, Deadline, ReadLimits, spill_folder, timeout_error
 from spectraldb.points import RUN_POINTS_SQL, RUN_STEP_POINTS_SQL
 from spectraldb.errors import StoreError, StoreLocked
 from workers.protocol import PROTOCOL
@@ -71,20 +72,26 @@ def _check_file(path: Path) -> None:
 
 def _config(read_only: bool, external_access: bool) -> dict:
     """No extension is ever installed or loaded on the fly; readers cannot reach other files and
-    cannot change that from SQL (`--where`, `specdb sql`, the service)."""
+    cannot change that from SQL (`--where`, `specdb sql`, the service). Readers hold at most
+    `SPECDB_READ_MEMORY_MB` and spill only into this process's private folder (spectraldb.bounds)."""
     config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
     if read_only and not external_access:
-        config |= {"enable_external_access": False, "lock_configuration": True}
+        limits = ReadLimits.from_env()
+        config |= {"enable_external_access": False, "memory_limit": f"{limits.memory_bytes // MiB}MiB",
+                   "temp_directory": spill_folder(), "max_temp_directory_size": f"{limits.spill_bytes // MiB}MiB",
+                   "lock_configuration": True}
     return config
 
 
 @contextlib.contextmanager
 def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT_S, external_access: bool = False,
-            verify: bool | None = None):
+            verify: bool | None = None, time_limit_s: float | None = None):
     """Open the store (creating and migrating it for writers), retrying while it is locked.
 
     Read-only connections cannot touch other files unless `external_access` (export only).
-    `verify` (default: for writers) also checks that the file holds every block its tables use."""
+    `verify` (default: for writers) also checks that the file holds every block its tables use.
+    `time_limit_s` stops every statement on the connection once that long has passed since it
+    opened (a QueryTimeout, one line)."""
     path = Path(path)
     if "\\" in str(path):  # DuckDB would read it as a folder separator (writer.check_store_name)
         raise StoreError(f"{path}: a store path cannot contain a backslash (DuckDB reads it as a folder separator)")
@@ -119,11 +126,19 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT
                 _CURRENT[str(path)] = stamp
         except duckdb.Error as exc:
             raise StoreError(f"{path}: damaged store ({_first_line(exc)})") from None
+        deadline = Deadline(time_limit_s, con) if time_limit_s is not None else None
         try:
             yield con
+        except duckdb.InterruptException:
+            if deadline is not None and deadline.passed:
+                raise timeout_error(time_limit_s) from None
+            raise
         except (duckdb.IOException, duckdb.FatalException, duckdb.InternalException) as exc:
             # the file failed under a query (a truncated store reads fine until a missing block)
             raise StoreError(f"{path}: damaged store or failing disk ({_first_line(exc)})") from None
+        finally:
+            if deadline is not None:
+                deadline.close()
     finally:
         con.close()
 

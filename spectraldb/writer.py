@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import socket
@@ -21,30 +23,46 @@ from pathlib import Path
 import numpy as np
 
 from spectraldb.errors import SpecError, StoreError
+from spectraldb.files import NOFOLLOW, beside, read_regular, write_atomically
 
 
 class WriterLock:
-    """Exclusive writer lock on `<store>.lock`; refuses (StoreError) when another process holds it."""
+    """Exclusive writer lock on `<real store path>.lock`; refuses (StoreError) when another process
+    holds it. The lock file is never opened through a symlink, and it is keyed on the store's real
+    path, so a second driver reaching the same file by another path is refused too."""
+
+    RETRY_S = 0.5  # `specdb status` probes the lock for an instant (writer_alive): not a holder
 
     def __init__(self, store_path):
-        self.path = Path(f"{store_path}.lock")
+        self.store = store_path
+        self.path = beside(store_path, ".lock")
         self.fd: int | None = None
 
     def __enter__(self):
         import fcntl
 
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = os.read(fd, 512).decode("utf-8", "replace").strip() or "unknown process"
-                os.close(fd)
-                raise StoreError(f"{str(self.path)[:-5]}: another `specdb run` is writing this store "
-                                 f"({holder}); wait for it to finish, or use another --db") from None
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644)
+            except OSError as exc:
+                raise StoreError(f"{self.store}: cannot open its lock file {self.path.name} "
+                                 f"({'a symlink: refused' if exc.errno == errno.ELOOP else exc.strerror or exc})") from None
+            deadline = time.monotonic() + self.RETRY_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    if time.monotonic() < deadline:
+                        time.sleep(0.02)
+                        continue
+                    holder = os.read(fd, 512).decode("utf-8", "replace").strip() or "unknown process"
+                    os.close(fd)
+                    raise StoreError(f"{self.store}: another `specdb run` is writing this store "
+                                     f"({one_line_text(holder)}); wait for it to finish, or use another --db") from None
             # the previous holder may have unlinked the file between our open and our lock
             try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                same = os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -61,6 +79,34 @@ class WriterLock:
             self.path.unlink(missing_ok=True)  # unlink while still holding the lock (see __enter__)
             os.close(self.fd)
             self.fd = None
+
+
+def writer_pid(store_path) -> int | None:
+    """The pid of the live `specdb run` holding the store's writer lock (None when none does):
+    an instant's shared-lock probe, which the writer's own retry (WriterLock.RETRY_S) absorbs."""
+    import fcntl
+
+    path = beside(store_path, ".lock")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:  # held: a live writer
+            text = os.read(fd, 512).decode("utf-8", "replace")
+            word = text.split()[1] if text.startswith("pid ") and len(text.split()) > 1 else ""
+            return int(word) if word.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def one_line_text(text: str) -> str:
+    """Text from a file as one printable line (control characters escaped)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(text.split()))[:200]
 
 
 def check_store_name(store_path) -> None:
@@ -93,17 +139,32 @@ def _jsonable(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
+STATUSES = ("done", "diverged", "failed")
+MAX_ENTRY_BYTES = 8 * 1024**3
+
+
+class Damaged(ValueError):
+    """A spool entry that failed its check: one line saying why."""
+
+
 class Spool:
-    """Finished results waiting for a commit, one durable file per run."""
+    """Finished results waiting for a commit, one durable file per run. An entry counts only once
+    it is verified (`load`): a regular file, a readable archive, metadata of the right shape, and
+    a run id that matches both its file name and its own spec. Others are moved to `damaged/`."""
 
     def __init__(self, store_path):
-        self.dir = Path(f"{store_path}.spool")
+        self.dir = beside(store_path, ".spool")
+        self.damaged_dir = self.dir / "damaged"
 
     def pending(self) -> list[Path]:
-        return sorted(self.dir.glob("*.npz")) if self.dir.is_dir() else []
+        if self.dir.is_symlink() or not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.glob("*.npz") if not p.name.startswith("."))
 
     def put(self, run_id: str, config: dict, result: dict, provenance: dict, spec_name: str) -> Path:
-        """Write one result atomically and durably (temporary file, fsync, rename, fsync folder)."""
+        """Write one result atomically and durably (exclusive temporary file, fsync, rename, fsync folder)."""
+        if self.dir.is_symlink():
+            raise OSError(f"{self.dir}: a symlink, refused")
         self.dir.mkdir(parents=True, exist_ok=True)
         arrays, records = {}, []
         for i, rec in enumerate(result.get("spectra", [])):
@@ -115,35 +176,77 @@ class Spool:
         meta = {"config": config, "result": {**result, "spectra": records}, "provenance": provenance,
                 "spec_name": spec_name}
         arrays["meta"] = np.frombuffer(json.dumps(meta, default=_jsonable).encode(), dtype=np.uint8)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
         target = self.dir / f"{run_id}.npz"
-        tmp = self.dir / f".{run_id}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a full disk leaves no half file behind
-            raise
-        fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomically(target, buffer.getvalue(), durable=True)
         return target
 
     @staticmethod
     def load(path: Path) -> dict:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(bytes(z["meta"]).decode())
-            for rec in meta["result"]["spectra"]:
-                if rec.get("eigenvalues") is not None:
-                    rec["eigenvalues"] = z[rec["eigenvalues"]]
+        """The verified entry (metadata with eigenvalue arrays in place), or Damaged(why)."""
+        from spectraldb.spec import RunSpec
+
+        try:
+            data = read_regular(path, MAX_ENTRY_BYTES)
+        except (OSError, ValueError) as exc:
+            raise Damaged(f"unreadable ({exc.strerror if isinstance(exc, OSError) and exc.strerror else exc})") from None
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                meta = json.loads(bytes(z["meta"]).decode())
+                _check_shape(meta)
+                for rec in meta["result"]["spectra"]:
+                    if rec.get("eigenvalues") is not None:
+                        eig = z[rec["eigenvalues"]]
+                        if eig.ndim != 1 or eig.dtype != np.float64:
+                            raise Damaged(f"eigenvalues {rec['eigenvalues']}: not a float64 vector")
+                        rec["eigenvalues"] = eig
+        except Damaged:
+            raise
+        except RecursionError:
+            raise Damaged("metadata nested too deeply") from None
+        except Exception as exc:  # noqa: BLE001 - zip, CRC, JSON, missing keys: every way a file can be bad
+            raise Damaged(f"not a readable spool entry ({type(exc).__name__}: {str(exc)[:120]})") from None
+        try:
+            spec_id = RunSpec.model_validate(meta["config"]).run_id
+        except Exception as exc:  # noqa: BLE001
+            raise Damaged(f"its spec is not valid ({one_line(exc)})") from None
+        if spec_id != path.stem:
+            raise Damaged(f"holds run {spec_id[:40]} but is named {path.stem[:40]}")
         return meta
 
+    def scan(self) -> tuple[dict[str, Path], list[tuple[Path, str]]]:
+        """(run_id → verified entry, [(damaged entry, why)]); nothing is moved."""
+        good, bad = {}, []
+        for path in self.pending():
+            try:
+                self.load(path)
+            except Damaged as exc:
+                bad.append((path, str(exc)))
+            else:
+                good[path.stem] = path
+        return good, bad
+
     def run_ids(self) -> set[str]:
-        return {p.stem for p in self.pending()}
+        """Runs whose verified result waits here (a damaged entry's run is trained again)."""
+        return set(self.scan()[0])
+
+    def quarantine(self, path: Path, why: str) -> Path:
+        """Move a damaged entry to `damaged/` with a `.why` file of one line."""
+        self.damaged_dir.mkdir(exist_ok=True)
+        target = self.damaged_dir / path.name
+        n = 1
+        while target.exists() or target.is_symlink():
+            n += 1
+            target = self.damaged_dir / f"{path.stem}.{n}{path.suffix}"
+        os.replace(path, target)
+        write_atomically(target.with_name(target.name + ".why"), (one_line_text(why) + "\n").encode())
+        return target
+
+    def damaged(self) -> list[Path]:
+        if self.damaged_dir.is_symlink() or not self.damaged_dir.is_dir():
+            return []
+        return sorted(p for p in self.damaged_dir.iterdir() if not p.name.endswith(".why"))
 
     def remove(self, path: Path) -> None:
         path.unlink(missing_ok=True)
@@ -151,8 +254,31 @@ class Spool:
             self.dir.rmdir()
 
 
-def drain(spool: Spool, store_path, wait_s: float) -> tuple[int, list[str]]:
-    """Commit every spooled result; returns (committed, one line per result still waiting)."""
+def _check_shape(meta) -> None:
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise Damaged(f"metadata of the wrong shape ({what})")
+
+    need(isinstance(meta, dict), "not an object")
+    need(isinstance(meta.get("config"), dict), "config")
+    need(isinstance(meta.get("provenance", {}), dict), "provenance")
+    need(isinstance(meta.get("spec_name", ""), str), "spec_name")
+    res = meta.get("result")
+    need(isinstance(res, dict), "result")
+    need(res.get("status") in STATUSES, "result.status")
+    need(isinstance(res.get("evals", []), list) and all(isinstance(e, dict) for e in res.get("evals", [])),
+         "result.evals")
+    spectra = res.get("spectra", [])
+    need(isinstance(spectra, list) and all(isinstance(r, dict) for r in spectra), "result.spectra")
+    for r in spectra:
+        need(all(k in r for k in ("step", "layer", "site", "stratum", "n_tokens", "n_dim")), "a spectrum's keys")
+        need(r.get("eigenvalues") is None or isinstance(r["eigenvalues"], str), "a spectrum's eigenvalues")
+
+
+def drain(spool: Spool, store_path, wait_s: float, damaged: list | None = None) -> tuple[int, list[str]]:
+    """Commit every verified spooled result; damaged entries are moved to `damaged/` (one line each
+    appended to `damaged`, their runs trained again). Returns (committed, one line per result
+    still waiting)."""
     from spectraldb import store
     from spectraldb.spec import RunSpec
 
@@ -160,10 +286,12 @@ def drain(spool: Spool, store_path, wait_s: float) -> tuple[int, list[str]]:
     for path in spool.pending():
         try:
             entry = Spool.load(path)
-            run = RunSpec.model_validate(entry["config"])
-        except (OSError, ValueError, KeyError) as exc:
-            waiting.append(f"{path.name}: unreadable ({exc})")
+        except Damaged as exc:
+            moved = spool.quarantine(path, str(exc))
+            if damaged is not None:
+                damaged.append(f"{path.name}: {exc}; moved to {moved} and its run will be trained again")
             continue
+        run = RunSpec.model_validate(entry["config"])
         try:
             store.write_run(store_path, run, entry["result"], entry["provenance"], entry["spec_name"],
                             wait_s=wait_s)

@@ -66,12 +66,15 @@ def beta_rows(db, *extra):
     return json.loads(result.stdout), result.stderr
 
 
-def test_a_parenthesis_escape_cannot_widen_the_query(db):
-    """'TRUE) OR (TRUE' is bound inside its own subquery: diverged runs and other sites stay out."""
+@pytest.mark.parametrize("verb", [["beta"], ["dynamics"], ["depth"], ["matched"], ["delta"]])
+def test_a_parenthesis_escape_is_refused_by_every_verb(db, verb):
+    """'TRUE) OR (TRUE' parses only inside the parentheses a verb adds (delta added `AND protocol
+    = N` after them): an unbalanced predicate is refused in one line, whichever verb gets it."""
     plain, plain_err = beta_rows(db)
-    escaped, escaped_err = beta_rows(db, "--where", "TRUE) OR (TRUE")
-    assert escaped == plain and plain[0]["beta_hard"] == pytest.approx(1.0, abs=1e-6)
-    assert "excluded 1 diverged run" in plain_err and "excluded 1 diverged run" in escaped_err
+    assert plain[0]["beta_hard"] == pytest.approx(1.0, abs=1e-6) and "excluded 1 diverged run" in plain_err
+    result = cli(db, "query", *verb, "--where", "TRUE) OR (TRUE")
+    assert result.exit_code == 2 and "parentheses must balance" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
 
 
 def test_excluded_diverged_counts_only_what_the_predicate_selects(db):

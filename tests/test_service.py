@@ -16,11 +16,21 @@ from typer.testing import CliRunner
 from cli.main import app as cli_app
 from spectraldb import service
 from spectraldb.errors import SpecError
-from spectraldb.service import create_app, run_limited_sql
+from spectraldb.bounds import ReadLimits
+from spectraldb.service import create_app, sql_body
 from tests.conftest import put
 
 runner = CliRunner()
 SECRET = "TOP-SECRET-SERVICE"
+LOCAL = "http://localhost"  # the Host the service answers on loopback (TestClient's default is refused)
+
+
+def limits(**kw) -> ReadLimits:
+    return ReadLimits(**{**ReadLimits.from_env().__dict__, **kw})
+
+
+def sql(db, text, **kw) -> dict:
+    return json.loads(sql_body(db, text, limits(**kw)))
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +50,7 @@ def db(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(db):
-    return TestClient(create_app(db))
+    return TestClient(create_app(db), base_url=LOCAL)
 
 
 def cli_json(db, *args):
@@ -121,16 +131,17 @@ def test_sql_is_one_read_only_select_with_limits(db, client):
         response = client.post("/api/sql", json={"query": bad})
         assert response.status_code == 400 and words in response.json()["detail"], (bad, response.text)
         assert SECRET not in response.text
-    cols, rows, notes = run_limited_sql(db, "SELECT * FROM range(100)", row_cap=10)
-    assert len(rows) == 10 and notes == ["row cap reached: the first 10 rows are shown"]
+    capped = sql(db, "SELECT * FROM range(100)", rows=10)
+    assert len(capped["rows"]) == 10 and capped["notes"] == [
+        "row cap reached: the first 10 rows are shown (SPECDB_SQL_ROWS raises it)"]
     t0 = time.monotonic()
     with pytest.raises(SpecError, match="time limit of 0.5 s"):
-        run_limited_sql(db, "SELECT count(*) FROM range(100000000000) a", time_limit_s=0.5)
+        sql(db, "SELECT count(*) FROM range(100000000000) a", time_s=0.5)
     assert time.monotonic() - t0 < 10
 
 
 def test_a_token_guards_every_request(db):
-    guarded = TestClient(create_app(db, token="s3cret-token"))
+    guarded = TestClient(create_app(db, token="s3cret-token"), base_url=LOCAL)
     assert guarded.get("/api/status").status_code == 401
     assert guarded.get("/api/status", headers={"Authorization": "Bearer wrong-token"}).status_code == 401
     assert guarded.get("/api/status", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
@@ -192,7 +203,7 @@ def test_a_real_server_process_answers_over_http_and_waits_out_a_commit(db, clie
 def test_status_answers_at_once_while_a_commit_holds_the_store(tmp_path):
     db = tmp_path / "l.duckdb"
     put(db, mult=1, rank_of=lambda D, s, l: D / 4)
-    client = TestClient(create_app(db))
+    client = TestClient(create_app(db), base_url=LOCAL)
     before = client.get("/api/status").json()
     assert before["runs"] == {"done": 1} and before["runs_as_of"] <= before["updated"]
     writer = subprocess.Popen([sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(db)!r}); "
@@ -214,7 +225,7 @@ def test_answers_are_remembered_until_the_store_changes(tmp_path):
     db = tmp_path / "c.duckdb"
     for mult in (1, 2, 4):
         put(db, mult=mult, rank_of=lambda D, s, l: D / 4)
-    client = TestClient(create_app(db, token="cache-token"))
+    client = TestClient(create_app(db, token="cache-token"), base_url=LOCAL)
     auth = {"Authorization": "Bearer cache-token"}
     first = client.get("/api/beta", headers=auth)
     again = client.get("/api/beta", headers=auth)
@@ -232,7 +243,7 @@ def test_after_a_commit_the_previous_answer_is_served_while_one_refresh_computes
     db = tmp_path / "s.duckdb"
     for mult in (1, 2, 4):
         put(db, mult=mult, rank_of=lambda D, s, l: D / 4)
-    with TestClient(create_app(db)) as client:  # one event loop for the background refresh
+    with TestClient(create_app(db), base_url=LOCAL) as client:  # one event loop for the background refresh
         assert client.get("/api/beta").json()["rows"][0]["n_widths"] == 3
         put(db, mult=8, rank_of=lambda D, s, l: D / 4)  # a commit
         stale = client.get("/api/beta")
@@ -251,7 +262,7 @@ def test_an_answer_older_than_the_staleness_bound_is_recomputed_before_it_is_ser
     for mult in (1, 2, 4):
         put(db, mult=mult, rank_of=lambda D, s, l: D / 4)
     monkeypatch.setattr(service, "MAX_STALE_S", 0.0)
-    with TestClient(create_app(db)) as client:
+    with TestClient(create_app(db), base_url=LOCAL) as client:
         client.get("/api/beta")
         put(db, mult=8, rank_of=lambda D, s, l: D / 4)
         time.sleep(0.01)

@@ -13,10 +13,22 @@ import math
 from fractions import Fraction
 from typing import Annotated, Literal, Union, get_origin
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+import unicodedata
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from workers.protocol import PROTOCOL
 
+def visible(text: str) -> str:
+    """Names and labels reach terminals, tables and pages: control, zero-width and bidirectional
+    characters (Unicode Cc, Cf, Zl, Zp) would clear screens, fake lines or look like another name."""
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            raise ValueError(f"holds the invisible or control character U+{ord(ch):04X}; use printable characters")
+    return text
+
+
+Name = Annotated[str, AfterValidator(visible)]
 Site = Literal["pre", "post"]
 Stratum = Literal["all", "head", "mid", "tail"]
 Beta = Annotated[float, Field(ge=0, lt=1)]
@@ -39,7 +51,7 @@ class Section(BaseModel):
 
 
 class DataSpec(Section):
-    corpus: str = "sotu"
+    corpus: Name = "sotu"
     vocab_size: int = Field(4096, ge=256, le=65536)
     context: int = Field(64, ge=4, le=8192)
     heldout_fraction: float = Field(0.1, gt=0, lt=1)
@@ -78,7 +90,7 @@ class TrainSpec(Section):
 
 class AdamWSpec(Section):
     name: Literal["adamw"]
-    label: str | None = None
+    label: Name | None = None
     lr: float = Field(3e-3, gt=0)
     betas: Pair = [0.9, 0.95]
     weight_decay: float = Field(0.01, ge=0)
@@ -96,7 +108,7 @@ class _LionScalars(Section):
 
 class MuonSpec(_LionScalars):
     name: Literal["muon"]
-    label: str | None = None
+    label: Name | None = None
     lr: float = Field(0.02, gt=0)
     momentum: float = Field(0.95, ge=0, lt=1)
     nesterov: bool = True
@@ -121,7 +133,7 @@ class NorMuonSpec(MuonSpec):
 
 class DionSpec(_LionScalars):
     name: Literal["dion"]
-    label: str | None = None
+    label: Name | None = None
     lr: float = Field(0.02, gt=0)
     mu: float = Field(0.95, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
@@ -201,13 +213,13 @@ class ResourcesSpec(Section):
 
 class CheckpointSpec(Section):
     every: int = Field(..., ge=1, le=INT32_MAX)  # save the whole training state every N steps
-    dir: str = "checkpoints"                # one file per run: <dir>/<run_id>.pt
+    dir: Name = "checkpoints"                # one file per run: <dir>/<run_id>.pt
     keep: bool = False                      # keep the file after the run is stored
 
 
 class RunSpec(Section):
-    name: str = "specdb"
-    store: str = "specdb.duckdb"
+    name: Name = "specdb"
+    store: Name = "specdb.duckdb"
     data: DataSpec = Field(default_factory=DataSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
