@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 
+import duckdb
+
 from spectraldb.errors import SpecError
 from spectraldb.spectra import RENYI_ALPHAS, alpha_name
 
@@ -72,6 +74,8 @@ def check_where(con, where: str | None) -> str:
         # so a predicate that passes is one balanced expression wherever a verb places it
         bare = json.loads(con.execute("SELECT json_serialize_sql(?)", [f"SELECT run_id FROM runs WHERE {where}"]
                                       ).fetchone()[0])
+    except duckdb.InterruptException:
+        raise  # the read's time limit (spectraldb.bounds), not the predicate's form
     except Exception:  # noqa: BLE001 - parser failures of every kind are the user's predicate
         raise SpecError(f"--where: not a predicate DuckDB can parse; {WHERE_HELP}") from None
     if not tree.get("error") and bare.get("error"):
@@ -94,6 +98,8 @@ def check_where(con, where: str | None) -> str:
             raise SpecError(f"--where: {'.'.join(names)}: only columns of the runs table may be used")
     try:
         con.execute(f"EXPLAIN {sql}")
+    except duckdb.InterruptException:
+        raise
     except Exception as exc:  # noqa: BLE001 - binder errors name the column, never a value
         raise SpecError(f"--where: {str(exc).splitlines()[0][:200]}") from None
     return f"run_id IN (SELECT run_id FROM runs WHERE ({where}))"

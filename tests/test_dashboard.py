@@ -1,5 +1,6 @@
 """The dashboard in a real headless browser (Debian's chromium + chromium-driver, driven by selenium)."""
 
+import json
 import os
 import shutil
 import signal
@@ -98,3 +99,79 @@ def test_the_dashboard_loads_draws_and_reacts(server, browser, tmp_path):
     assert shot.read_bytes()[:4] == b"\x89PNG"
     if os.environ.get("SPECDB_WRITE_SCREENSHOT"):  # refresh the README's picture deliberately
         shutil.copy(shot, ROOT / "docs" / "dashboard.png")
+
+
+HOSTILE_LABEL = '<img src=x onerror="window.__xss=1">'
+
+
+@pytest.fixture(scope="module")
+def hostile_server(tmp_path_factory):
+    """A real `specdb serve` whose store holds an optimizer label written to run script, under a
+    memory cap (the cross-origin attack below aims at it)."""
+    db = tmp_path_factory.mktemp("xss") / "x.duckdb"
+    for mult in (1, 2, 4):
+        put(db, optimizer={"name": "adamw", "label": HOSTILE_LABEL}, mult=mult, strata={"all": 1.0, "tail": 0.5},
+            rank_of=lambda D, s, l: D / 4)
+        put(db, optimizer="muon", mult=mult, ppl=50.5, strata={"all": 1.0, "tail": 0.5},
+            rank_of=lambda D, s, l: 2 * D ** 0.5)
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import resource
+
+    def outer():
+        resource.setrlimit(resource.RLIMIT_AS, (6 * 1024**3, 6 * 1024**3))
+
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--db", str(db), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=outer,
+                            env={**os.environ, "SPECDB_PROCESS_MEMORY_MB": "1536", "SPECDB_READ_TIME_S": "5"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/api/status", timeout=5).read()
+            break
+        except (urllib.error.URLError, ConnectionError):
+            assert time.time() < deadline and proc.poll() is None, "the server did not start"
+            time.sleep(0.2)
+    yield base, db
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+
+
+def test_stored_labels_are_shown_as_text_never_run(hostile_server, browser):
+    base, _ = hostile_server
+    browser.get(base + "/")
+    assert browser.execute_async_script("window.specdbReady.then(arguments[arguments.length - 1]);") is True
+    time.sleep(0.5)
+    assert browser.execute_script("return window.__xss") is None
+    for table in ("betas", "runs"):
+        assert HOSTILE_LABEL in browser.find_element("id", table).text, table
+    assert not browser.find_elements("css selector", "#betas img, #runs img, #matched img")
+
+
+def test_a_page_on_another_origin_cannot_take_the_server_down(hostile_server, browser, tmp_path):
+    """One <img> on a foreign page used to kill the loopback server with an unbounded predicate."""
+    import urllib.parse
+
+    base, _ = hostile_server
+    where = urllib.parse.quote("length(repeat(run_id, 100000000)) > 0")
+    page = tmp_path / "attacker.html"
+    page.write_text(f'<html><body><img id="a" src="{base}/api/beta?where={where}">'
+                    f'<img id="b" src="{base}/api/dynamics?where={where}"></body></html>')
+    browser.get(page.as_uri())
+    time.sleep(8)  # the requests run to their bound
+    status = json.loads(urllib.request.urlopen(f"{base}/api/status", timeout=10).read())
+    assert status["runs"] == {"done": 6}
+
+
+def test_the_api_docs_render_offline(server, browser):
+    browser.get(server + "/docs")
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 30).until(lambda b: b.find_elements("css selector", ".opblock"))
+    assert "/api/beta" in browser.find_element("id", "swagger-ui").text
+    sources = browser.execute_script("return Array.from(document.scripts).map(s => s.src).filter(Boolean)")
+    assert sources and all(s.startswith(server) for s in sources)
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
