@@ -93,13 +93,20 @@ def run(spec: Path = typer.Argument(..., help="Spec file, e.g. experiments.yaml"
 
 @app.command()
 def plan(spec: Path = typer.Argument(..., help="Spec file"), db: Optional[str] = DbOpt,
-         set_: Optional[List[str]] = SetOpt, fmt: str = FormatOpt):
-    """List every run of a spec with its status in the store (new / done / failed) and totals."""
-    from spectraldb.scheduler import plan_rows
+         set_: Optional[List[str]] = SetOpt, fmt: str = FormatOpt,
+         executor: str = typer.Option("ray", help="The executor `run` would use: ray | inline"),
+         address: Optional[str] = typer.Option(None, help="Plan for `run --address` on a Ray cluster: this machine's "
+                                               "memory, CPUs and GPUs are not checked (run checks the cluster's)."),
+         cache_dir: Optional[Path] = typer.Option(None, envvar="SPECDB_CACHE",
+                                                  help="Tokenizer/dataset cache (default ~/.cache/specdb)")):
+    """List every run of a spec with its status in the store (new / spooled / done / diverged /
+    failed) and totals, after every check `specdb run` makes before training (same message, exit 2)."""
+    from spectraldb.scheduler import check_plan, plan_rows
 
     check_format(fmt)
     try:
         p = _load(spec, set_)
+        check_plan(p, db or p.store, executor, address, cache_dir)
         rows = plan_rows(p, db or p.store)
     except (SpecError, StoreError) as exc:
         fail(str(exc), 2)

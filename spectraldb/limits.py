@@ -66,6 +66,32 @@ def preflight(runs, executor: str, address: str | None) -> None:
         if local and executor == "ray" and r.resources.gpus > 0 and not _local_gpus():
             raise SpecError(f"resources.gpus: {r.resources.gpus:g} asked for, but this machine has no GPU "
                             "(Ray would wait for one forever)")
+        if local and r.train.device == "cuda" and not _local_gpus():
+            raise SpecError("train.device: cuda asked for, but no GPU is visible here (every run would fail); "
+                            "use auto or cpu")
+        if r.checkpoint is not None:
+            check_folder_writable(r.checkpoint.dir, "checkpoint.dir")
+
+
+def check_folder_writable(folder, field: str) -> None:
+    """A folder a run will create files in: it exists and takes a file, or its nearest existing
+    ancestor is a folder that does (checked with a real probe: permission bits say nothing for
+    root or on a read-only mount). Nothing is left behind."""
+    import tempfile
+
+    path = Path(folder).absolute()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SpecError(f"{field}: {folder}: {probe} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".specdb-probe-"):
+            pass
+    except OSError as exc:
+        raise SpecError(f"{field}: {folder} is not writable ({exc.strerror or exc})") from None
 
 
 def check_cluster(runs, nodes: list[dict]) -> None:

@@ -50,6 +50,25 @@ def todo(plan: Plan, db: str | Path, retry_failed: bool = False) -> list[RunSpec
     return [r for r in plan.runs if known.get(r.run_id) not in skip and r.run_id not in spooled]
 
 
+def before_training(runs: list[RunSpec], db, executor: str, address: str | None, cache_dir=None) -> dict:
+    """Every check `specdb run` makes before anything trains, in its order; `specdb plan` makes the
+    same ones (one line, exit 2 each). Returns the prepared datasets."""
+    check_store_folder(db)
+    if not runs:
+        return {}
+    preflight(runs, executor, address)
+    return prepare_data(runs, cache_dir)
+
+
+def check_plan(plan: Plan, db, executor: str = "ray", address: str | None = None, cache_dir=None) -> None:
+    """`plan`'s share of `run`'s checks: on the runs `run` would train now."""
+    if executor not in ("ray", "inline"):
+        raise SpecError(f"--executor: unknown executor {executor!r} (expected ray or inline)")
+    check_store_folder(db)
+    new = {row["run_id"] for row in plan_rows(plan, db) if row["status"] == "new"}
+    before_training([r for r in plan.runs if r.run_id in new], db, executor, address, cache_dir)
+
+
 @dataclass
 class SweepResult:
     total: int
@@ -118,9 +137,8 @@ def run_sweep(plan: Plan, db: str | Path, *, executor: str = "ray", address: str
                              damaged=damaged)
         if not runs:
             return result
-        preflight(runs, executor, address)
+        datasets = before_training(runs, db, executor, address, cache_dir)
         reporter = SidecarReporter(reporter or PlainReporter(), db)
-        datasets = prepare_data(runs, cache_dir)
         prov = provenance()
         reporter.start(len(runs), result.skipped)
         sink = _Sink(plan, db, prov, reporter, result, spool)

@@ -16,6 +16,7 @@ import errno
 import io
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -109,9 +110,16 @@ def one_line_text(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(text.split()))[:200]
 
 
+SPECIAL_NAME = re.compile(r"^(:|[A-Za-z][A-Za-z0-9+.-]*:)")
+
+
 def check_store_name(store_path) -> None:
-    """DuckDB reads a backslash in a file name as a folder separator: such a store would land
-    elsewhere, or nowhere."""
+    """A store is a file: DuckDB reads `:memory:`, `file:…`, `md:…` (any `word:` prefix) as
+    something else, so training into them would fail at every commit. A backslash DuckDB reads as
+    a folder separator: such a store would land elsewhere, or nowhere."""
+    if SPECIAL_NAME.match(str(store_path)):
+        raise SpecError(f"{store_path}: not a store file name (DuckDB reads ':memory:' and 'word:' prefixes "
+                        "as special databases); name a file, e.g. ./results.duckdb")
     if "\\" in str(store_path):
         raise SpecError(f"{store_path}: a store path cannot contain a backslash (DuckDB reads it as a "
                         "folder separator)")

@@ -27,14 +27,39 @@ def test_every_shipped_yaml_is_covered():
     assert {p.name for p in (ROOT / "examples").glob("*.yaml")} == set(EXAMPLES)
 
 
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """A small token-shard folder standing in for the paper specs' FineWeb shards."""
+    import numpy as np
+
+    from workers.data import write_shard
+
+    folder = tmp_path_factory.mktemp("fineweb")
+    write_shard(folder / "fineweb_train_000001.bin", np.random.default_rng(0).integers(0, 50257, 200_000))
+    return folder
+
+
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
-def test_example_validates_and_plans(name, tmp_path):
+def test_example_validates_and_plans(name, tmp_path, shards):
+    """The paper specs plan for a GPU cluster (`--address`: this machine's memory and GPUs are not
+    what will run them) on their token shards, made small here."""
     count, labels = EXAMPLES[name]
     plan, _ = load_spec(ROOT / "examples" / name)
     assert len(plan.runs) == count
     assert {r.label for r in plan.runs} == labels
-    result = CliRunner().invoke(app, ["plan", str(ROOT / "examples" / name), "--db", str(tmp_path / "p.duckdb")])
-    assert result.exit_code == 0 and f"{count} runs: {count} new" in result.stderr
+    extra = ["--address", "ray://head:10001", "-S", f"data.corpus={shards}"] if name in PAPER else []
+    result = CliRunner().invoke(app, ["plan", str(ROOT / "examples" / name), "--db", str(tmp_path / "p.duckdb"), *extra])
+    assert result.exit_code == 0 and f"{count} runs: {count} new" in result.stderr, result.output
+
+
+def test_a_paper_spec_planned_here_gets_runs_refusal(tmp_path, shards):
+    """`plan` tells the truth: on this machine a 160M run does not fit, and `run` says so too."""
+    name = str(ROOT / "examples" / "paper_160m_width_sweep.yaml")
+    args = ["--db", str(tmp_path / "p.duckdb"), "-S", f"data.corpus={shards}"]
+    planned = CliRunner().invoke(app, ["plan", name, *args])
+    ran = CliRunner().invoke(app, ["run", name, *args])
+    assert planned.exit_code == ran.exit_code == 2 and planned.stderr == ran.stderr
+    assert "needs an estimated" in planned.stderr and not (tmp_path / "p.duckdb").exists()
 
 
 @pytest.mark.parametrize("name", PAPER)

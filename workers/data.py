@@ -90,9 +90,12 @@ def read_shard(path: Path) -> np.ndarray:
     n = int(header[2])
     if n < 0:
         raise DataError(f"{path}: header says {n} tokens: not a valid token shard")
-    held = (size - SHARD_HEADER_INTS * 4) // 2
+    held, odd = divmod(size - SHARD_HEADER_INTS * 4, 2)
     if held < n:
         raise DataError(f"{path}: truncated: header says {n} tokens, file holds {held}")
+    if held > n or odd:  # extra bytes: a header that under-counts would silently drop them
+        raise DataError(f"{path}: header says {n} tokens but the file holds {held}{' and an odd byte' if odd else ''}; "
+                        "rewrite the shard's header")
     # memory-mapped: a paper-scale shard is never read whole until a split needs it
     return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4, shape=(n,))
 
