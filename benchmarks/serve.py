@@ -1,7 +1,7 @@
 """Load on `specdb serve`: concurrent clients while a writer commits runs.
 
     python benchmarks/serve.py [--runs 1000] [--clients 32] [--seconds 30] [--db /tmp/specdb-serve.duckdb]
-                               [--warm-db specdb.duckdb] [--no-cache]
+                               [--warm-db specdb.duckdb] [--no-cache] [--heavy 8]
 
 Builds (once) a synthetic store of `--runs` runs (benchmarks/queries.py's builder), starts a real
 `specdb serve` on a free loopback port, and for `--seconds` runs `--clients` client threads that
@@ -10,7 +10,10 @@ request a mix of endpoints while another process commits one new run per second 
 latency, errors; how answers were served (hit, stale while a refresh computed, shared, computed)
 and the oldest stale one; and the writer's commits and its slowest commit. With `--warm-db`,
 first times warm `/api/beta` alone (sequential requests, no writer) on that store. With
-`--no-cache` every request demands the current answer (the worst case for latency).
+`--no-cache` every request demands the current answer (the worst case for latency). With
+`--heavy N`, N of the clients send only the attacks of issue 21 (a 2 GB SQL answer, a slow SQL
+encoding, predicates that allocate gigabytes or run for minutes); the report adds their answers
+by status code, /api/status's own p99, and the server's peak resident memory (VmHWM).
 """
 
 from __future__ import annotations
@@ -27,11 +30,17 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+HEAVY = [("POST", "/api/sql", {"query": "SELECT repeat('x', 200000) AS s FROM range(10000)"}),
+         ("POST", "/api/sql", {"query": "SELECT range(0, 3000) AS r FROM range(10000)"}),
+         ("GET", "/api/beta?where=" + urllib.parse.quote("length(repeat(run_id, 100000000)) > 0"), None),
+         ("GET", "/api/dynamics?where=" + urllib.parse.quote("list_reduce(range(0, 30000000), lambda a, b: a + b) > 0"),
+          None)]
 ENDPOINTS = ["/api/beta", "/api/beta?stratum=tail&by=optimizer,n_head", "/api/matched", "/api/runs?limit=50",
              "/api/status", "/api/dynamics?stratum=all"]
 
@@ -99,6 +108,32 @@ def fetch(url: str) -> tuple[int, float]:
     return code, time.perf_counter() - t0
 
 
+def attack(base: str, method: str, path: str, payload) -> tuple[int, float]:
+    """One heavy request, its answer read and dropped (the service must bound it, not the client)."""
+    t0 = time.perf_counter()
+    data = json.dumps(payload).encode() if payload is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **HEADERS})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            r.read()
+            code = r.status
+    except urllib.error.HTTPError as e:
+        e.read()
+        code = e.code
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        code = 0
+    return code, time.perf_counter() - t0
+
+
+def peak_rss_mib(pid: int) -> float:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return float("nan")
+    return int(text.split("VmHWM:")[1].split()[0]) / 1024
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
@@ -112,6 +147,7 @@ def main() -> None:
     ap.add_argument("--db", type=Path, default=Path("/tmp/specdb-serve.duckdb"))
     ap.add_argument("--warm-db", type=Path, default=None)
     ap.add_argument("--no-cache", action="store_true", help="send Cache-Control: no-cache (never a stale answer)")
+    ap.add_argument("--heavy", type=int, default=0, help="clients that send only heavy attack requests")
     args = ap.parse_args()
     if args.no_cache:
         HEADERS["Cache-Control"] = "no-cache"
@@ -136,6 +172,9 @@ def main() -> None:
                               stdout=subprocess.PIPE, text=True)
     lock = threading.Lock()
 
+    heavy_codes: dict[int, int] = defaultdict(int)
+    heavy_times: list[float] = []
+
     def client(seed: int) -> None:
         rng = random.Random(seed)
         while time.monotonic() < stop:
@@ -146,7 +185,16 @@ def main() -> None:
                 if code != 200:
                     errors[path] += 1
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+    def attacker(seed: int) -> None:
+        i = seed
+        while time.monotonic() < stop:
+            code, seconds = attack(base, *HEAVY[i % len(HEAVY)])
+            i += 1
+            with lock:
+                heavy_codes[code] += 1
+                heavy_times.append(seconds)
+
+    threads = [threading.Thread(target=attacker if i < args.heavy else client, args=(i,)) for i in range(args.clients)]
     t0 = time.monotonic()
     for t in threads:
         t.start()
@@ -154,6 +202,8 @@ def main() -> None:
         t.join()
     wall = time.monotonic() - t0
     commits, worst = writer.communicate(timeout=300)[0].split()
+    alive = proc.poll() is None and fetch(base + "/api/status")[0] == 200
+    peak = peak_rss_mib(proc.pid)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)
     print(f"{args.clients} clients for {wall:.0f} s on {args.db} while a writer committed {commits} runs "
@@ -169,6 +219,11 @@ def main() -> None:
     kinds = {k: sum(1 for kind, _ in SEEN if kind == k) for k in sorted({kind for kind, _ in SEEN})}
     print("answers: " + ", ".join(f"{k} {v}" for k, v in kinds.items()) +
           f"; oldest stale answer {max((age for kind, age in SEEN if kind == 'stale'), default=0)} s")
+    if args.heavy:
+        print(f"{args.heavy} heavy clients: {len(heavy_times)} attacks, answers by code "
+              f"{dict(sorted(heavy_codes.items()))}, p50 {pct(heavy_times, 0.5):.0f} ms, p99 {pct(heavy_times, 0.99):.0f} ms")
+        print(f"/api/status p99 {pct(stats['/api/status'], 0.99):.1f} ms; server alive after: {alive}; "
+              f"server peak resident memory {peak:.0f} MiB")
     for line in FAILURES[:5]:
         print("error:", line)
 

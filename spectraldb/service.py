@@ -139,7 +139,10 @@ def create_app(db: str | Path, token: str | None = None, allowed_hosts=(), limit
     cache: OrderedDict = OrderedDict()  # (path, params) → Answer
     pending: dict = {}
     refreshing: dict = {}  # (path, params) → the task computing its fresh answer
-    computing = {"now": 0, "waiting": 0}
+    # user SQL and predicates (POST /api/sql, any where=) share one half of the turns, so that a
+    # flood of them cannot hold up the dashboard's plain questions
+    gates = {"untrusted": {"now": 0, "waiting": 0, "limit": max(1, limits.heavy // 2)},
+             "plain": {"now": 0, "waiting": 0, "limit": limits.heavy}}
 
     def detail(message: str, status: int, headers: dict | None = None):
         return JSONResponse({"detail": scrub(message, db)}, status_code=status, headers=headers)
@@ -199,22 +202,24 @@ def create_app(db: str | Path, token: str | None = None, allowed_hosts=(), limit
         remembered answers never wait here."""
         if not heavy(request):
             return await call_next(request)
-        if computing["waiting"] >= 8 * limits.heavy:
+        untrusted = request.method == "POST" or "where" in request.query_params
+        gate_ = gates["untrusted" if untrusted else "plain"]
+        if gate_["waiting"] >= 8 * gate_["limit"]:
             return detail("busy: too many requests computing; retry shortly", 503, {"Retry-After": "1"})
-        computing["waiting"] += 1
+        gate_["waiting"] += 1
         try:
             deadline = time.monotonic() + limits.time_s
-            while computing["now"] >= limits.heavy:
+            while gate_["now"] >= gate_["limit"]:
                 if time.monotonic() > deadline:
                     return detail("busy: waited too long for a turn; retry shortly", 503, {"Retry-After": "1"})
                 await asyncio.sleep(0.02)
-            computing["now"] += 1
+            gate_["now"] += 1
         finally:
-            computing["waiting"] -= 1
+            gate_["waiting"] -= 1
         try:
             return await call_next(request)
         finally:
-            computing["now"] -= 1
+            gate_["now"] -= 1
 
     @app.middleware("http")
     async def answers(request: Request, call_next):
@@ -486,22 +491,36 @@ def create_app(db: str | Path, token: str | None = None, allowed_hosts=(), limit
 
     counted: dict = {}  # the last counts read, for while a commit holds the file
 
-    @app.get("/api/status")
-    def status():
-        """Runs by status and the runs in flight (from a running `specdb run`'s progress file).
-        While a commit holds the store, the counts read just before it are returned at once
-        (`runs_as_of` says when they were read) rather than waiting for the commit."""
+    def count_runs() -> None:
         try:
+            stamp = store._stamp(db)
             with store.connect(db, read_only=True, wait_s=0 if counted else store.LOCK_WAIT_S,
                                time_limit_s=limits.time_s) as con:
                 counts = dict(con.execute("SELECT status, count(*) FROM runs GROUP BY status").fetchall())
-            counted.update(runs=counts, at=time.time())
+            counted.update(runs=counts, at=time.time(), stamp=stamp)
         except StoreLocked:
-            counts = counted["runs"]
+            if not counted:
+                raise
+
+    @app.get("/api/status")
+    async def status():
+        """Runs by status and the runs in flight (from a running `specdb run`'s progress file).
+        The counts are read again only when the store file changed; while a commit holds the
+        store, the counts read just before it are returned at once (`runs_as_of` says when they
+        were read). Cheap enough to answer on the event loop: it never waits behind computing
+        requests."""
+        try:
+            current = store._stamp(db)
+        except OSError:
+            current = None
+        if not counted or counted.get("stamp") != current:
+            await run_in_threadpool(count_runs)
+        counts = counted["runs"]
         flight, note = read_sidecar(db)
         in_flight = [{"run_id": rid, **info} for rid, info in flight.items()]
-        return body({"runs": counts, "in_flight": in_flight, "updated": time.time(), "runs_as_of": counted["at"],
-                     "notes": [scrub(note, db)] if note else []})
+        return Response(json.dumps({"runs": counts, "in_flight": in_flight, "updated": time.time(),
+                                     "runs_as_of": counted["at"], "notes": [scrub(note, db)] if note else []}),
+                        media_type="application/json")
 
     @app.post("/api/sql")
     def sql(request: SQLRequest):

@@ -17,7 +17,7 @@ from spectraldb.bounds import Deadline
 from spectraldb.errors import SpecError
 from spectraldb.store import connect
 
-CHUNK_ROWS = 512
+CHUNK_ROWS = 64  # rows fetched at a time: wide rows (200 kB strings) stay a few MB in flight
 
 
 def _serialises_as_select(con, text: str) -> bool:

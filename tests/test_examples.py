@@ -39,7 +39,8 @@ def shards(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("name", sorted(EXAMPLES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "cpu_reproduction.yaml" else n
+                                  for n in sorted(EXAMPLES)])  # cpu_reproduction's plan tokenises its corpus
 def test_example_validates_and_plans(name, tmp_path, shards):
     """The paper specs plan for a GPU cluster (`--address`: this machine's memory and GPUs are not
     what will run them) on their token shards, made small here."""

@@ -214,3 +214,29 @@ def test_architecture_factors_are_typed_run_columns(tmp_path, corpus):
     con.close()
     assert rows == [("learned", "pre", 0.0, "relu2"), ("nope", "post", 1.0, "gelu")]
     assert n_reinj > 0
+
+
+def test_the_perplexity_rule_applies_to_the_final_evaluation_and_is_named(tmp_path, corpus):
+    """The study's threshold is on the final perplexity: a run above it mid-run but below it at the
+    end is done; a run above it at the end is diverged, measured to the end, and says which rule."""
+    def run_with(threshold, name):
+        spec = tmp_path / f"{name}.yaml"
+        spec.write_text(tiny_spec(corpus, tmp_path / f"{name}.duckdb", extra=f"sweep:\n  train.diverged_ppl: [{threshold}]\n"))
+        result = runner.invoke(app, ["run", str(spec), "--executor", "inline"])
+        con = duckdb.connect(str(tmp_path / f"{name}.duckdb"), read_only=True)
+        try:
+            status, error = con.execute("SELECT status, error FROM runs").fetchone()
+            ppl = [p for (p,) in con.execute("SELECT val_ppl FROM evals ORDER BY step").fetchall()]
+            steps = con.execute("SELECT max(step) FROM spectra").fetchone()[0]
+        finally:
+            con.close()
+        return result, status, error, ppl, steps
+
+    _, status, _, ppl, _ = run_with(1000, "default")
+    assert status == "done" and ppl[0] > ppl[-1]
+    between = (ppl[0] + ppl[-1]) / 2  # above it at the first measured step, below it at the last
+    result, status, error, _, _ = run_with(between, "mid")
+    assert status == "done", error
+    result, status, error, ppl_end, steps = run_with(ppl[-1] * 0.99, "end")
+    assert result.exit_code == 3 and status == "diverged" and "rule: final val ppl" in error
+    assert len(ppl_end) == len(ppl) and steps == 6  # measured to the end, nothing cut short

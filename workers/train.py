@@ -198,7 +198,7 @@ def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, thr
             try:
                 records = take(x[: max(1, ms["tokens"] // T)])
             except NonFiniteActivations as exc:
-                return _diverged(result, f"diverged at step {step}: {exc}")
+                return _diverged(result, f"diverged at step {step} (rule: non-finite activations): {exc}")
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
@@ -207,14 +207,16 @@ def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, thr
             val_ppl = math.exp(val_loss) if math.isfinite(val_loss) and val_loss < 700 else math.inf
             result["evals"].append({"step": step, "train_loss": train_loss, "val_loss": val_loss,
                                     "val_ppl": val_ppl})
-            # an untrained model sits near ppl = vocab size, so the ppl rule starts after step 1
-            if not math.isfinite(val_loss) or (step > 1 and val_ppl > DIVERGED_PPL):
-                return _diverged(result, f"diverged at step {step}: train loss {train_loss}, val ppl {val_ppl}")
+            # a non-finite loss stops the run at once; the perplexity rule is the study's, applied to
+            # the final evaluation only (a barely trained model is still above it mid-run)
+            if not math.isfinite(val_loss):
+                return _diverged(result, f"diverged at step {step} (rule: non-finite loss): train loss "
+                                         f"{train_loss}, val loss {val_loss}")
             if records is None:
                 try:
                     records = take(fixed)
                 except NonFiniteActivations as exc:
-                    return _diverged(result, f"diverged at step {step}: {exc}")
+                    return _diverged(result, f"diverged at step {step} (rule: non-finite activations): {exc}")
             background.submit(step, records, precision)
         if every and step % every == 0 and step < steps:
             background.join()
@@ -223,6 +225,11 @@ def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, thr
             progress(step, steps)
     background.join()
     result["status"] = "done"
+    threshold = tr.get("diverged_ppl", DIVERGED_PPL)
+    final = result["evals"][-1] if result["evals"] else None
+    if final is not None and final["step"] == steps and final["val_ppl"] > threshold:
+        _diverged(result, f"diverged (rule: final val ppl {final['val_ppl']:.1f} > train.diverged_ppl "
+                          f"{threshold:g})")
 
 
 def _save(path: Path, step: int, model, optimizers, rng, result: dict) -> None:

@@ -42,7 +42,7 @@ NOT_HASHED = ("name", "store", "resources", "checkpoint", "train.device", "optim
 # value that reproduces the earlier behaviour, so existing stores keep their run ids.
 HASHED_UNLESS_DEFAULT = {"model.pos": "rope", "model.norm": "pre", "model.postln_frac": None,
                          "model.activation": "relu2", "measure.keep_eigenvalues": "all",
-                         "measure.precision": "fp64"}
+                         "measure.precision": "fp64", "train.diverged_ppl": 1000.0}
 
 
 class Section(BaseModel):
@@ -86,6 +86,7 @@ class TrainSpec(Section):
     seed: int = Field(0, ge=0, le=INT32_MAX)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_tokens: int = Field(16384, ge=1, le=INT32_MAX)
+    diverged_ppl: float = Field(1000.0, gt=1)  # the study's rule: final validation perplexity above it → diverged
 
 
 class AdamWSpec(Section):
