@@ -77,7 +77,7 @@ def flat(rank: float, dim: int) -> np.ndarray:
 
 
 def put(db, *, optimizer="adamw", mult=1, seed=0, steps=300, n_head=4, rank_of=None, ppl=50.0, layers=2,
-        stratum="all", status="done", n_per_dim=50, strata=None):
+        stratum="all", status="done", n_per_dim=50, strata=None, measured=(100, 200, 300)):
     """Plant one run without training. `strata` ({stratum: factor}) writes several strata, each
     with rank_of × factor; otherwise the one `stratum`."""
     run = RunSpec.model_validate({"model": {"d_model": 32, "n_head": n_head, "ffn_mult": mult},
@@ -85,7 +85,7 @@ def put(db, *, optimizer="adamw", mult=1, seed=0, steps=300, n_head=4, rank_of=N
                                   "measure": {"every": 100, "last_k": 2}})
     D = run.model.ffn_width
     spectra = []
-    for step in (100, 200, 300):
+    for step in measured:
         for layer in range(layers):
             r = rank_of(D, step, layer)
             for site in ("pre", "post"):

@@ -198,3 +198,63 @@ def test_the_library_validates_what_the_cli_used_to(db, call, message):
     with store.connect(db, read_only=True) as con:
         with pytest.raises(SpecError, match=message.replace("(", r"\(")):
             call(con)
+
+
+def test_steps_and_layers_are_ordered_as_numbers(tmp_path):
+    """1, 200, 1000 — not 1, 1000, 200 — in dynamics; layers 2 before 10 in depth (CLI and API)."""
+    from fastapi.testclient import TestClient
+
+    from spectraldb.service import create_app
+
+    db = tmp_path / "n.duckdb"
+    for mult in (1, 2, 4):
+        for opt in ("adamw", "muon"):
+            put(db, optimizer=opt, mult=mult, steps=1000, layers=12, measured=(1, 200, 1000),
+                rank_of=lambda D, s, l: D / 4)
+    rows = json.loads(cli(db, "query", "dynamics", "--format", "json").stdout)
+    assert [r["step"] for r in rows if r["optimizer"] == "AdamW"] == [1, 200, 1000]
+    layers = [r["layer"] for r in json.loads(cli(db, "query", "depth", "--format", "json").stdout)
+              if r["optimizer"] == "AdamW"]
+    assert layers == list(range(12))
+    api = TestClient(create_app(db), base_url="http://localhost").get("/api/dynamics").json()["rows"]
+    assert [r["step"] for r in api if r["optimizer"] == "AdamW"] == [1, 200, 1000]
+
+
+def test_labels_with_control_characters_are_refused_and_escaped_from_older_stores(tmp_path):
+    from spectraldb.spec import load_spec
+
+    for label in ("Adam\u200bW", "AdamW\x1b[2J", "Ad\nam", "\u202eWmadA"):
+        spec = tmp_path / "s.yaml"
+        spec.write_text(json.dumps({"optimizer": {"name": "adamw", "label": label}}))
+        with pytest.raises(SpecError, match="optimizer.label: holds the invisible or control character"):
+            load_spec(spec)
+    db = tmp_path / "old.duckdb"
+    for mult in (1, 2, 4):
+        put(db, mult=mult, rank_of=lambda D, s, l: D / 4)
+    with duckdb.connect(str(db)) as con:  # an older store, written before labels were checked
+        con.execute("UPDATE runs SET optimizer = 'Adam\x1b[2J\nFAKE LINE\u200b'")
+    out = cli(db, "query", "beta").stdout
+    assert "\x1b" not in out and "\u200b" not in out and "\\x1b[2J\\x0aFAKE LINE\\u200b" in out
+    status = cli(db, "status", "--runs")
+    assert "\x1b" not in status.output and "\\x1b" in status.stdout
+
+
+@pytest.mark.slow
+def test_specdb_sql_streams_rows_in_flat_memory(db, tmp_path):
+    """Five million rows through `specdb sql --format csv` in a process whose address space is
+    capped at 3 GiB (materialising them, as before, took several gigabytes)."""
+    import resource
+    import subprocess
+    import sys
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 1024**3, 3 * 1024**3))
+
+    out = tmp_path / "rows.csv"
+    with open(out, "w") as f:
+        done = subprocess.run([sys.executable, "-m", "cli.main", "sql", "SELECT range AS i, 'x' || range AS s "
+                               "FROM range(5000000)", "--db", str(db), "--format", "csv"], stdout=f,
+                              stderr=subprocess.PIPE, text=True, preexec_fn=cap, timeout=600)
+    assert done.returncode == 0, done.stderr
+    with open(out) as f:
+        assert sum(1 for _ in f) == 5_000_001
