@@ -91,28 +91,28 @@ def sql_error(exc: duckdb.Error) -> SpecError:
     return SpecError(f"sql: the query failed while running ({kind})")
 
 
-def stream(con, text: str, deadline: Deadline) -> tuple[list[str], Iterator[tuple]]:
-    """(unique column names, rows in chunks): the statement checked, then executed."""
-    check_statement(con, text)
+def _engine(call, deadline: Deadline):
+    """DuckDB's answer to `call()`, its errors in specdb's words (an interrupt past the deadline
+    is the time limit)."""
     try:
-        cur = con.execute(text)
+        return call()
     except duckdb.InterruptException:
         deadline.check()
         raise
     except duckdb.Error as exc:
         raise sql_error(exc) from None
+
+
+def stream(con, text: str, deadline: Deadline) -> tuple[list[str], Iterator[tuple]]:
+    """(unique column names, rows in chunks): the statement checked, then executed."""
+    check_statement(con, text)
+    cur = _engine(lambda: con.execute(text), deadline)
     cols = unique_columns([d[0] for d in cur.description] if cur.description else [])
 
     def rows():
         while True:
             deadline.check()
-            try:
-                chunk = cur.fetchmany(CHUNK_ROWS)
-            except duckdb.InterruptException:
-                deadline.check()
-                raise
-            except duckdb.Error as exc:
-                raise sql_error(exc) from None
+            chunk = _engine(lambda: cur.fetchmany(CHUNK_ROWS), deadline)
             if not chunk:
                 return
             yield from chunk

@@ -296,3 +296,15 @@ def test_serving_on_all_interfaces_needs_the_names_clients_use(db):
     result = runner.invoke(cli_app, ["serve", "--db", str(db), "--host", "0.0.0.0", "--token", "long-enough-token",
                                      "--allowed-host", "bad name/x"])
     assert result.exit_code == 2 and "not a host name" in result.stderr
+
+
+def test_readers_spill_into_a_private_folder_away_from_the_store(db, client):
+    import stat
+
+    rows = client.post("/api/sql", json={"query": "SELECT current_setting('temp_directory') AS t, "
+                                                  "current_setting('memory_limit') AS m"}).json()["rows"]
+    folder = rows[0]["t"]
+    assert not folder.startswith(str(db)) and os.path.isdir(folder) and rows[0]["m"] == "1.0 GiB"
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    refused = client.post("/api/sql", json={"query": "SET temp_directory = '/tmp'"})
+    assert refused.status_code == 400

@@ -19,6 +19,25 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def start_serve(db, env=None, preexec_fn=None):
+    """A real `specdb serve` on a free loopback port, once it answers: (process, base URL)."""
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--db", str(db), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
+                            env={**os.environ, **(env or {})})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/api/status", timeout=5).read()
+            return proc, base
+        except (urllib.error.URLError, ConnectionError):
+            assert time.time() < deadline and proc.poll() is None, "the server did not start"
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real `specdb serve` on a store with AdamW (β 1) and Muon (β 0.5) at 4 widths, tail ranks halved."""
@@ -27,20 +46,7 @@ def server(tmp_path_factory):
         put(db, mult=mult, strata={"all": 1.0, "tail": 0.5}, rank_of=lambda D, s, l: D / 4)
         put(db, optimizer="muon", mult=mult, strata={"all": 1.0, "tail": 0.5}, ppl=51.0,
             rank_of=lambda D, s, l: 2 * D ** 0.5)
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--db", str(db), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/api/status", timeout=5).read()
-            break
-        except (urllib.error.URLError, ConnectionError):
-            assert time.time() < deadline and proc.poll() is None, "the server did not start"
-            time.sleep(0.2)
+    proc, base = start_serve(db)
     yield base
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=30)
@@ -114,26 +120,12 @@ def hostile_server(tmp_path_factory):
             rank_of=lambda D, s, l: D / 4)
         put(db, optimizer="muon", mult=mult, ppl=50.5, strata={"all": 1.0, "tail": 0.5},
             rank_of=lambda D, s, l: 2 * D ** 0.5)
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     import resource
 
     def outer():
         resource.setrlimit(resource.RLIMIT_AS, (6 * 1024**3, 6 * 1024**3))
 
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--db", str(db), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=outer,
-                            env={**os.environ, "SPECDB_PROCESS_MEMORY_MB": "1536", "SPECDB_READ_TIME_S": "5"})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/api/status", timeout=5).read()
-            break
-        except (urllib.error.URLError, ConnectionError):
-            assert time.time() < deadline and proc.poll() is None, "the server did not start"
-            time.sleep(0.2)
+    proc, base = start_serve(db, {"SPECDB_PROCESS_MEMORY_MB": "1536", "SPECDB_READ_TIME_S": "5"}, outer)
     yield base, db
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=30)
