@@ -546,7 +546,8 @@ def sql_body(db, text: str, limits: ReadLimits) -> bytes:
             if i == limits.rows:
                 notes.append(f"row cap reached: the first {limits.rows} rows are shown (SPECDB_SQL_ROWS raises it)")
                 break
-            item = json.dumps(records([dict(zip(cols, row))])[0], default=str).encode()
+            item = json.dumps({c: None if isinstance(v, float) and not math.isfinite(v) else v
+                               for c, v in zip(cols, row)}, default=str).encode()
             if size + len(item) > limits.response_bytes:
                 notes.append(f"byte cap reached: the first {i} rows ({size / 2**20:.1f} MiB) are shown "
                              "(SPECDB_RESPONSE_MB raises it)")
