@@ -47,9 +47,7 @@ def trained(label, mult, d_model, steps, cache: Path, threads: int):
         config["checkpoint"] = {"every": steps - 1}
         print(f"training {label} ffn_mult {mult:g} d_model {d_model} for {steps} steps …", flush=True)
         train_run(config, ds, threads=threads, checkpoint=ckpt)
-    mc = config["model"]
-    model = GPT(GPTConfig(vocab_size=ds.vocab_size, context=config["data"]["context"], n_layer=mc["n_layer"],
-                          d_model=mc["d_model"], n_head=mc["n_head"], ffn_mult=mc["ffn_mult"]))
+    model = GPT(GPTConfig.from_run(config, ds.vocab_size))
     model.load_state_dict(torch.load(ckpt, weights_only=False)["model"])
     tokens = torch.from_numpy(measurement_batch(ds, config["measure"]["tokens"], config["data"]["context"]).astype(np.int64))
     return model, tokens, torch.from_numpy(ds.strata.astype(np.int64)), config["measure"]["min_stratum_tokens"]
@@ -70,7 +68,7 @@ def variant(model, tokens, strata_of, min_tokens, accumulate, decompose, tf32=Fa
         recs = extract.measure(model, tokens, strata_of, min_tokens=min_tokens, precision="bench", **KW)
     finally:
         extract.gram = GRAM
-    return {(r["layer"], r["site"], r["stratum"]): r for r in recs if r["eigenvalues"] is not None}
+    return {(r.layer, r.site, r.stratum): r.to_dict() for r in recs if r.eigenvalues is not None}
 
 
 def worst(ref: dict, got: dict, into: dict) -> None:

@@ -47,6 +47,7 @@ ENDPOINTS = ["/api/beta", "/api/beta?stratum=tail&by=optimizer,n_head", "/api/ma
 WRITER = """
 import sys, time, numpy as np
 from spectraldb import store
+from contract.records import RunResult
 from spectraldb.spec import RunSpec
 db, seconds = sys.argv[1], float(sys.argv[2])
 t_end, i, worst, n = time.time() + seconds, 0, 0.0, 0
@@ -57,8 +58,9 @@ while time.time() < t_end:
     spectra = [{"step": s, "layer": l, "site": site, "stratum": "all", "n_tokens": 50 * D, "n_dim": D,
                 "eigenvalues": np.linspace(1.0, 0.01, D), "min_eigenvalue": 0.0}
                for s in (100, 200, 300) for l in (0, 1) for site in ("pre", "post")]
-    store.write_run(db, run, {"status": "done", "started_at": 0.0, "finished_at": 1.0, "spectra": spectra,
-                              "evals": [{"step": 300, "train_loss": 3.0, "val_loss": 3.0, "val_ppl": 20.0}]}, {})
+    store.write_run(db, run, RunResult.from_dict({"status": "done", "started_at": 0.0, "finished_at": 1.0,
+                                                  "spectra": spectra, "evals": [{"step": 300, "train_loss": 3.0,
+                                                                                 "val_loss": 3.0, "val_ppl": 20.0}]}), {})
     worst, n, i = max(worst, time.time() - t0), n + 1, i + 1
     time.sleep(max(0.0, 1.0 - (time.time() - t0)))
 print(n, worst)

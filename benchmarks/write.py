@@ -5,7 +5,7 @@
 Builds the result a 160M run returns (12 layers × 2 sites × 4 strata × `--steps` measured
 steps, D eigenvalues each) with random spectra and stores it into a fresh store, twice, printing
 the time of each write and the store's size (commits must not grow with the store). The workers attach the metrics
-(`spectraldb.spectra.attach_metrics`), so that is timed apart, as the worker's share; with
+(`contract.metrics.attach_metrics`), so that is timed apart, as the worker's share; with
 `--driver-metrics` the result arrives without them (a spooled result from an older version)
 and `write_run` computes them.
 """
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from spectraldb import spectra as metrics
+from contract import metrics
+from contract.records import Evaluation, RunResult, Spectrum
 from spectraldb import store
 from spectraldb.spec import RunSpec
 
@@ -40,12 +41,10 @@ def main():
                                                 "ffn_mult": a.d / 768}, "train": {"steps": 6000, "seed": i},
                                       "measure": {"every": 200, "last_k": 5, "keep_eigenvalues": a.keep}})
         steps = [1] + [200 * k for k in range(1, a.steps)]
-        spectra = [{"step": s, "layer": layer, "site": site, "stratum": st, "n_tokens": 500_000, "n_dim": a.d,
-                    "eigenvalues": np.sort(rng.exponential(size=a.d))[::-1], "min_eigenvalue": 0.0}
+        spectra = [Spectrum(s, layer, site, st, 500_000, a.d, np.sort(rng.exponential(size=a.d))[::-1], 0.0)
                    for s in steps for layer in range(12) for site in ("pre", "post")
                    for st in ("all", "head", "mid", "tail")]
-        result = {"status": "done", "started_at": 0.0, "finished_at": 1.0, "spectra": spectra,
-                  "evals": [{"step": s, "train_loss": 3.0, "val_loss": 3.1, "val_ppl": 22.2} for s in steps]}
+        result = RunResult("done", [Evaluation(s, 3.0, 3.1, 22.2) for s in steps], spectra, 0.0, 1.0)
         t = time.perf_counter()
         if not a.driver_metrics:
             metrics.attach_metrics(spectra)
@@ -54,7 +53,7 @@ def main():
         store.write_run(db, run, result, {})
         dt = time.perf_counter() - t
         times.append(dt)
-        n = sum(len(s["eigenvalues"]) for s in spectra)
+        n = sum(len(s.eigenvalues) for s in spectra)
         print(f"write {i + 1}: {dt:.2f} s for {len(spectra)} spectra, {n / 1e6:.1f} M eigenvalues "
               f"(keep={a.keep}); store now {db.stat().st_size / 2**20:.0f} MiB")
     print(f"write_run: min {min(times):.2f} s, median {sorted(times)[len(times) // 2]:.2f} s, max {max(times):.2f} s")

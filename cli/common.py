@@ -7,27 +7,25 @@ import contextlib
 import typer
 
 from cli.output import FORMATS
-
-DEFAULT_DB = "specdb.duckdb"
+from contract.vocabulary import DEFAULT_STORE as DEFAULT_DB
 DbOpt = typer.Option(None, "--db", envvar="SPECDB_DB", help="Store file (default: specdb.duckdb, "
                      "or the spec's `store` for run/plan).")
 FormatOpt = typer.Option("table", "--format", "-f", help="table | json | csv | markdown")
 SetOpt = typer.Option(None, "--set", "-S", help="Override a spec field: -S train.steps=50 (repeatable).")
 
 
-def duckdb_errors():
-    import duckdb
+@contextlib.contextmanager
+def translated(where: str | None = None):
+    """Every library error as one line on stderr and its exit code (spectraldb.errors' table);
+    `where` is the user's predicate, so DuckDB's errors while evaluating it are named by kind only."""
+    from spectraldb import errors
 
-    return duckdb.Error
-
-
-def evaluation_error(exc: Exception, where: str | None) -> str:
-    """A query that parsed and bound but failed while running. With a user predicate the message
-    names only the kind of error: DuckDB's text can quote the values it was evaluating."""
-    kind = str(exc).split(":", 1)[0].strip() or type(exc).__name__
-    if where:
-        return f"--where: the predicate failed while being evaluated ({kind}); check its types and functions"
-    return f"query failed: {str(exc).strip().splitlines()[0][:200]}"
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - the table decides; anything it does not know is a bug
+        if isinstance(exc, (typer.Exit, typer.Abort)) or errors.translation(exc) is None:
+            raise
+        fail(errors.message(exc, where), errors.exit_code(exc))
 
 
 @contextlib.contextmanager

@@ -12,11 +12,11 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import (DEFAULT_DB, DbOpt, FormatOpt, SetOpt, capped_memory, check_format, cli_time_limit,
-                        duckdb_errors, evaluation_error, fail)
+from cli.common import (DEFAULT_DB, DbOpt, FormatOpt, SetOpt, capped_memory, check_format, cli_time_limit, fail,
+                        translated)
 from cli.output import printable, render, render_stream
 from cli.query import DivergedOpt, SiteOpt, WhereOpt, query_app
-from spectraldb.errors import SpecError, StoreError
+from contract.vocabulary import PLAN_STATUSES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Declarative experiment database for optimizer-induced spectral scaling.")
@@ -60,20 +60,16 @@ def run(spec: Path = typer.Argument(..., help="Spec file, e.g. experiments.yaml"
 
     Example: specdb run experiments.yaml -S train.steps=100
     """
-    from spectraldb.progress import reporter_for
-    from spectraldb.scheduler import RayStartError, run_sweep
+    from spectraldb.run.progress import reporter_for
+    from spectraldb.run.sweep import EXECUTORS, run_sweep
 
-    try:
-        if executor not in ("ray", "inline"):
-            fail(f"--executor: unknown executor {executor!r} (expected ray or inline)", 2)
+    if executor not in EXECUTORS:
+        fail(f"--executor: unknown executor {executor!r} (expected ray or inline)", 2)
+    with translated():
         plan = _load(spec, set_)
         path = db or plan.store
         result = run_sweep(plan, path, executor=executor, address=address, retry_failed=retry_failed,
                            reporter=reporter_for(sys.stderr), cache_dir=cache_dir, max_in_flight=max_in_flight)
-    except (SpecError, StoreError) as exc:
-        fail(str(exc), 2)
-    except RayStartError as exc:
-        fail(str(exc), 1)
     for line in result.damaged:
         typer.echo(f"damaged spool entry {printable(line)}", err=True)
     if result.recovered:
@@ -101,27 +97,22 @@ def plan(spec: Path = typer.Argument(..., help="Spec file"), db: Optional[str] =
                                                   help="Tokenizer/dataset cache (default ~/.cache/specdb)")):
     """List every run of a spec with its status in the store (new / spooled / done / diverged /
     failed) and totals, after every check `specdb run` makes before training (same message, exit 2)."""
-    from spectraldb.scheduler import check_plan, plan_rows
+    from spectraldb.run.sweep import check_plan, plan_rows
 
     check_format(fmt)
-    try:
+    with translated():
         p = _load(spec, set_)
         check_plan(p, db or p.store, executor, address, cache_dir)
         rows = plan_rows(p, db or p.store)
-    except (SpecError, StoreError) as exc:
-        fail(str(exc), 2)
     render(rows, fmt)
     counts = {s: sum(r["status"] == s for r in rows) for s in PLAN_STATUSES}
     typer.echo(f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()), err=True)
     _spool_notes(db or p.store)
 
 
-PLAN_STATUSES = ("new", "spooled", "done", "diverged", "failed")
-
-
 def _spool_notes(db) -> None:
     """Damaged spool entries (now, and moved aside earlier): their runs are trained again."""
-    from spectraldb.writer import Spool
+    from spectraldb.run.spool import Spool
 
     spool = Spool(db)
     for path, why in spool.scan()[1]:
@@ -142,51 +133,36 @@ def status(spec: Optional[Path] = typer.Argument(None, help="A spec: count its r
 
     Examples: specdb status · specdb status experiments.yaml · specdb status --runs --format csv
     """
-    from spectraldb.progress import read_sidecar
+    from contract.vocabulary import PROTOCOL
+    from spectraldb import catalog
+    from spectraldb.run.progress import read_sidecar
+    from spectraldb.run.spool import Spool
     from spectraldb.store import connect
-    from spectraldb.writer import Spool
-    from workers.protocol import PROTOCOL
 
     check_format(fmt)
     if spec is not None:
-        from spectraldb.scheduler import plan_rows
+        from spectraldb.run.sweep import plan_rows
 
-        try:
+        with translated():
             plan_ = _load(spec, [])
             rows = plan_rows(plan_, db or plan_.store)
-        except (SpecError, StoreError) as exc:
-            fail(str(exc), 2)
         render([{"status": st, "runs": sum(r["status"] == st for r in rows)}
                 for st in PLAN_STATUSES if any(r["status"] == st for r in rows)], fmt)
+        typer.echo(f"{len(rows)} runs: " + ", ".join(f"{sum(r['status'] == st for r in rows)} {st}"
+                                                    for st in PLAN_STATUSES), err=True)
         db = db or plan_.store
         if not Path(db).exists():
             return
     path = Path(db or DEFAULT_DB)
-    try:
+    with translated():
         with connect(path, read_only=True, verify=True) as con:
-            sizes = """WITH size AS (SELECT run_id, count(*) AS spectra,
-                                            sum(coalesce(len(eigenvalues), 0)) * 8 / 1048576.0 AS eig_mib
-                                     FROM spectra GROUP BY run_id)"""
-            if runs:
-                cur = con.execute(sizes + """ SELECT r.run_id, r.optimizer, r.ffn_mult, r.seed, r.steps, r.status, r.protocol,
-                    r.final_val_ppl AS val_ppl, coalesce(s.spectra, 0) AS spectra, coalesce(s.eig_mib, 0) AS eigenvalue_mib
-                    FROM runs r LEFT JOIN size s USING (run_id) ORDER BY r.optimizer, r.ffn_mult, r.seed""")
-            else:
-                cur = con.execute(sizes + """ SELECT r.status, count(*) AS runs,
-                    string_agg(DISTINCT r.optimizer, ', ' ORDER BY r.optimizer) AS optimizers,
-                    coalesce(sum(s.eig_mib), 0) AS eigenvalue_mib, coalesce(avg(s.eig_mib), 0) AS mib_per_run
-                    FROM runs r LEFT JOIN size s USING (run_id) GROUP BY r.status ORDER BY r.status""")
-            cols = [d[0] for d in cur.description]
-            rows = [dict(zip(cols, r)) for r in cur.fetchall()]
-            unfinished = con.execute("SELECT run_id, optimizer, ffn_mult, status, error FROM runs "
-                                     "WHERE status <> 'done' ORDER BY run_id").fetchall()
-            protocols = con.execute("SELECT coalesce(protocol, 1), count(*) FROM runs GROUP BY ALL ORDER BY 1").fetchall()
-    except StoreError as exc:
-        fail(str(exc), 2)
+            table = catalog.run_sizes(con) if runs else catalog.status_summary(con)
+            unfinished = catalog.unfinished(con)
+            protocols = catalog.protocols(con)
     if spec is None:
-        render(rows, fmt, cols)
+        render(table.rows, fmt, table.columns)
     typer.echo(f"store {path}: {path.stat().st_size / 1048576:.1f} MiB on disk", err=True)
-    for number, n in protocols:
+    for number, n in protocols.items():
         if number != PROTOCOL:
             typer.echo(f"{n} run(s) measured under protocol {number} (this specdb measures protocol {PROTOCOL}): "
                        "kept, never fitted together with current runs; see docs/design.md", err=True)
@@ -200,9 +176,10 @@ def status(spec: Optional[Path] = typer.Argument(None, help="A spec: count its r
         typer.echo(printable(note), err=True)
     for rid, info in flight.items():
         typer.echo(printable(f"in flight {rid} {info['label']}: step {info['step']}/{info['steps']}"), err=True)
-    for rid, opt, mult, st, err in unfinished:
-        last = (err or "").strip().splitlines()[-1:] or [""]
-        typer.echo(printable(f"{st} {rid} {opt} ffn_mult={mult:g}: {last[0]}"), err=True)
+    for row in unfinished:
+        last = (row["error"] or "").strip().splitlines()[-1:] or [""]
+        typer.echo(printable(f"{row['status']} {row['run_id']} {row['optimizer']} ffn_mult={row['ffn_mult']:g}: "
+                             f"{last[0]}"), err=True)
 
 
 @app.command()
@@ -235,15 +212,11 @@ def sql(query: Optional[str] = typer.Argument(None, help='A SELECT statement, or
     else:
         text = query
     notes = []
-    try:
+    with translated():
         limits = ReadLimits.from_env(CLI_TIME_S)
         with capped_memory(limits.process_bytes):
             run_sql(db or DEFAULT_DB, text, limits.time_s,
                     lambda cols, rows: notes.append(render_stream(cols, rows, fmt)))
-    except (StoreError, SpecError) as exc:
-        fail(str(exc), 2)
-    except MemoryError:
-        fail("sql: out of memory (SPECDB_PROCESS_MEMORY_MB raises this process's cap)", 1)
     for note in notes:
         if note:
             typer.echo(note, err=True)
@@ -261,10 +234,8 @@ def export(directory: Path = typer.Argument(..., help="Folder to write (created 
 
     if fmt not in ("parquet", "csv"):
         fail(f"--format: unknown export format {fmt!r} (expected parquet or csv)", 2)
-    try:
+    with translated():
         written = export_all(db or DEFAULT_DB, directory, fmt)
-    except StoreError as exc:
-        fail(str(exc), 2)
     for name, n in written:
         typer.echo(f"{directory / f'{name}.{fmt}'}: {n} rows", err=True)
 
@@ -303,33 +274,24 @@ def plot(kind: str = typer.Argument(..., help="scaling | dynamics | depth | reny
       specdb plot renyi --ffn-mult 4 -o renyi.svg
     """
     from spectraldb import plots
-    from spectraldb.queries import check_site, check_strata
+    from spectraldb.selection import Selection
     from spectraldb.store import connect
 
-    strata = [x.strip() for part in stratum for x in part.split(",") if x.strip()]
     if kind not in ("scaling", "dynamics", "depth", "renyi"):
         fail(f"plot: unknown figure {kind!r} (expected scaling, dynamics, depth or renyi)", 2)
     if output.suffix.lower() not in (".png", ".svg", ".pdf"):
         fail(f"-o: {output}: use a .png, .svg or .pdf file name", 2)
-    try:
-        check_strata(strata)
-        check_site(site)
-    except SpecError as exc:
-        fail(str(exc), 2)
-    if kind == "renyi" and ffn_mult is None:
-        fail("--ffn-mult: the renyi figure needs a width (e.g. --ffn-mult 4)", 2)
-    try:
+    with translated(where):
+        sel = Selection(stratum, site, where, include_diverged, step=step if kind == "renyi" else None)
+        if kind == "renyi" and ffn_mult is None:
+            fail("--ffn-mult: the renyi figure needs a width (e.g. --ffn-mult 4)", 2)
         with connect(db or DEFAULT_DB, read_only=True, time_limit_s=cli_time_limit()) as con:
             if kind == "scaling":
-                fig = plots.scaling(con, strata, site, include_diverged, where)
+                fig = plots.scaling(con, sel)
             elif kind == "renyi":
-                fig = plots.renyi(con, ffn_mult, step, strata[0], include_diverged)
+                fig = plots.renyi(con, sel, ffn_mult=ffn_mult)
             else:
-                fig = getattr(plots, kind)(con, strata[0], site, include_diverged, where)
-    except (StoreError, SpecError) as exc:
-        fail(str(exc), 2)
-    except duckdb_errors() as exc:
-        fail(evaluation_error(exc, where), 2)
+                fig = getattr(plots, kind)(con, sel)
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=130)
     typer.echo(f"wrote {output}", err=True)
@@ -381,12 +343,10 @@ def serve(db: Optional[str] = DbOpt, host: str = typer.Option("127.0.0.1", help=
         fail(f"{path}: no such store (run `specdb run SPEC` first, or pass --db)", 2)
     from spectraldb.store import connect
 
-    try:  # an outdated or damaged store is refused now, not on every request
+    with translated():  # an outdated or damaged store is refused now, not on every request
         limits = ReadLimits.from_env(SERVICE_TIME_S)
         with connect(path, read_only=True):
             pass
-    except (StoreError, SpecError) as exc:
-        fail(str(exc), 2)
     shown = "localhost" if host in LOOPBACK else (names[0] if names else host)
     typer.echo(f"serving {path} on http://{shown}:{port} (docs at /docs"
                f"{'; token required: a browser opens /?token=<token> once' if token else ''})", err=True)

@@ -6,10 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import (DEFAULT_DB, DbOpt, FormatOpt, capped_memory, check_format, cli_time_limit, duckdb_errors,
-                        evaluation_error, fail)
+from cli.common import DEFAULT_DB, DbOpt, FormatOpt, capped_memory, check_format, cli_time_limit, translated
 from cli.output import render
-from spectraldb.errors import SpecError, StoreError
 
 query_app = typer.Typer(no_args_is_help=True, help="The study's questions, answered from the store.")
 
@@ -19,33 +17,21 @@ DivergedOpt = typer.Option(False, "--include-diverged", help="Keep diverged runs
 WhereOpt = typer.Option(None, "--where", help='Predicate on the runs table, e.g. "n_head = 12 AND seed < 3".')
 
 
-def _query(fn, columns, fmt, db, stratum="all", site="post", include_diverged=False, **kwargs):
-    """Validate the common options, run a query function, print rows (stdout) and notes (stderr)."""
+def _ask(verb, fmt: str, db, sel_options: dict, columns=None, **options) -> None:
+    """Build the Selection, ask the library verb, print rows (stdout) and notes (stderr)."""
     from spectraldb.bounds import ReadLimits
-    from spectraldb.queries import excluded_diverged
+    from spectraldb.selection import Selection
     from spectraldb.store import connect
 
     check_format(fmt)
-    try:
+    with translated(sel_options.get("where")):
+        sel = Selection(**sel_options)
         with capped_memory(ReadLimits.from_env().process_bytes), \
                 connect(db or DEFAULT_DB, read_only=True, time_limit_s=cli_time_limit()) as con:
-            answer = fn(con, stratum=stratum, include_diverged=include_diverged,
-                        **({"site": site} if site is not None else {}), **kwargs)
-            n = 0 if include_diverged else excluded_diverged(con, kwargs.get("where"))
-    except (StoreError, SpecError) as exc:
-        fail(str(exc), 2)
-    except MemoryError:
-        fail("query: out of memory (SPECDB_PROCESS_MEMORY_MB raises this process's cap)", 1)
-    except duckdb_errors() as exc:
-        fail(evaluation_error(exc, kwargs.get("where")), 2)
-    rows = answer.rows
-    if columns is None:
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-    render(rows, fmt, columns)
-    for note in answer.notes:
+            answer = verb(con, sel, **options)
+    render(answer.rows, fmt, columns or answer.columns)
+    for note in answer.all_notes():
         typer.echo(note, err=True)
-    if n:
-        typer.echo(f"excluded {n} diverged run{'s' if n > 1 else ''} (--include-diverged to keep them)", err=True)
 
 
 @query_app.command("beta")
@@ -70,14 +56,10 @@ def query_beta(stratum: str = StratumOpt, site: str = SiteOpt, include_diverged:
 
       specdb query beta --by optimizer,n_head --metric renyi:3 --where "steps = 6000" --format json
     """
-    from spectraldb.queries import beta, check_factors
+    from spectraldb.queries import beta
 
-    try:
-        factors = check_factors(by or [])
-    except SpecError as exc:
-        fail(str(exc), 2)
-    _query(beta, None, fmt, db, stratum, site, include_diverged, by=factors,
-           metric=metric, window=window, layer=layer, step=step, where=where)
+    _ask(beta, fmt, db, dict(strata=stratum, site=site, where=where, include_diverged=include_diverged, by=by,
+                             window=window, step=step, layer=layer), metric=metric)
 
 
 @query_app.command("dynamics")
@@ -89,7 +71,7 @@ def query_dynamics(stratum: str = StratumOpt, site: str = SiteOpt, include_diver
     """
     from spectraldb.queries import dynamics
 
-    _query(dynamics, None, fmt, db, stratum, site, include_diverged, where=where)
+    _ask(dynamics, fmt, db, dict(strata=stratum, site=site, where=where, include_diverged=include_diverged))
 
 
 @query_app.command("depth")
@@ -101,7 +83,7 @@ def query_depth(stratum: str = StratumOpt, site: str = SiteOpt, include_diverged
     """
     from spectraldb.queries import depth
 
-    _query(depth, None, fmt, db, stratum, site, include_diverged, where=where)
+    _ask(depth, fmt, db, dict(strata=stratum, site=site, where=where, include_diverged=include_diverged))
 
 
 @query_app.command("matched")
@@ -116,15 +98,10 @@ def query_matched(stratum: str = StratumOpt, site: str = SiteOpt, include_diverg
 
     Example: specdb query matched --stratum tail --ppl-tol 0.05
     """
-    from spectraldb.queries import check_factors, check_metric, matched
+    from spectraldb.queries import matched
 
-    try:
-        factors = check_factors(by or ["optimizer,steps"])
-        check_metric(metric)
-    except SpecError as exc:
-        fail(str(exc), 2)
-    _query(matched, None, fmt, db, stratum, site, include_diverged, by=factors, metric=metric,
-           ppl_tol=ppl_tol, min_dbeta=min_dbeta, where=where)
+    _ask(matched, fmt, db, dict(strata=stratum, site=site, where=where, include_diverged=include_diverged, by=by),
+         metric=metric, ppl_tol=ppl_tol, min_dbeta=min_dbeta)
 
 
 @query_app.command("delta")
@@ -146,13 +123,8 @@ def query_delta(arch: str = typer.Option("n_head", "--arch", help="Architecture 
     """
     from spectraldb.queries import delta
 
-    strata = [x.strip() for part in stratum for x in part.split(",") if x.strip()]
-
-    def run(con, stratum, include_diverged, site, where):
-        return delta(con, arch, baseline=baseline, reference=reference, site=site, strata=strata,
-                     include_diverged=include_diverged, where=where)
-
-    _query(run, None, fmt, db, "all", site, include_diverged, where=where)
+    _ask(delta, fmt, db, dict(strata=stratum, site=site, where=where, include_diverged=include_diverged),
+         arch=arch, baseline=baseline, reference=reference)
 
 
 @query_app.command("renyi")
@@ -167,5 +139,6 @@ def query_renyi(ffn_mult: float = typer.Option(..., "--ffn-mult", help="The widt
     """
     from spectraldb.queries import renyi
 
-    _query(renyi, ["optimizer", "alpha", "pre", "post", "rho", "rho_min", "rho_max", "js_divergence", "n_layers"],
-           fmt, db, stratum, None, include_diverged, ffn_mult=ffn_mult, step=step)
+    _ask(renyi, fmt, db, dict(strata=stratum, step=step, include_diverged=include_diverged),
+         ["optimizer", "alpha", "pre", "post", "rho", "rho_min", "rho_max", "js_divergence", "n_layers"],
+         ffn_mult=ffn_mult)

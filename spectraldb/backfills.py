@@ -2,7 +2,7 @@
 
 A migration is history. Migration 002 computes the Rényi family, EEE and the reinjection table
 for runs stored before it; it must compute them the same way forever, whatever later changes
-`spectraldb.spectra` sees, so the formulas of that day live here, not imported from there.
+`contract.metrics` sees, so the formulas of that day live here, not imported from there.
 """
 
 from __future__ import annotations

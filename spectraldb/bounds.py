@@ -20,23 +20,23 @@ import threading
 import time
 from dataclasses import dataclass
 
-from spectraldb.errors import SpecError
+from spectraldb.errors import InputError, QueryError
 
 GiB = 1024**3
 MiB = 1024**2
 
 
 def _env_number(name: str, default: float, low: float = 0.0) -> float:
-    """A positive finite number from the environment; a bad value is a one-line SpecError."""
+    """A positive finite number from the environment; a bad value is a one-line InputError."""
     text = os.environ.get(name)
     if text is None or not text.strip():
         return default
     try:
         value = float(text)
     except ValueError:
-        raise SpecError(f"{name}: not a number ({text[:40]!r})") from None
+        raise InputError(f"{name}: not a number ({text[:40]!r})") from None
     if not (value == value and low < value < float("inf")):
-        raise SpecError(f"{name}: must be a finite number above {low:g} (got {text[:40]!r})")
+        raise InputError(f"{name}: must be a finite number above {low:g} (got {text[:40]!r})")
     return value
 
 
@@ -98,7 +98,7 @@ def spill_folder() -> str:
         return _SPILL[0]
 
 
-class QueryTimeout(SpecError):
+class QueryTimeout(QueryError):
     """A read ran past its time limit (execution or serialisation)."""
 
 

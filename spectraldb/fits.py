@@ -138,19 +138,74 @@ def _resample_counts(rng, n: int) -> np.ndarray:
     return np.bincount(idx.ravel(), minlength=BOOTSTRAP * n).reshape(BOOTSTRAP, n).astype(float)
 
 
+@dataclass
+class GroupFit:
+    """One group's fit of rank against width: the data behind it and, per metric, the whole
+    PowerLaw (β, intercept, R², t-interval) or None under the width floor, plus the seed-bootstrap
+    interval where some width has several seeds."""
+    key: dict                      # factor → value
+    widths: list                   # distinct widths, ascending
+    means: dict                    # metric → seed-mean value per width
+    fits: dict                     # metric → PowerLaw | None
+    boot: dict | None = None       # metric → (low, high) | (None, None); None with one seed per width
+    n_seeds: int | None = None     # the most seeds at any width (None: one everywhere)
+
+    def row(self) -> dict:
+        """The flat row the verbs print: beta[_m], its interval, r2, bootstrap, Δ₁,₂, widths, seeds."""
+        row = dict(self.key)
+        metrics = list(self.fits)
+        for m in metrics:
+            suffix = "" if len(metrics) == 1 and m not in ("hard", "soft") else f"_{m}"
+            fit = self.fits[m]
+            row[f"beta{suffix}"] = fit.beta if fit else None
+            row[f"beta{suffix}_low"] = _num(fit.ci_low) if fit else None
+            row[f"beta{suffix}_high"] = _num(fit.ci_high) if fit else None
+            row[f"r2{suffix}"] = fit.r2 if fit else None
+            if self.boot is not None:
+                row[f"beta{suffix}_boot_low"], row[f"beta{suffix}_boot_high"] = self.boot[m]
+        if "hard" in metrics and "soft" in metrics:
+            b = self.fits["soft"], self.fits["hard"]
+            row["delta_12"] = b[0].beta - b[1].beta if None not in b else None
+        row["n_widths"] = len(self.widths)
+        if self.n_seeds is not None:
+            row["n_seeds"] = self.n_seeds
+        return row
+
+    def line(self, metric: str, points: int = 50) -> dict | None:
+        """The fitted line and its 95% band on a log-spaced grid over the widths (None without a fit)."""
+        fit = self.fits.get(metric)
+        if fit is None:
+            return None
+        w, y = np.asarray(self.widths, dtype=float), np.asarray(self.means[metric], dtype=float)
+        grid = np.geomspace(w.min(), w.max(), points)
+        lo, hi = confidence_band(np.log(w), np.log(y), np.log(grid), fit)
+        return {"x": grid.tolist(), "y": (np.exp(fit.intercept) * grid**fit.beta).tolist(),
+                "lo": np.exp(lo).tolist(), "hi": np.exp(hi).tolist()}
+
+
+def confidence_band(lx, ly, lgrid, fit: PowerLaw):
+    """95% confidence band of the mean response of an OLS line, in log space."""
+    n = lx.size
+    resid = ly - (fit.intercept + fit.beta * lx)
+    s = math.sqrt(float((resid**2).sum()) / (n - 2)) if n > 2 else math.nan
+    sxx = float(((lx - lx.mean()) ** 2).sum())
+    half = (t_quantile(0.975, n - 2) if n > 2 else math.nan) * s * np.sqrt(1 / n + (lgrid - lx.mean()) ** 2 / sxx)
+    centre = fit.intercept + fit.beta * lgrid
+    return centre - half, centre + half
+
+
 def fit_groups(points, metrics, key_names, notes, label=lambda k: " / ".join(map(str, k)),
-               bootstrap: bool = True) -> list[dict]:
-    """points: (key tuple, width, seed, {metric: value}) → one row of fits per key (with a
+               bootstrap: bool = True) -> list[GroupFit]:
+    """points: (key tuple, width, seed, {metric: value}) → one GroupFit per key (with a
     seed-bootstrap interval when some width has several seeds and `bootstrap`)."""
     series: dict[tuple, dict[float, list]] = defaultdict(lambda: defaultdict(list))
     for key, width, seed, values in sorted(points, key=lambda p: (str(p[0]), p[1], str(p[2]), repr(sorted(p[3].items())))):
         series[key][width].append(values)  # seeds in a fixed order: the bootstrap never depends on SQL's row order
     rng = np.random.default_rng(0)
-    rows = []
+    groups = []
     for key in sorted(series, key=lambda k: tuple(str(x) for x in k)):
         by_width = dict(sorted(series[key].items()))
         widths = list(by_width)
-        row = dict(zip(key_names, key))
         multi_seed = bootstrap and any(len(v) > 1 for v in by_width.values())
         draws = [_resample_counts(rng, len(by_width[w])) for w in widths] if multi_seed else None
         if len(widths) < MIN_WIDTHS:
@@ -158,29 +213,25 @@ def fit_groups(points, metrics, key_names, notes, label=lambda k: " / ".join(map
                          f"a fit needs at least {MIN_WIDTHS} (refused)")
         elif len(widths) == MIN_WIDTHS:
             notes.append(f"{label(key)}: fit on only {MIN_WIDTHS} widths")
+        fits, means, boot = {}, {}, ({} if multi_seed else None)
         for m in metrics:
-            suffix = "" if len(metrics) == 1 and m not in ("hard", "soft") else f"_{m}"
             seeds = [[v[m] for v in by_width[w] if v[m] is not None] for w in widths]
+            means[m] = [float(np.mean(s)) if s else None for s in seeds]
             fit = None
             if len(widths) >= MIN_WIDTHS and all(seeds):
-                fit = power_law(widths, [float(np.mean(s)) for s in seeds])
-            row[f"beta{suffix}"] = fit.beta if fit else None
-            row[f"beta{suffix}_low"] = _num(fit.ci_low) if fit else None
-            row[f"beta{suffix}_high"] = _num(fit.ci_high) if fit else None
-            row[f"r2{suffix}"] = fit.r2 if fit else None
+                fit = power_law(widths, means[m])
+            fits[m] = fit
             if multi_seed:
-                lo, hi = _bootstrap(widths, seeds, draws) if fit else (None, None)
-                row[f"beta{suffix}_boot_low"], row[f"beta{suffix}_boot_high"] = lo, hi
-        if "hard" in metrics and "soft" in metrics:
-            b = row.get("beta_soft"), row.get("beta_hard")
-            row["delta_12"] = b[0] - b[1] if None not in b else None
-        row["n_widths"] = len(widths)
-        if any(len(v) > 1 for v in by_width.values()):
-            row["n_seeds"] = max(len(v) for v in by_width.values())
-        rows.append((key, row))
+                boot[m] = _bootstrap(widths, seeds, draws) if fit else (None, None)
+        n_seeds = max(len(v) for v in by_width.values()) if any(len(v) > 1 for v in by_width.values()) else None
+        groups.append(GroupFit(dict(zip(key_names, key)), widths, means, fits, boot, n_seeds))
     # computed in the fixed text order above (it fixes the bootstrap's draws); shown in natural
     # order, so steps and layers read 1, 200, 1000 rather than 1, 1000, 200
-    return [row for key, row in sorted(rows, key=lambda kr: natural(kr[0]))]
+    return sorted(groups, key=lambda g: natural(tuple(g.key.values())))
+
+
+def rows(groups: list[GroupFit]) -> list[dict]:
+    return [g.row() for g in groups]
 
 
 def natural(key: tuple) -> tuple:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
-import numpy as np
 
 from spectraldb import queries
-from spectraldb.fits import natural, power_law, t_quantile
+from spectraldb.fits import natural
+from spectraldb.selection import Selection
 
 METRIC_TITLES = {"hard": "hard rank (participation ratio)", "soft": "soft rank (exp entropy)"}
 
@@ -23,50 +22,32 @@ def _figure(nrows: int, ncols: int, **kw):
     return fig, axes
 
 
-def scaling_series(con, stratum="all", site="post", metrics=("hard", "soft"), include_diverged=False, where=None,
-                   by=("optimizer",)) -> tuple[dict, list[str]]:
+def scaling_series(con, sel: Selection = Selection(), metrics=("hard", "soft")) -> tuple[dict, list[str]]:
     """The scaling figure's data, for matplotlib and the dashboard alike: {metric: [series]} with
     one series per group of `specdb query beta --by …` (protocol joins when several are selected):
     name, widths, seed-mean values, β with its interval (None under the 3-width floor) and the
-    fitted line with its 95% band on a 50-point grid. The β is the query's."""
-    answer = queries.beta(con, stratum, site, include_diverged, by=by, where=where)
-    key_names = [k for k in (*by, "protocol") if answer.rows and k in answer.rows[0]]
-    fitted = {tuple(r[k] for k in key_names): r for r in answer.rows}
-    vals = queries.run_values(con, ("hard", "soft"), stratum=stratum, site=site, where=where,
-                              include_diverged=include_diverged, factors=(*by, "protocol"))
-    out = {}
-    for metric in metrics:
-        groups = defaultdict(lambda: defaultdict(list))
-        for v in vals:
-            groups[tuple(v.factors[k] for k in key_names)][v.factors["ffn_width"]].append(v.values[metric])
-        series = []
-        for key, pts in sorted(groups.items(), key=lambda kv: natural(kv[0])):
-            w = np.array(sorted(pts), dtype=float)
-            y = np.array([np.mean(pts[x]) for x in sorted(pts)])
-            row = fitted.get(key, {})
-            item = {"name": " / ".join(f"protocol {x}" if k == "protocol" else str(x) for k, x in zip(key_names, key)),
-                    "widths": w.tolist(), "values": y.tolist(), "beta": row.get(f"beta_{metric}"),
-                    "beta_low": row.get(f"beta_{metric}_low"), "beta_high": row.get(f"beta_{metric}_high"),
-                    "line": None}
-            if item["beta"] is not None:
-                fit = power_law(w, y)  # the query's fit of the same seed means: same β
-                grid = np.geomspace(w.min(), w.max(), 50)
-                lo, hi = _band(np.log(w), np.log(y), np.log(grid), fit)
-                item["line"] = {"x": grid.tolist(), "y": (np.exp(fit.intercept) * grid**fit.beta).tolist(),
-                                "lo": np.exp(lo).tolist(), "hi": np.exp(hi).tolist()}
-            series.append(item)
-        out[metric] = series
-    return out, answer.notes
+    fitted line with its 95% band on a 50-point grid. The fits are the query's own (one fit each)."""
+    answer = queries.beta(con, sel)
+    series = {m: [] for m in metrics}
+    for group, row in zip(answer.groups, answer.rows):
+        name = " / ".join(f"protocol {x}" if k == "protocol" else str(x) for k, x in group.key.items())
+        for metric in metrics:
+            series[metric].append({"name": name, "widths": [float(w) for w in group.widths],
+                                   "values": group.means[metric], "beta": row.get(f"beta_{metric}"),
+                                   "beta_low": row.get(f"beta_{metric}_low"), "beta_high": row.get(f"beta_{metric}_high"),
+                                   "line": group.line(metric)})
+    return series, answer.notes
 
 
-def scaling(con, strata=("all",), site="post", include_diverged=False, where=None):
+def scaling(con, sel: Selection = Selection()):
     """Rank vs FFN width on log–log axes, one series per group of `specdb query beta` (per
     optimizer, and per protocol when runs of several are selected) with its fitted line, the
     95% confidence band of the fit and β in the legend — the same fits, floor and numbers as
     the query: a group with fewer than 3 widths gets its points but no line."""
+    strata, site = sel.strata or ("all",), sel.site
     fig, axes = _figure(len(strata), 2)
     for row, stratum in enumerate(strata):
-        data, _ = scaling_series(con, stratum, site, include_diverged=include_diverged, where=where)
+        data, _ = scaling_series(con, sel.but(strata=(stratum,)))
         for col, metric in enumerate(("hard", "soft")):
             ax = axes[row][col]
             for i, s in enumerate(data[metric]):
@@ -88,17 +69,6 @@ def scaling(con, strata=("all",), site="post", include_diverged=False, where=Non
             ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
-
-
-def _band(lx, ly, lgrid, fit):
-    """95% confidence band of the mean response of an OLS line, in log space."""
-    n = lx.size
-    resid = ly - (fit.intercept + fit.beta * lx)
-    s = math.sqrt(float((resid**2).sum()) / (n - 2))
-    sxx = float(((lx - lx.mean()) ** 2).sum())
-    half = t_quantile(0.975, n - 2) * s * np.sqrt(1 / n + (lgrid - lx.mean()) ** 2 / sxx)
-    centre = fit.intercept + fit.beta * lgrid
-    return centre - half, centre + half
 
 
 def _beta_lines(rows, x_key, xlabel, title):
@@ -125,21 +95,22 @@ def _beta_lines(rows, x_key, xlabel, title):
     return fig
 
 
-def dynamics(con, stratum="all", site="post", include_diverged=False, where=None):
+def dynamics(con, sel: Selection = Selection()):
     """β_hard and β_soft over training steps, one line per optimizer (band: 95% t-interval)."""
-    rows = queries.dynamics(con, stratum=stratum, site=site, include_diverged=include_diverged, where=where).rows
-    return _beta_lines(rows, "step", "training step", f"β over training ({stratum}, {site})")
+    rows = queries.dynamics(con, sel).rows
+    return _beta_lines(rows, "step", "training step", f"β over training ({sel.stratum}, {sel.site})")
 
 
-def depth(con, stratum="all", site="post", include_diverged=False, where=None):
+def depth(con, sel: Selection = Selection()):
     """β per layer, one line per optimizer."""
-    rows = queries.depth(con, stratum=stratum, site=site, include_diverged=include_diverged, where=where).rows
-    return _beta_lines(rows, "layer", "layer", f"β by depth ({stratum}, {site})")
+    rows = queries.depth(con, sel).rows
+    return _beta_lines(rows, "layer", "layer", f"β by depth ({sel.stratum}, {sel.site})")
 
 
-def renyi(con, ffn_mult: float, step=None, stratum="all", include_diverged=False):
+def renyi(con, sel: Selection = Selection(), *, ffn_mult: float):
     """R_α at pre and post and ρ_α = R_α(post)/R_α(pre) against α, one line per optimizer."""
-    rows = queries.renyi(con, ffn_mult, step, stratum, include_diverged).rows
+    rows = queries.renyi(con, sel, ffn_mult=ffn_mult).rows
+    stratum = sel.stratum
     fig, axes = _figure(1, 3)
     alphas = [r["alpha"] for r in rows]
     order = list(dict.fromkeys(alphas))

@@ -10,37 +10,27 @@ import math
 
 import duckdb
 
-from spectraldb.errors import SpecError
-from spectraldb.spectra import RENYI_ALPHAS, alpha_name
-
-METRICS = {"soft": "soft_rank", "hard": "hard_rank", "eee": "eee",
-           **{f"renyi:{'inf' if math.isinf(a) else f'{a:g}'}": f"renyi_{alpha_name(a)}" for a in RENYI_ALPHAS}}
-FACTORS = ("optimizer", "optimizer_name", "lr", "d_model", "n_layer", "n_head", "context", "vocab_size",
-           "corpus", "steps", "batch_size", "measure_source", "pos", "norm", "postln_frac", "activation",
-           "spec_name", "ffn_mult", "seed", "protocol")
+from spectraldb.errors import QueryError
+from contract.vocabulary import FACTORS, METRICS, SITES, STRATA
 
 
 def check_metric(metric: str) -> str:
     if metric not in METRICS:
-        raise SpecError(f"--metric: unknown metric {metric!r} (expected one of: {', '.join(METRICS)})")
+        raise QueryError(f"--metric: unknown metric {metric!r} (expected one of: {', '.join(METRICS)})")
     return METRICS[metric]
-
-
-STRATA = ("all", "head", "mid", "tail")
-SITES = ("pre", "post")
 
 
 def check_strata(strata) -> list[str]:
     strata = [strata] if isinstance(strata, str) else list(strata)
     for st in strata:
         if st not in STRATA:
-            raise SpecError(f"--stratum: unknown stratum {st!r} (expected one of: {', '.join(STRATA)})")
+            raise QueryError(f"--stratum: unknown stratum {st!r} (expected one of: {', '.join(STRATA)})")
     return strata
 
 
 def check_site(site: str) -> str:
     if site not in SITES:
-        raise SpecError(f"--site: unknown site {site!r} (expected pre or post)")
+        raise QueryError(f"--site: unknown site {site!r} (expected pre or post)")
     return site
 
 
@@ -48,7 +38,7 @@ def check_factors(names) -> tuple[str, ...]:
     names = tuple(n.strip() for part in names for n in part.split(",") if n.strip())
     for n in names:
         if n not in FACTORS:
-            raise SpecError(f"--by: unknown factor {n!r} (expected one of: {', '.join(FACTORS)})")
+            raise QueryError(f"--by: unknown factor {n!r} (expected one of: {', '.join(FACTORS)})")
     return names or ("optimizer",)
 
 
@@ -66,7 +56,7 @@ def check_where(con, where: str | None) -> str:
     if where is None or not where.strip():
         return "TRUE"
     if len(where) > MAX_WHERE or "\x00" in where:
-        raise SpecError(f"--where: longer than {MAX_WHERE} characters or holds a NUL byte; {WHERE_HELP}")
+        raise QueryError(f"--where: longer than {MAX_WHERE} characters or holds a NUL byte; {WHERE_HELP}")
     sql = f"SELECT run_id FROM runs WHERE ({where})"
     try:
         tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
@@ -77,11 +67,11 @@ def check_where(con, where: str | None) -> str:
     except duckdb.InterruptException:
         raise  # the read's time limit (spectraldb.bounds), not the predicate's form
     except Exception:  # noqa: BLE001 - parser failures of every kind are the user's predicate
-        raise SpecError(f"--where: not a predicate DuckDB can parse; {WHERE_HELP}") from None
+        raise QueryError(f"--where: not a predicate DuckDB can parse; {WHERE_HELP}") from None
     if not tree.get("error") and bare.get("error"):
-        raise SpecError(f"--where: must be {WHERE_HELP} (its parentheses must balance)")
+        raise QueryError(f"--where: must be {WHERE_HELP} (its parentheses must balance)")
     if tree.get("error"):
-        raise SpecError(f"--where: not a valid predicate ({str(tree.get('error_message', '')).splitlines()[0][:160]})")
+        raise QueryError(f"--where: not a valid predicate ({str(tree.get('error_message', '')).splitlines()[0][:160]})")
     stmts = tree.get("statements", [])
     node = stmts[0].get("node", {}) if len(stmts) == 1 else {}
     frm = node.get("from_table") or {}
@@ -89,19 +79,19 @@ def check_where(con, where: str | None) -> str:
             or node.get("group_expressions") or node.get("having") or node.get("qualify")
             or node.get("sample") or len(node.get("select_list", [])) != 1
             or frm.get("type") != "BASE_TABLE" or frm.get("table_name") != "runs"):
-        raise SpecError(f"--where: must be {WHERE_HELP}")
+        raise QueryError(f"--where: must be {WHERE_HELP}")
     for part in _walk(node.get("where_clause")):
         if part.get("class") == "SUBQUERY":
-            raise SpecError("--where: subqueries are not allowed; use columns of runs only")
+            raise QueryError("--where: subqueries are not allowed; use columns of runs only")
         names = part.get("column_names") if part.get("class") == "COLUMN_REF" else None
         if names and (len(names) > 2 or (len(names) == 2 and names[0].lower() != "runs")):
-            raise SpecError(f"--where: {'.'.join(names)}: only columns of the runs table may be used")
+            raise QueryError(f"--where: {'.'.join(names)}: only columns of the runs table may be used")
     try:
         con.execute(f"EXPLAIN {sql}")
     except duckdb.InterruptException:
         raise
     except Exception as exc:  # noqa: BLE001 - binder errors name the column, never a value
-        raise SpecError(f"--where: {str(exc).splitlines()[0][:200]}") from None
+        raise QueryError(f"--where: {str(exc).splitlines()[0][:200]}") from None
     return f"run_id IN (SELECT run_id FROM runs WHERE ({where}))"
 
 

@@ -14,14 +14,14 @@ from typing import Iterator
 import duckdb
 
 from spectraldb.bounds import Deadline
-from spectraldb.errors import SpecError
+from spectraldb.errors import QueryError
 from spectraldb.store import connect
 
 CHUNK_ROWS = 64  # rows fetched at a time: wide rows (200 kB strings) stay a few MB in flight
 
 
 def _serialises_as_select(con, text: str) -> bool:
-    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [text]).fetchone()[0])
+    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [text]).fetchall()[0][0])  # fetchall: no open result
     return not tree.get("error") and len(tree.get("statements", [])) == 1
 
 
@@ -41,17 +41,17 @@ def check_statement(con, text: str) -> None:
     """Exactly one plain query (or EXPLAIN [ANALYZE] of one); anything else is refused before it
     reaches the engine."""
     if not text or not text.strip():
-        raise SpecError("sql: no statement given")
+        raise QueryError("sql: no statement given")
     if "\x00" in text:
-        raise SpecError("sql: the statement holds a NUL byte")
+        raise QueryError("sql: the statement holds a NUL byte")
     try:
         statements = con.extract_statements(text)
     except duckdb.Error as exc:
-        raise SpecError(f"sql: {str(exc).splitlines()[0][:200]}") from None
+        raise QueryError(f"sql: {str(exc).splitlines()[0][:200]}") from None
     if len(statements) != 1:
-        raise SpecError(f"sql: expected one statement, got {len(statements)}")
+        raise QueryError(f"sql: expected one statement, got {len(statements)}")
     kind = str(statements[0].type).rsplit(".", 1)[-1]
-    refused = SpecError(f"sql: {kind} statements are refused: the store is read-only here "
+    refused = QueryError(f"sql: {kind} statements are refused: the store is read-only here "
                         "(only queries run: SELECT, or EXPLAIN [ANALYZE] of a SELECT)")
     if kind == "SELECT":
         if not _serialises_as_select(con, text):
@@ -59,7 +59,7 @@ def check_statement(con, text: str) -> None:
     elif kind == "EXPLAIN":
         inner = _explained(text)
         if inner is None or not _serialises_as_select(con, inner):
-            raise SpecError("sql: only EXPLAIN [ANALYZE] of a SELECT statement runs here")
+            raise QueryError("sql: only EXPLAIN [ANALYZE] of a SELECT statement runs here")
     else:
         raise refused
 
@@ -78,17 +78,17 @@ def unique_columns(names: list[str]) -> list[str]:
     return out
 
 
-def sql_error(exc: duckdb.Error) -> SpecError:
+def sql_error(exc: duckdb.Error) -> QueryError:
     """DuckDB's message for errors about the statement (parser, binder, catalog); only the kind
     for errors raised while evaluating data, whose text can quote stored values."""
     text = str(exc).strip()
     kind = text.split(":", 1)[0].strip() or type(exc).__name__
     if isinstance(exc, (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException,
                         duckdb.PermissionException)):
-        return SpecError(f"sql: {text.splitlines()[0][:200]}")
+        return QueryError(f"sql: {text.splitlines()[0][:200]}")
     if isinstance(exc, duckdb.OutOfMemoryException):
-        return SpecError("sql: out of memory (SPECDB_READ_MEMORY_MB raises the reader's limit)")
-    return SpecError(f"sql: the query failed while running ({kind})")
+        return QueryError("sql: out of memory (SPECDB_READ_MEMORY_MB raises the reader's limit)")
+    return QueryError(f"sql: the query failed while running ({kind})")
 
 
 def _engine(call, deadline: Deadline):

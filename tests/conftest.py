@@ -10,6 +10,7 @@ import pytest
 
 from spectraldb import store
 from spectraldb.spec import RunSpec
+from tests.builders import evaluations, result, spectrum
 
 
 def make_corpus(folder: Path, n_docs: int = 40, words_per_doc: int = 400, seed: int = 0) -> Path:
@@ -90,11 +91,8 @@ def put(db, *, optimizer="adamw", mult=1, seed=0, steps=300, n_head=4, rank_of=N
             r = rank_of(D, step, layer)
             for site in ("pre", "post"):
                 for st, factor in (strata or {stratum: 1.0}).items():
-                    spectra.append({"step": step, "layer": layer, "site": site, "stratum": st, "n_tokens": n_per_dim * D,
-                                    "n_dim": D, "eigenvalues": flat(min(D, r * factor), D), "min_eigenvalue": 0.0})
-    store.write_run(db, run, {"status": status, "started_at": 0.0, "finished_at": 1.0, "spectra": spectra,
-                              "evals": [{"step": steps, "train_loss": 3.0, "val_loss": float(np.log(ppl)),
-                                         "val_ppl": ppl}]}, {})
+                    spectra.append(spectrum(step, layer, site, st, flat(min(D, r * factor), D), n_per_dim * D))
+    store.write_run(db, run, result(status, spectra, evaluations([steps], 3.0, float(np.log(ppl)), ppl)), {})
 
 
 # ---------------------------------------------------------------- optimizer configs and a tiny model

@@ -12,7 +12,7 @@ from tests.conftest import ADAMW, DION, MUON, NORMUON
 
 def make(**kw):
     torch.manual_seed(0)
-    return GPT(GPTConfig(**{"vocab_size": 40, "context": 12, "n_layer": 2, "d_model": 16, "n_head": 2, **kw}))
+    return GPT(GPTConfig(**{"vocab_size": 40, "context": 12, "n_layer": 2, "d_model": 16, "n_head": 2, "ffn_mult": 4, **kw}))
 
 
 def test_nope_without_causal_mask_is_permutation_equivariant():
@@ -32,7 +32,8 @@ def test_nope_without_causal_mask_is_permutation_equivariant():
 
 
 def test_post_norm_block_output_has_unit_rms():
-    cfg = GPTConfig(vocab_size=40, context=12, n_layer=4, d_model=16, n_head=2, norm="post", postln_frac=0.5)
+    cfg = GPTConfig(vocab_size=40, context=12, n_layer=4, d_model=16, n_head=2, ffn_mult=4, norm="post",
+                    postln_frac=0.5)
     model = GPT(cfg)
     assert [b.post_norm for b in model.transformer.h] == [True, True, False, False]
     x = 5 * torch.randn(2, 12, 16)

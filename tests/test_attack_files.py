@@ -11,11 +11,13 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from contract.records import RunResult
 from spectraldb import store
 from spectraldb.errors import StoreError
-from spectraldb.progress import SidecarReporter, PlainReporter
+from spectraldb.run.progress import SidecarReporter, PlainReporter
 from spectraldb.spec import load_spec
-from spectraldb.writer import Spool, WriterLock
+from spectraldb.run.lock import WriterLock
+from spectraldb.run.spool import Spool
 from tests.conftest import tiny_spec
 
 runner = CliRunner()
@@ -58,7 +60,7 @@ def test_progress_and_spool_writes_never_follow_a_symlink(tmp_path):
     reporter = SidecarReporter(PlainReporter(io.StringIO()), db)
     reporter.start(1, 0)
     reporter.step("abc", "AdamW", 1, 2)
-    Spool(db).put("abc", {}, {"status": "failed", "spectra": [], "evals": []}, {}, "")
+    Spool(db).put("abc", {}, RunResult.failed("boom"), {}, "")
     reporter.close()
     assert all(v.read_text() == "precious" for v in victims)
 

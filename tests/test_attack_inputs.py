@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from cli.main import app
-from spectraldb.limits import estimate_memory, machine_memory
+from spectraldb.run.preflight import estimate_memory, machine_memory
 from spectraldb.spec import load_spec
 from tests.conftest import tiny_spec
 
@@ -315,7 +315,7 @@ def test_plan_makes_every_check_run_makes_before_training(tmp_path, corpus, monk
     """The same one line and exit 2 from `plan` and `run`, nothing written, nothing trained."""
     monkeypatch.chdir(tmp_path)
     if case == "cuda without a GPU":
-        monkeypatch.setattr("spectraldb.limits._local_gpus", lambda: 0)
+        monkeypatch.setattr("spectraldb.run.preflight._local_gpus", lambda: 0)
     text, db = _plan_and_run_case(tmp_path, corpus, case)
     spec = tmp_path / "s.yaml"
     spec.write_text(text)

@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from spectraldb import queries, store
-from spectraldb.errors import SpecError, StoreError
+from spectraldb.selection import Selection
+from spectraldb.store import opening
+from spectraldb.errors import QueryError, SpecError, StoreError
 from tests.conftest import put
 
 runner = CliRunner()
@@ -99,7 +101,7 @@ def test_read_connections_cannot_reach_files_or_change_that(db):
                 con.execute(sql)
     with store.connect(db, read_only=True) as con:
         assert queries.check_where(con, "seed < 3 AND runs.n_head = 4").startswith("run_id IN (SELECT run_id")
-        with pytest.raises(SpecError):
+        with pytest.raises(QueryError):
             queries.check_where(con, "EXISTS (SELECT 1)")
 
 
@@ -152,8 +154,8 @@ def test_damaged_or_foreign_stores_get_one_line_fast(db, tmp_path, corpus, how):
 
 
 def test_lock_errors_are_told_apart_from_block_errors():
-    assert store._is_lock_error(duckdb.IOException('Could not set lock on file "x": Conflicting lock is held'))
-    assert not store._is_lock_error(duckdb.Error("Corrupt database file: checksum mismatch in block at 0"))
+    assert opening._is_lock_error(duckdb.IOException('Could not set lock on file "x": Conflicting lock is held'))
+    assert not opening._is_lock_error(duckdb.Error("Corrupt database file: checksum mismatch in block at 0"))
 
 
 def test_a_folder_or_an_empty_file_as_the_store(tmp_path):
@@ -185,18 +187,18 @@ def test_fits_resting_on_few_tokens_per_dimension_say_so(tmp_path):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda con: queries.beta(con, stratum="tial"), "--stratum: unknown stratum 'tial'"),
-    (lambda con: queries.beta(con, site="middle"), "--site: unknown site 'middle'"),
-    (lambda con: queries.beta(con, by=("optimizer", "colour")), "--by: unknown factor 'colour'"),
+    (lambda con: queries.beta(con, Selection(strata="tial")), "--stratum: unknown stratum 'tial'"),
+    (lambda con: queries.beta(con, Selection(site="middle")), "--site: unknown site 'middle'"),
+    (lambda con: queries.beta(con, Selection(by=("optimizer", "colour"))), "--by: unknown factor 'colour'"),
     (lambda con: queries.beta(con, metric="renyi:4"), "--metric: unknown metric 'renyi:4'"),
-    (lambda con: queries.matched(con, stratum="TAIL"), "--stratum"),
-    (lambda con: queries.delta(con, strata=("all", "rare")), "--stratum: unknown stratum 'rare'"),
-    (lambda con: queries.renyi(con, 2, stratum=""), "--stratum"),
+    (lambda con: queries.matched(con, Selection(strata="TAIL")), "--stratum"),
+    (lambda con: queries.delta(con, Selection(strata=("all", "rare"))), "--stratum: unknown stratum 'rare'"),
+    (lambda con: queries.renyi(con, Selection(strata=""), ffn_mult=2), "--stratum"),
 ])
 def test_the_library_validates_what_the_cli_used_to(db, call, message):
     """Library callers get the CLI's words, not an empty answer."""
     with store.connect(db, read_only=True) as con:
-        with pytest.raises(SpecError, match=message.replace("(", r"\(")):
+        with pytest.raises(QueryError, match=message.replace("(", r"\(")):
             call(con)
 
 

@@ -24,6 +24,7 @@ from cli.main import app as cli_app
 from spectraldb import store
 from spectraldb.service import create_app
 from spectraldb.spec import RunSpec
+from tests.builders import result
 from tests.conftest import put
 
 runner = CliRunner()
@@ -41,8 +42,7 @@ def db(tmp_path_factory):
     run = RunSpec.model_validate({"model": {"d_model": 32, "ffn_mult": 8}, "train": {"steps": 300}})
     trace = (f'Traceback (most recent call last):\n  File "{path.parent}/site-packages/workers/train.py", line 9\n'
              f"RuntimeError: out of memory reading {path.parent}/corpus.txt")
-    store.write_run(path, run, {"status": "failed", "error": trace, "started_at": 0.0, "finished_at": 1.0,
-                                "spectra": [], "evals": []}, {})
+    store.write_run(path, run, result("failed", error=trace), {})
     return path
 
 

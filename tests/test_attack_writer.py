@@ -13,11 +13,15 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from spectraldb import scheduler, store
+from spectraldb import store
+from spectraldb.run import sink as sinks
+from spectraldb.run import sweep
 from spectraldb.errors import StoreError
-from spectraldb.progress import PlainReporter, SidecarReporter
+from spectraldb.run.progress import PlainReporter, SidecarReporter
 from spectraldb.spec import RunSpec, load_spec
-from spectraldb.writer import Spool, WriterLock
+from spectraldb.run.lock import WriterLock
+from spectraldb.run.spool import Spool
+from tests.builders import evaluations, result, spectrum
 from tests.conftest import tiny_spec
 
 runner = CliRunner()
@@ -30,12 +34,9 @@ def a_run(**train):
 
 def a_result(status="done", n_steps=3):
     steps = [10 * (i + 1) for i in range(n_steps)]
-    spectra = [{"step": s, "layer": 0, "site": site, "stratum": "all", "n_tokens": 320, "n_dim": 32,
-                "eigenvalues": np.linspace(1.0, 0.01, 32), "min_eigenvalue": -1e-9}
+    spectra = [spectrum(s, 0, site, "all", np.linspace(1.0, 0.01, 32), 320, min_eigenvalue=-1e-9)
                for s in steps for site in ("pre", "post")]
-    return {"status": status, "error": None if status == "done" else "boom", "started_at": 0.0,
-            "finished_at": 1.0, "device": "cpu", "vocab_size": 300, "spectra": spectra,
-            "evals": [{"step": s, "train_loss": 4.0, "val_loss": 4.1, "val_ppl": 60.3} for s in steps]}
+    return result(status, spectra, evaluations(steps, 4.0, 4.1, 60.3), None if status == "done" else "boom")
 
 
 def create(db):
@@ -96,12 +97,13 @@ def test_a_second_driver_is_refused_and_nothing_is_trained_twice(tmp_path, corpu
 def test_spool_round_trip_is_exact(tmp_path):
     run, res = a_run(seed=7), a_result()
     spool = Spool(tmp_path / "s.duckdb")
-    path = spool.put(run.run_id, run.config(), res, {"host": "h"}, "spec")
+    path = spool.put(run.run_id, run.config(), res, {"host": "h"}, "spec", 300)
     back = Spool.load(path)
-    assert back["config"] == run.config() and back["spec_name"] == "spec"
+    assert back["config"] == run.config() and back["spec_name"] == "spec" and back["vocab_size"] == 300
     assert RunSpec.model_validate(back["config"]).run_id == run.run_id
-    for a, b in zip(back["result"]["spectra"], res["spectra"]):
-        assert np.array_equal(a["eigenvalues"], b["eigenvalues"]) and a["min_eigenvalue"] == b["min_eigenvalue"]
+    assert back["result"].evals == res.evals and back["result"].status == res.status
+    for a, b in zip(back["result"].spectra, res.spectra):
+        assert np.array_equal(a.eigenvalues, b.eigenvalues) and a.min_eigenvalue == b.min_eigenvalue
     assert not list(spool.dir.glob(".*.tmp"))
 
 
@@ -125,16 +127,16 @@ def hold_reader(db, seconds):
 @pytest.mark.slow
 def test_a_long_reader_delays_commits_but_never_aborts_the_sweep(tmp_path, corpus, monkeypatch):
     db, spec = seeds_sweep(tmp_path, corpus, 3)
-    monkeypatch.setattr(scheduler, "COMMIT_WAIT_S", 0.3)
+    monkeypatch.setattr(sinks, "COMMIT_WAIT_S", 0.3)
     readers = []
-    prepare = scheduler.prepare_data
+    prepare = sweep.prepare_data
 
     def prepare_then_open_a_reader(*a, **k):  # the reader arrives once training is about to start
         out = prepare(*a, **k)
         readers.append(hold_reader(db, 4))  # longer than a commit waits, shorter than the final wait
         return out
 
-    monkeypatch.setattr(scheduler, "prepare_data", prepare_then_open_a_reader)
+    monkeypatch.setattr(sweep, "prepare_data", prepare_then_open_a_reader)
     try:
         result = runner.invoke(app, ["run", str(spec), "--executor", "inline"])
     finally:
@@ -148,9 +150,9 @@ def test_a_long_reader_delays_commits_but_never_aborts_the_sweep(tmp_path, corpu
 @pytest.mark.slow
 def test_a_spool_left_behind_is_committed_first_and_not_retrained(tmp_path, corpus, monkeypatch):
     db, spec = seeds_sweep(tmp_path, corpus, 2)
-    monkeypatch.setattr(scheduler, "COMMIT_WAIT_S", 0.2)
-    monkeypatch.setattr(scheduler, "FINAL_WAIT_S", 0.5)
-    scheduler.prepare_data(load_spec(spec)[0].runs)  # the dataset cache is warm before the reader comes
+    monkeypatch.setattr(sinks, "COMMIT_WAIT_S", 0.2)
+    monkeypatch.setattr(sinks, "FINAL_WAIT_S", 0.5)
+    sweep.prepare_data(load_spec(spec)[0].runs)  # the dataset cache is warm before the reader comes
     reader = hold_reader(db, 60)
     try:
         result = runner.invoke(app, ["run", str(spec), "--executor", "inline"])
@@ -188,17 +190,32 @@ def test_a_full_disk_during_a_commit_keeps_the_result(tmp_path, monkeypatch):
             lines.append(text)
 
     plan = type("P", (), {"spec_name": "t"})()
-    sink = scheduler._Sink(plan, db, {}, Capture(), scheduler.SweepResult(1, 0), Spool(db))
-    sink.put(run, a_result())
+    sink = sinks.Sink(plan, db, {}, Capture(), sweep.SweepResult(1, 0), Spool(db))
+    sink.put(run, a_result(), 4096)
     assert "No space left on device" in lines[-1] and "kept in" in lines[-1]
     monkeypatch.undo()
     assert sink.finish() == []
     assert counts(db)[0] == {run.run_id: "done"}
 
 
-def test_rollback_after_an_aborted_transaction_does_not_hide_the_cause(tmp_path):
-    with store.connect(tmp_path / "s.duckdb") as con:
-        store._rollback(con)  # no transaction open: silent
+def test_rollback_after_an_aborted_transaction_does_not_hide_the_cause(tmp_path, monkeypatch):
+    """A commit that fails mid-transaction (DuckDB has aborted it, so ROLLBACK itself errors)
+    raises its own error, and the store still holds what it held before."""
+    from spectraldb.store import write as store_write
+
+    db, run = tmp_path / "s.duckdb", a_run()
+    assert store.write_run(db, run, a_result("failed", n_steps=1), {}) == "failed"
+    real = store_write._insert
+
+    def abort_then_fail(con, table, batch):
+        if table == "spectra":  # a constraint violation aborts the transaction: ROLLBACK then errors too
+            con.execute("INSERT INTO runs (run_id) VALUES (?)", [run.run_id])
+        real(con, table, batch)
+
+    monkeypatch.setattr(store_write, "_insert", abort_then_fail)
+    with pytest.raises(duckdb.ConstraintException, match="NOT NULL constraint failed"):
+        store.write_run(db, run, a_result("done"), {})
+    assert counts(db) == ({run.run_id: "failed"}, 1)  # the earlier rows, untouched
 
 
 @pytest.mark.slow
@@ -248,4 +265,4 @@ def test_the_progress_sidecar_tolerates_a_full_disk(tmp_path, monkeypatch):
                                             ("inf", 300.0), ("", 300.0)])
 def test_the_spool_wait_from_the_environment_is_checked(monkeypatch, value, seconds):
     monkeypatch.setenv("SPECDB_SPOOL_WAIT", value)
-    assert scheduler._env_seconds("SPECDB_SPOOL_WAIT", 300.0) == seconds
+    assert sinks._env_seconds("SPECDB_SPOOL_WAIT", 300.0) == seconds

@@ -32,16 +32,16 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, corpus, optimizer):
 
     ckpt = tmp_path / "ck" / f"{run.run_id}.pt"
     crashed = train_run(run.config(), ds, crash_at_7, checkpoint=ckpt)
-    assert crashed["status"] == "failed" and ckpt.exists()
+    assert crashed.status == "failed" and ckpt.exists()
     resumed = train_run(run.config(), ds, checkpoint=ckpt)
-    assert resumed["status"] == "done" and resumed["resumed_from"] == 4
-    assert resumed["evals"] == clean["evals"]
-    assert len(resumed["spectra"]) == len(clean["spectra"])
-    for a, b in zip(resumed["spectra"], clean["spectra"]):
-        assert (a["step"], a["layer"], a["site"], a["stratum"]) == (b["step"], b["layer"], b["site"], b["stratum"])
-        if a["eigenvalues"] is not None:
-            assert np.array_equal(a["eigenvalues"], b["eigenvalues"])
-        assert a.get("metrics") == b.get("metrics") and a.get("reinjection") == b.get("reinjection")
+    assert resumed.status == "done" and resumed.resumed_from == 4
+    assert resumed.evals == clean.evals
+    assert len(resumed.spectra) == len(clean.spectra)
+    for a, b in zip(resumed.spectra, clean.spectra):
+        assert (a.step, a.layer, a.site, a.stratum) == (b.step, b.layer, b.site, b.stratum)
+        if a.eigenvalues is not None:
+            assert np.array_equal(a.eigenvalues, b.eigenvalues)
+        assert a.metrics == b.metrics and a.reinjection == b.reinjection
 
 
 def test_checkpoint_is_removed_once_stored_and_does_not_change_run_ids(tmp_path, corpus):

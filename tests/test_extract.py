@@ -48,13 +48,13 @@ def test_probe_strata_are_centred_separately_and_pool_to_all():
     h.remove()
     x = acts["post"].numpy()
     labels = strata[tokens].reshape(-1).numpy()
-    by = {(r["layer"], r["site"], r["stratum"]): r for r in recs}
+    by = {(r.layer, r.site, r.stratum): r for r in recs}
     ref_all = np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False)))[::-1]
     ref_tail = np.sort(np.linalg.eigvalsh(np.cov(x[labels == 2], rowvar=False)))[::-1]
-    np.testing.assert_allclose(by[(1, "post", "all")]["eigenvalues"][:10], ref_all[:10], rtol=1e-6)
-    np.testing.assert_allclose(by[(1, "post", "tail")]["eigenvalues"][:10], ref_tail[:10], rtol=1e-6)
-    assert by[(1, "post", "all")]["n_tokens"] == 160
-    assert by[(1, "post", "tail")]["n_tokens"] == int((labels == 2).sum())
+    np.testing.assert_allclose(by[(1, "post", "all")].eigenvalues[:10], ref_all[:10], rtol=1e-6)
+    np.testing.assert_allclose(by[(1, "post", "tail")].eigenvalues[:10], ref_tail[:10], rtol=1e-6)
+    assert by[(1, "post", "all")].n_tokens == 160
+    assert by[(1, "post", "tail")].n_tokens == int((labels == 2).sum())
 
 
 def test_stratum_below_token_floor_is_skipped():
@@ -62,13 +62,13 @@ def test_stratum_below_token_floor_is_skipped():
     tokens = torch.zeros(3, 4, dtype=torch.long)  # every position is token 0 → head only
     strata = torch.tensor([0] + [2] * 29)
     recs = measure(model, tokens, strata, sites=["post"], strata=["head", "tail"], min_tokens=5)
-    by = {r["stratum"]: r for r in recs}
-    assert by["head"]["eigenvalues"] is not None and by["head"]["n_tokens"] == 12
-    assert by["tail"]["eigenvalues"] is None and by["tail"]["n_tokens"] == 0
+    by = {r.stratum: r for r in recs}
+    assert by["head"].eigenvalues is not None and by["head"].n_tokens == 12
+    assert by["tail"].eigenvalues is None and by["tail"].n_tokens == 0
 
 
 def test_probe_hooks_are_removed():
-    model = GPT(GPTConfig(vocab_size=20, context=4, n_layer=1, d_model=8, n_head=2))
+    model = GPT(GPTConfig(vocab_size=20, context=4, n_layer=1, d_model=8, n_head=2, ffn_mult=4))
     probe = FFNProbe(model)
     probe.remove()
     assert not model.transformer.h[0].mlp.c_fc._forward_hooks

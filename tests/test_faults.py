@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from cli.main import app
+from spectraldb.run import executors
 from tests.conftest import tiny_spec
 
 pytestmark = pytest.mark.slow
@@ -36,10 +37,42 @@ def table_counts(db):
     return runs, per_run, orphans
 
 
+def dying_at(step: int, markers):
+    """A training function whose first attempt of each run kills its own worker process at `step`
+    (a marker file per run config remembers the attempt); later attempts train normally."""
+    import hashlib
+
+    def train(config, ds, progress=None, threads=None, checkpoint=None):
+        from workers.train import run
+
+        marker = markers / f"killed-{hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]}"
+        first = not marker.exists()
+        marker.touch()
+
+        def report(done, steps):
+            if first and done == step:
+                os._exit(1)  # the worker process dies mid-run
+            if progress is not None:
+                progress(done, steps)
+
+        return run(config, ds, report, threads, checkpoint=checkpoint)
+
+    return train
+
+
+def kill_workers_at(monkeypatch, step, markers):
+    """Ship `dying_at` to the Ray workers in place of the real training loop (by value: the
+    workers need not import this test module)."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(executors, "TRAIN", dying_at(step, markers))
+
+
 def test_worker_killed_mid_run_is_retried_and_stored_once(tmp_path, corpus, monkeypatch):
     markers = tmp_path / "markers"
     markers.mkdir()
-    monkeypatch.setenv("SPECDB_FAULT_KILL_AT", f"4:{markers}")
+    kill_workers_at(monkeypatch, 4, markers)
     spec = tmp_path / "k.yaml"
     spec.write_text(tiny_spec(corpus, tmp_path / "k.duckdb", "sweep:\n  ffn_mult: [1, 2]\n"))
     result = runner.invoke(app, ["run", str(spec), "--max-in-flight", "1"])
@@ -53,7 +86,7 @@ def test_worker_killed_mid_run_is_retried_and_stored_once(tmp_path, corpus, monk
 def test_retries_exhausted_is_a_failed_run(tmp_path, corpus, monkeypatch):
     markers = tmp_path / "markers"
     markers.mkdir()
-    monkeypatch.setenv("SPECDB_FAULT_KILL_AT", f"4:{markers}")
+    kill_workers_at(monkeypatch, 4, markers)
     spec = tmp_path / "k.yaml"
     spec.write_text(tiny_spec(corpus, tmp_path / "k.duckdb", "", extra="resources: {max_retries: 0}\n"))
     result = runner.invoke(app, ["run", str(spec)])
@@ -93,7 +126,7 @@ def test_driver_killed_mid_sweep_loses_nothing_and_resumes(tmp_path, corpus):
 
 def test_retry_failed_reruns_only_the_failed(tmp_path, corpus, monkeypatch):
     # the driver is told a GPU is visible (run refuses cuda without one), so the cuda run fails in its worker
-    monkeypatch.setattr("spectraldb.limits._local_gpus", lambda: 1)
+    monkeypatch.setattr("spectraldb.run.preflight._local_gpus", lambda: 1)
     if __import__("torch").cuda.is_available():
         pytest.skip("needs a machine without CUDA")
     spec = tmp_path / "f.yaml"

@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from spectraldb import fits, spectra, store
+from contract import metrics as spectra
+from spectraldb import fits, store
+from spectraldb.store import write as store_write
 from tests.golden.make import PINNED, compute, differences
 
 
@@ -22,7 +24,7 @@ def perturbed_metric(monkeypatch):
 
 
 def perturbed_aggregation(monkeypatch):
-    monkeypatch.setattr(store, "RUN_POINTS_SQL", store.RUN_POINTS_SQL.replace("median(k.", "max(k."))
+    monkeypatch.setattr(store_write, "RUN_POINTS_SQL", store_write.RUN_POINTS_SQL.replace("median(k.", "max(k."))
 
 
 def perturbed_fit(monkeypatch):

@@ -22,11 +22,11 @@ def test_the_device_path_equals_the_cpu_path_in_float64():
     cpu = extract.measure(model, tokens, strata_of, **KW)
     gpu = extract.measure(model.cuda(), tokens.cuda(), strata_of.cuda(), **KW, autocast_dtype=torch.bfloat16)
     for a, b in zip(cpu, gpu):  # bfloat16 forward on the GPU: the activations differ, not the arithmetic after
-        assert b["eigenvalues"] is not None and np.all(np.diff(b["eigenvalues"]) <= 0)
-        assert b["metrics"]["hard_rank"] == pytest.approx(a["metrics"]["hard_rank"], rel=0.05)
+        assert b.eigenvalues is not None and np.all(np.diff(b.eigenvalues) <= 0)
+        assert b.metrics["hard_rank"] == pytest.approx(a.metrics["hard_rank"], rel=0.05)
     exact = extract.measure(model, tokens.cuda(), strata_of.cuda(), **KW)  # fp32 forward: same activations
     for a, b in zip(cpu, exact):
-        assert b["metrics"]["hard_rank"] == pytest.approx(a["metrics"]["hard_rank"], rel=1e-5)
+        assert b.metrics["hard_rank"] == pytest.approx(a.metrics["hard_rank"], rel=1e-5)
 
 
 def test_an_overlapped_gpu_run_matches_a_synchronous_one(tmp_path, corpus):
@@ -35,7 +35,7 @@ def test_an_overlapped_gpu_run_matches_a_synchronous_one(tmp_path, corpus):
     run = load_spec(spec)[0].runs[0]
     ds = prepare(run.data.model_dump())
     a, b = train.run(run.config(), ds, overlap=True), train.run(run.config(), ds, overlap=False)
-    assert a["status"] == b["status"] == "done" and a["device"].startswith("cuda")
-    for x, y in zip(a["spectra"], b["spectra"]):
-        if x["eigenvalues"] is not None:
-            assert x["metrics"]["hard_rank"] == pytest.approx(y["metrics"]["hard_rank"], rel=1e-6)
+    assert a.status == b.status == "done" and a.device.startswith("cuda")
+    for x, y in zip(a.spectra, b.spectra):
+        if x.eigenvalues is not None:
+            assert x.metrics["hard_rank"] == pytest.approx(y.metrics["hard_rank"], rel=1e-6)

@@ -1,9 +1,61 @@
-"""The layering the README promises, checked in fresh interpreters."""
+"""The layering the README and docs/design.md promise: cli → spectraldb → contract ← workers.
 
+Checked twice: statically (every import statement of every module, at any depth, so a lazy import
+inside a function counts too) and in fresh interpreters (what importing a package loads)."""
+
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXECUTOR = "spectraldb/run/executors.py"  # the one module of the driver that ships worker code
+
+
+def imported(path: Path) -> set[str]:
+    """Top-level package names of every module a file imports, wherever the statement sits."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def files(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("package, forbidden", [
+    ("contract", {"spectraldb", "workers", "cli", "torch", "ray", "duckdb", "pydantic", "pyarrow", "scipy"}),
+    ("workers", {"spectraldb", "cli", "ray", "duckdb", "pydantic"}),
+    ("spectraldb", {"cli"}),
+])
+def test_imports_run_one_way(package, forbidden):
+    crossing = {str(f.relative_to(ROOT)): sorted(imported(f) & forbidden) for f in files(package)}
+    assert {f: names for f, names in crossing.items() if names} == {}
+
+
+def test_the_driver_imports_worker_code_only_in_its_executor():
+    crossing = sorted(str(f.relative_to(ROOT)) for f in files("spectraldb") if "workers" in imported(f))
+    assert crossing == [EXECUTOR]
+    cli = sorted(str(f.relative_to(ROOT)) for f in files("cli") if "workers" in imported(f))
+    assert cli == []
+
+
+def test_the_contract_is_a_leaf_of_numpy_and_the_standard_library():
+    allowed = {"contract", "numpy", "__future__"} | set(sys.stdlib_module_names)
+    assert {str(f.relative_to(ROOT)): sorted(imported(f) - allowed) for f in files("contract")
+            if imported(f) - allowed} == {}
+
+
+def test_the_layering_test_sees_a_lazy_import(tmp_path):
+    sample = tmp_path / "m.py"
+    sample.write_text("def f():\n    from workers.train import run\n    import ray.util\n")
+    assert imported(sample) == {"workers", "ray"}
 
 
 def modules_after(code: str) -> set[str]:
@@ -13,9 +65,14 @@ def modules_after(code: str) -> set[str]:
 
 
 def test_the_library_imports_without_torch_or_ray():
-    loaded = modules_after("import spectraldb.store, spectraldb.queries, spectraldb.service, spectraldb.scheduler, "
-                           "spectraldb.writer, spectraldb.plots")
-    assert not {"torch", "ray"} & loaded
+    loaded = modules_after("import spectraldb.store, spectraldb.queries, spectraldb.service, spectraldb.run.sweep, "
+                           "spectraldb.run.executors, spectraldb.run.spool, spectraldb.plots, cli.main")
+    assert not {"torch", "ray", "workers"} & loaded
+
+
+def test_the_contract_imports_with_numpy_alone():
+    loaded = modules_after("import contract.records, contract.metrics, contract.sizes, contract.vocabulary")
+    assert not {"torch", "ray", "duckdb", "pydantic", "spectraldb", "workers", "scipy"} & loaded
 
 
 def test_workers_never_import_ray_duckdb_or_pydantic():

@@ -71,12 +71,12 @@ def test_the_fp64_measurement_equals_the_naive_reference_within_1e_9():
     ref = naive(model, tokens, strata_of)  # every activation kept, numpy.cov, numpy eigvalsh
     assert len(got) == 16
     for rec in got:
-        want, metrics = ref[(rec["layer"], rec["site"], rec["stratum"])]
+        want, metrics = ref[(rec.layer, rec.site, rec.stratum)]
         for name, value in metrics.items():
             if name != "renyi_0_5":  # R_0.5 weighs the numerical floor: checked apart below
-                assert rec["metrics"][name] == pytest.approx(value, rel=1e-9), name
+                assert rec.metrics[name] == pytest.approx(value, rel=1e-9), name
         top = want > want[0] * 1e-8
-        np.testing.assert_allclose(rec["eigenvalues"][top], want[top], rtol=1e-9)
+        np.testing.assert_allclose(rec.eigenvalues[top], want[top], rtol=1e-9)
 
 
 def test_fp32_products_stay_close_and_differ_from_fp64():
@@ -85,9 +85,9 @@ def test_fp32_products_stay_close_and_differ_from_fp64():
     strata_of = torch.arange(60) % 3
     a = extract.measure(model, tokens, strata_of, **KW)
     b = extract.measure(model, tokens, strata_of, **KW, precision="fp32")
-    assert any(not np.array_equal(x["eigenvalues"], y["eigenvalues"]) for x, y in zip(a, b))
+    assert any(not np.array_equal(x.eigenvalues, y.eigenvalues) for x, y in zip(a, b))
     for x, y in zip(a, b):
-        assert y["metrics"]["hard_rank"] == pytest.approx(x["metrics"]["hard_rank"], rel=1e-4)
+        assert y.metrics["hard_rank"] == pytest.approx(x.metrics["hard_rank"], rel=1e-4)
 
 
 def test_the_products_never_run_under_the_forward_autocast(monkeypatch):
@@ -127,14 +127,15 @@ def tiny_run(tmp_path_factory, corpus):
 
 
 def same_results(a, b):
-    assert a["status"] == b["status"] == "done"
-    assert a["evals"] == b["evals"]
-    assert len(a["spectra"]) == len(b["spectra"]) > 0
-    for x, y in zip(a["spectra"], b["spectra"]):
-        assert {k: v for k, v in x.items() if k != "eigenvalues"} == {k: v for k, v in y.items() if k != "eigenvalues"}
-        assert (x["eigenvalues"] is None) == (y["eigenvalues"] is None)
-        if x["eigenvalues"] is not None:
-            assert np.array_equal(x["eigenvalues"], y["eigenvalues"])
+    assert a.status == b.status == "done"
+    assert a.evals == b.evals
+    assert len(a.spectra) == len(b.spectra) > 0
+    for x, y in zip(a.spectra, b.spectra):
+        assert {k: v for k, v in x.to_dict().items() if k != "eigenvalues"} == \
+            {k: v for k, v in y.to_dict().items() if k != "eigenvalues"}
+        assert (x.eigenvalues is None) == (y.eigenvalues is None)
+        if x.eigenvalues is not None:
+            assert np.array_equal(x.eigenvalues, y.eigenvalues)
 
 
 @pytest.mark.parametrize("source", ["heldout", "train_batch"])
@@ -153,31 +154,31 @@ def test_the_training_loop_does_not_wait_for_a_decomposition(tiny_run, monkeypat
     waited = []
     decompose = extract.decompose
 
-    def slow(selected, precision):
+    def slow(selected, precision, step):
         if not waited:
             waited.append(later.wait(timeout=20))
-        return decompose(selected, precision)
+        return decompose(selected, precision, step)
 
     monkeypatch.setattr(train, "decompose", slow)
     result = train.run(run.config(), ds, progress=lambda step, steps: step >= 2 and later.set())
-    assert result["status"] == "done" and waited == [True]
-    assert [r["step"] for r in result["spectra"]] == sorted(r["step"] for r in result["spectra"])
+    assert result.status == "done" and waited == [True]
+    assert [r.step for r in result.spectra] == sorted(r.step for r in result.spectra)
 
 
 def test_a_failing_decomposition_fails_the_run_and_keeps_the_earlier_steps(tiny_run, monkeypatch):
     run, ds = tiny_run
     decompose, calls = extract.decompose, []
 
-    def second_fails(selected, precision):
+    def second_fails(selected, precision, step):
         calls.append(1)
         if len(calls) == 2:
             raise np.linalg.LinAlgError("eigensolver did not converge")
-        return decompose(selected, precision)
+        return decompose(selected, precision, step)
 
     monkeypatch.setattr(train, "decompose", second_fails)
     result = train.run(run.config(), ds)
-    assert result["status"] == "failed" and "did not converge" in result["error"]
-    assert {r["step"] for r in result["spectra"]} == {1}
+    assert result.status == "failed" and "did not converge" in result.error
+    assert {r.step for r in result.spectra} == {1}
 
 
 def ranks_and_reinjection(db):
@@ -192,12 +193,11 @@ def ranks_and_reinjection(db):
 def test_the_driver_stores_worker_metrics_identical_to_its_own(tiny_run, tmp_path):
     run, ds = tiny_run
     result = train.run(run.config(), ds)
-    assert all("metrics" in r for r in result["spectra"] if r["eigenvalues"] is not None)
-    assert any("reinjection" in r for r in result["spectra"])
+    assert all(r.metrics is not None for r in result.spectra if r.eigenvalues is not None)
+    assert any(r.reinjection is not None for r in result.spectra)
     bare = copy.deepcopy(result)  # what an older worker (or a spooled result) hands over
-    for r in bare["spectra"]:
-        r.pop("metrics", None)
-        r.pop("reinjection", None)
+    for r in bare.spectra:
+        r.metrics = r.reinjection = None
     store.write_run(tmp_path / "w.duckdb", run, result, {})
     store.write_run(tmp_path / "d.duckdb", run, bare, {})
     assert ranks_and_reinjection(tmp_path / "w.duckdb") == ranks_and_reinjection(tmp_path / "d.duckdb")
@@ -213,13 +213,13 @@ def test_precision_is_a_spec_field_that_changes_the_run_id_only_when_set(tmp_pat
 
 
 def test_a_spooled_result_keeps_the_worker_metrics_exactly(tiny_run, tmp_path):
-    from spectraldb.writer import Spool
+    from spectraldb.run.spool import Spool
 
     run, ds = tiny_run
     result = train.run(run.config(), ds)
     spool = Spool(tmp_path / "s.duckdb")
     back = Spool.load(spool.put(run.run_id, run.config(), result, {}, "tiny"))["result"]
-    assert [r.get("metrics") for r in back["spectra"]] == [r.get("metrics") for r in result["spectra"]]
+    assert [r.metrics for r in back.spectra] == [r.metrics for r in result.spectra]
     store.write_run(tmp_path / "direct.duckdb", run, result, {})
     store.write_run(tmp_path / "s.duckdb", run, back, {})
     assert ranks_and_reinjection(tmp_path / "s.duckdb") == ranks_and_reinjection(tmp_path / "direct.duckdb")

@@ -102,7 +102,7 @@ def test_ray_sweep_matches_inline_bit_for_bit(inline_store, tmp_path, corpus):
 
 def test_failed_run_is_recorded_and_exit_code_is_3(tmp_path, corpus, monkeypatch):
     # the driver is told a GPU is visible (run refuses cuda without one), so the cuda run fails in its worker
-    monkeypatch.setattr("spectraldb.limits._local_gpus", lambda: 1)
+    monkeypatch.setattr("spectraldb.run.preflight._local_gpus", lambda: 1)
     spec = tmp_path / "f.yaml"
     # no CUDA here: the cuda run fails inside its worker; the cpu run still completes
     spec.write_text(tiny_spec(corpus, tmp_path / "f.duckdb", "sweep:\n  zip:\n    - {seed: [0, 1], train.device: [cpu, cuda]}\n"))

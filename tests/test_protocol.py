@@ -11,26 +11,22 @@ from typer.testing import CliRunner
 from cli.main import app
 from spectraldb import store
 from spectraldb.spec import RunSpec, load_spec
+from tests.builders import evaluations, result, spectrum
 from tests.conftest import flat, put, tiny_spec
 from workers.data import prepare
 from workers.extract import measure
 from workers.model import GPT, GPTConfig
-from workers.protocol import PROTOCOL
+from contract.vocabulary import PROTOCOL
 from workers.train import run as train_run
 
 runner = CliRunner()
 
 
-def series_result(ranks: dict, dim: int = 32) -> dict:
+def series_result(ranks: dict, dim: int = 32):
     """ranks: (step, stratum) → hard rank of layer 0's post spectrum (None = stratum skipped)."""
-    spectra = []
-    for (step, stratum), r in ranks.items():
-        spectra.append({"step": step, "layer": 0, "site": "post", "stratum": stratum, "n_tokens": 50 * dim,
-                        "n_dim": dim, "eigenvalues": None if r is None else flat(r, dim),
-                        "min_eigenvalue": None if r is None else 0.0})
-    steps = sorted({s for s, _ in ranks})
-    return {"status": "done", "started_at": 0.0, "finished_at": 1.0, "spectra": spectra,
-            "evals": [{"step": s, "train_loss": 3.0, "val_loss": 3.0, "val_ppl": 20.0} for s in steps]}
+    spectra = [spectrum(step, 0, "post", stratum, None if r is None else flat(r, dim), 50 * dim, dim)
+               for (step, stratum), r in ranks.items()]
+    return result("done", spectra, evaluations(sorted({s for s, _ in ranks}), 3.0, 3.0, 20.0))
 
 
 def test_the_window_takes_each_series_last_k_measured_values(tmp_path):
@@ -59,9 +55,9 @@ def test_train_batch_is_measured_before_the_update_and_capped(tmp_path, corpus):
     run = load_spec(spec)[0].runs[0]
     ds = prepare(run.data.model_dump())
     res = train_run(run.config(), ds)
-    assert res["status"] == "done", res["error"]
-    step1 = [r for r in res["spectra"] if r["step"] == 1]
-    assert {r["n_tokens"] for r in step1 if r["stratum"] == "all"} == {64}  # 4 of the 8 sequences
+    assert res.status == "done", res.error
+    step1 = [r for r in res.spectra if r.step == 1]
+    assert {r.n_tokens for r in step1 if r.stratum == "all"} == {64}  # 4 of the 8 sequences
 
     cfg, m = run.config(), run.model
     torch.manual_seed(run.train.seed)
@@ -74,9 +70,9 @@ def test_train_batch_is_measured_before_the_update_and_capped(tmp_path, corpus):
     expect = measure(model, x[:4], torch.from_numpy(ds.strata.astype(np.int64)), sites=cfg["measure"]["sites"],
                      strata=cfg["measure"]["strata"], min_tokens=cfg["measure"]["min_stratum_tokens"])
     for a, b in zip(step1, expect):
-        assert (a["layer"], a["site"], a["stratum"]) == (b["layer"], b["site"], b["stratum"])
-        if b["eigenvalues"] is not None:
-            assert np.allclose(a["eigenvalues"], b["eigenvalues"], rtol=1e-10, atol=1e-14)
+        assert (a.layer, a.site, a.stratum) == (b.layer, b.site, b.stratum)
+        if b.eigenvalues is not None:
+            assert np.allclose(a.eigenvalues, b.eigenvalues, rtol=1e-10, atol=1e-14)
 
 
 def test_the_protocol_is_part_of_the_run_id(monkeypatch):
@@ -159,7 +155,7 @@ def test_the_layer_points_view_equals_the_one_definition(tmp_path):
 def test_step_points_answer_dynamics_as_the_ranks_do(tmp_path):
     """query dynamics reads step_points (written with each run); aggregating the rank rows at
     query time gives the same values."""
-    from spectraldb import queries
+    from spectraldb import values
 
     db = tmp_path / "d.duckdb"
     for mult in (1, 2, 4):
@@ -167,8 +163,8 @@ def test_step_points_answer_dynamics_as_the_ranks_do(tmp_path):
             rank_of=lambda D, step, layer: D / (2 + layer + step / 100))
     with store.connect(db, read_only=True) as con:
         for stratum in ("all", "tail"):
-            fast = queries.run_values(con, ("hard", "soft", "renyi:3"), stratum=stratum, by_step=True)
-            slow = queries.run_values(con, ("hard", "soft", "renyi:3"), stratum=stratum, by_step=True, window=99)
+            fast = values.run_values(con, ("hard", "soft", "renyi:3"), stratum=stratum, by_step=True)
+            slow = values.run_values(con, ("hard", "soft", "renyi:3"), stratum=stratum, by_step=True, window=99)
             key = lambda v: (v.run_id, v.step)  # noqa: E731
             assert [key(v) for v in sorted(fast, key=key)] == [key(v) for v in sorted(slow, key=key)]
             for a, b in zip(sorted(fast, key=key), sorted(slow, key=key)):

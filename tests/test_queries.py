@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from spectraldb import store
 from spectraldb.spec import RunSpec
+from tests.builders import evaluations, result, spectrum
 from tests.conftest import flat
 
 runner = CliRunner()
@@ -23,12 +24,8 @@ def write(db, optimizer, mult, ranks, status="done", d_model=16, steps=300, last
     for (step, layer), r in ranks.items():
         pre, post = r if isinstance(r, tuple) else (r, r)
         for site, rank in (("pre", pre), ("post", post)):
-            spectra.append({"step": step, "layer": layer, "site": site, "stratum": "all", "n_tokens": 10 * D,
-                            "n_dim": D, "eigenvalues": flat(rank, D), "min_eigenvalue": 0.0})
-    steps_ = sorted({s for s, _ in ranks})
-    store.write_run(db, run, {"status": status, "error": None, "started_at": 0.0, "finished_at": 1.0,
-                              "evals": [{"step": s, "train_loss": 4.0, "val_loss": 4.0, "val_ppl": 54.6} for s in steps_],
-                              "spectra": spectra}, {})
+            spectra.append(spectrum(step, layer, site, "all", flat(rank, D), 10 * D))
+    store.write_run(db, run, result(status, spectra, evaluations(sorted({s for s, _ in ranks}), 4.0, 4.0, 54.6)), {})
     return run
 
 
@@ -101,10 +98,8 @@ def test_keep_last_k_eigenvalues_keeps_every_rank(tmp_path):
     db = tmp_path / "k.duckdb"
     run = RunSpec.model_validate({"train": {"steps": 300}, "measure": {"every": 100, "last_k": 2,
                                                                        "keep_eigenvalues": "last_k"}})
-    spectra = [{"step": s, "layer": 0, "site": "post", "stratum": "all", "n_tokens": 5000, "n_dim": 256,
-                "eigenvalues": flat(10, 256), "min_eigenvalue": 0.0} for s in (1, 100, 200, 300)]
-    store.write_run(db, run, {"status": "done", "started_at": 0.0, "finished_at": 1.0, "evals": [],
-                              "spectra": spectra}, {})
+    spectra = [spectrum(s, 0, "post", "all", flat(10, 256), 5000) for s in (1, 100, 200, 300)]
+    store.write_run(db, run, result("done", spectra), {})
     with store.connect(db, read_only=True) as con:
         kept = con.execute("SELECT step, eigenvalues IS NOT NULL, skipped FROM spectra ORDER BY step").fetchall()
         n_ranks = con.execute("SELECT count(*) FROM ranks").fetchone()[0]
@@ -118,7 +113,7 @@ def test_migration_002_backfills_metrics_of_older_runs(tmp_path, monkeypatch, li
     old migration computes."""
     import duckdb
 
-    from spectraldb import spectra
+    from contract import metrics as spectra
 
     if live_code_changed:
         for name in ("renyi_rank", "hard_rank", "soft_rank", "eee", "js_divergence"):

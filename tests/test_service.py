@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from cli.main import app as cli_app
 from spectraldb import service
-from spectraldb.errors import SpecError
+from spectraldb.errors import QueryError, SpecError
 from spectraldb.bounds import ReadLimits
 from spectraldb.service import create_app, sql_body
 from tests.conftest import put
@@ -135,7 +135,7 @@ def test_sql_is_one_read_only_select_with_limits(db, client):
     assert len(capped["rows"]) == 10 and capped["notes"] == [
         "row cap reached: the first 10 rows are shown (SPECDB_SQL_ROWS raises it)"]
     t0 = time.monotonic()
-    with pytest.raises(SpecError, match="time limit of 0.5 s"):
+    with pytest.raises(QueryError, match="time limit of 0.5 s"):
         sql(db, "SELECT count(*) FROM range(100000000000) a", time_s=0.5)
     assert time.monotonic() - t0 < 10
 
@@ -247,7 +247,7 @@ def test_after_a_commit_the_previous_answer_is_served_while_one_refresh_computes
         assert client.get("/api/beta").json()["rows"][0]["n_widths"] == 3
         put(db, mult=8, rank_of=lambda D, s, l: D / 4)  # a commit
         stale = client.get("/api/beta")
-        assert stale.headers["x-specdb-cache"] == "stale" and int(stale.headers["age"]) <= service.MAX_STALE_S
+        assert stale.headers["x-specdb-cache"] == "stale" and int(stale.headers["age"]) <= service.cache.MAX_STALE_S
         assert stale.json()["rows"][0]["n_widths"] == 3
         for _ in range(100):  # the refresh lands without any client waiting for it
             fresh = client.get("/api/beta")
@@ -261,7 +261,7 @@ def test_an_answer_older_than_the_staleness_bound_is_recomputed_before_it_is_ser
     db = tmp_path / "o.duckdb"
     for mult in (1, 2, 4):
         put(db, mult=mult, rank_of=lambda D, s, l: D / 4)
-    monkeypatch.setattr(service, "MAX_STALE_S", 0.0)
+    monkeypatch.setattr(service.cache, "MAX_STALE_S", 0.0)
     with TestClient(create_app(db), base_url=LOCAL) as client:
         client.get("/api/beta")
         put(db, mult=8, rank_of=lambda D, s, l: D / 4)

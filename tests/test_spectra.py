@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from spectraldb.spectra import hard_rank, renyi_rank, soft_rank, spectral_entropy
+from contract.metrics import hard_rank, renyi_rank, soft_rank, spectral_entropy
 
 
 def test_flat_spectrum_has_full_rank():
@@ -51,7 +51,7 @@ def test_gaussian_sample_hard_rank_follows_marchenko_pastur():
     assert hard_rank(eig) < D * 0.97  # sampling noise visibly lowers the rank of a flat spectrum
 
 
-from spectraldb.spectra import RENYI_ALPHAS, eee, js_divergence  # noqa: E402
+from contract.metrics import RENYI_ALPHAS, eee, js_divergence  # noqa: E402
 
 
 @pytest.mark.parametrize("seed", range(4))

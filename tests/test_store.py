@@ -5,9 +5,11 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from spectraldb import store
+from spectraldb.store import rows as store_rows
 from spectraldb.errors import StoreError
 from spectraldb.spec import RunSpec
-from spectraldb.spectra import hard_rank
+from contract.metrics import hard_rank
+from tests.builders import evaluations, result, spectrum
 from tests.conftest import flat
 
 runner = CliRunner()
@@ -46,16 +48,10 @@ def test_migrations_create_exactly_these_columns(tmp_path):
         assert con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == len(store.migrations())
 
 
-def fake_result(ranks_by_step_layer: dict, dim: int, status="done") -> dict:
-    spectra = []
-    for (step, layer), r in ranks_by_step_layer.items():
-        for site in ("pre", "post"):
-            spectra.append({"step": step, "layer": layer, "site": site, "stratum": "all", "n_tokens": 10 * dim,
-                            "n_dim": dim, "eigenvalues": flat(r, dim), "min_eigenvalue": 0.0})
-    steps = sorted({s for s, _ in ranks_by_step_layer})
-    return {"status": status, "error": None, "started_at": 0.0, "finished_at": 1.0, "device": "cpu",
-            "evals": [{"step": s, "train_loss": 5.0, "val_loss": 5.0, "val_ppl": 148.4} for s in steps],
-            "spectra": spectra}
+def fake_result(ranks_by_step_layer: dict, dim: int, status="done"):
+    spectra = [spectrum(step, layer, site, "all", flat(r, dim), 10 * dim)
+               for (step, layer), r in ranks_by_step_layer.items() for site in ("pre", "post")]
+    return result(status, spectra, evaluations(sorted({s for s, _ in ranks_by_step_layer}), 5.0, 5.0, 148.4))
 
 
 def test_points_view_takes_median_of_last_k_steps_then_over_layers(tmp_path):
@@ -75,7 +71,7 @@ def test_write_run_is_one_transaction(tmp_path, monkeypatch):
     db = tmp_path / "s.duckdb"
     run = RunSpec.model_validate({"train": {"steps": 200}})
     res = fake_result({(100, 0): 3}, 256)
-    monkeypatch.setattr(store, "rank_rows", lambda rid, recs: [{"run_id": rid, "step": 1, "layer": 0, "site": "post",
+    monkeypatch.setattr(store_rows, "rank_rows", lambda rid, recs: [{"run_id": rid, "step": 1, "layer": 0, "site": "post",
                                                                "stratum": "all", "n_tokens": 1, "soft_rank": None}])
     with pytest.raises(duckdb.Error):
         store.write_run(db, run, res, {})
@@ -150,11 +146,8 @@ def test_a_store_path_with_quotes_and_separators_is_attached_literally(tmp_path,
     db = tmp_path / name
     run = RunSpec.model_validate({"model": {"d_model": 32, "ffn_mult": 1}, "train": {"steps": 2},
                                   "measure": {"every": 1, "last_k": 1}})
-    result = {"status": "done", "started_at": 0.0, "finished_at": 1.0,
-              "evals": [{"step": 2, "train_loss": 3.0, "val_loss": 3.0, "val_ppl": 20.0}],
-              "spectra": [{"step": 2, "layer": 0, "site": "post", "stratum": "all", "n_tokens": 100, "n_dim": 32,
-                           "eigenvalues": flat(4.0, 32), "min_eigenvalue": 0.0}]}
-    assert store.write_run(db, run, result, {}) == "done"
+    res = result("done", [spectrum(2, 0, "post", "all", flat(4.0, 32), 100)], evaluations([2], 3.0, 3.0, 20.0))
+    assert store.write_run(db, run, res, {}) == "done"
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".duckdb") == [name]
     with store.connect(db, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM ranks").fetchone()[0] == 1

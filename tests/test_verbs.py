@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from tests.conftest import put
 from spectraldb import plots, store
+from spectraldb.selection import Selection
 
 runner = CliRunner()
 MULTS = (1, 2, 4, 8)  # d_model 32 → D = 32 … 256
@@ -174,14 +175,14 @@ def test_betas_view_matches_query_beta_value_by_value(tmp_path):
 def test_plots_have_the_expected_series(planted, tmp_path):
     con = duckdb.connect(str(planted), read_only=True)
     try:
-        fig = plots.scaling(con, ("all",), where="n_head = 4")
+        fig = plots.scaling(con, Selection(("all",), where="n_head = 4"))
         assert len(fig.axes) == 2 and all(len(ax.lines) == 2 for ax in fig.axes)  # one fit per optimizer
         assert all(len(ax.collections) >= 2 for ax in fig.axes)  # points (+ bands)
         fig = plots.dynamics(con)
         assert all(len(ax.lines) == 2 for ax in fig.axes)
         fig = plots.depth(con)
         assert all(len(ax.lines) == 2 for ax in fig.axes)
-        fig = plots.renyi(con, 2)
+        fig = plots.renyi(con, ffn_mult=2)
         assert len(fig.axes) == 3 and all(len(ax.lines) == 2 for ax in fig.axes)
         assert len(fig.axes[0].lines[0].get_xdata()) == 7  # α = 0.5 … ∞
     finally:
@@ -205,7 +206,7 @@ def test_the_scaling_plot_shows_query_betas_numbers_and_floor(tmp_path):
     rows, _ = query(db, "beta")
     con = duckdb.connect(str(db), read_only=True)
     try:
-        fig = plots.scaling(con, ("all",))
+        fig = plots.scaling(con, Selection(("all",)))
     finally:
         con.close()
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from spectraldb import spectra
+from contract import metrics
 from workers import extract
 from workers.model import GPT, GPTConfig
 from workers.optim import build_optimizers
 
-SITES, STRATA = ("pre", "post"), ("all", "head", "mid", "tail")
+from contract.vocabulary import SITES, STRATA  # noqa: E402
 ADAMW = {"name": "adamw", "lr": 3e-3, "betas": [0.9, 0.95], "weight_decay": 0.01, "eps": 1e-8}
 
 
@@ -84,7 +84,7 @@ def previous_design(model, tokens, strata_of, chunk=64):
     for (layer, site, s), (n, mean, m2) in sorted(acc.items()):
         c = (m2 / (n - 1)).cpu()
         eig = torch.linalg.eigvalsh((c + c.T) / 2).numpy()[::-1].clip(1e-12)
-        out[(layer, site, STRATA[1 + s])] = (eig, spectra.metrics(eig))
+        out[(layer, site, STRATA[1 + s])] = (eig, metrics.metrics(eig))
     return out
 
 
@@ -108,7 +108,7 @@ def naive(model, tokens, strata_of):
         x = torch.cat(parts).double().cpu().numpy()
         for name, rows in zip(STRATA, (x, x[labels == 0], x[labels == 1], x[labels == 2])):
             eig = np.linalg.eigvalsh(np.cov(rows, rowvar=False))[::-1].clip(1e-12)
-            out[(layer, site, name)] = (eig, spectra.metrics(eig))
+            out[(layer, site, name)] = (eig, metrics.metrics(eig))
     return out
 
 
@@ -133,7 +133,7 @@ def one_step(device, n_tokens: int, repeats: int) -> None:
         t_all, recs = timed(lambda: extract.measure(model, tokens, strata_of, **kw), device)
         rows.setdefault("specdb: measure() with precision fp32", []).append(
             timed(lambda: extract.measure(model, tokens, strata_of, precision="fp32", **kw), device)[0])
-        t_met, _ = timed(lambda: [spectra.metrics(r["eigenvalues"]) for r in recs if r["eigenvalues"] is not None],
+        t_met, _ = timed(lambda: [metrics.metrics(r.eigenvalues) for r in recs if r.eigenvalues is not None],
                          device)
         rows.setdefault("specdb: accumulate (forward + products)", []).append(t_acc)
         rows.setdefault("specdb: decompose (batched eigvalsh)", []).append(t_dec)

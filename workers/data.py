@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.sizes import frequency_strata
+
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 GPT2_EOT, GPT2_VOCAB = 50256, 50257
 EOT = "<|endoftext|>"
 SPLIT_SEED = 20240520  # the held-out documents are the same for every run and every seed
-STRATA = ("head", "mid", "tail")
-STRATUM_BOUNDS = (0.33, 0.67)
 CACHE_FORMAT = 1
 
 
@@ -126,27 +126,6 @@ def heldout_documents(n_docs: int, fraction: float) -> np.ndarray:
     mask = np.zeros(n_docs, dtype=bool)
     mask[np.random.default_rng(SPLIT_SEED).permutation(n_docs)[:n_held]] = True
     return mask
-
-
-def frequency_strata(counts: np.ndarray, bounds=STRATUM_BOUNDS) -> np.ndarray:
-    """HEAD/MID/TAIL (0/1/2) per token id by frequency thresholds: the study's rule
-    (docs/design.md §1).
-
-    Sort the counts descending (s), cum = cumsum(s), h = #(cum ≤ 0.33·total), m = #(cum ≤
-    0.67·total), h clamped to [1, V−1] and m to [h+1, V−1]; a type with count f ≥ s[h−1] is
-    HEAD, f ≥ s[m−1] MID, else TAIL. Zero-count ids follow the same rule, and equal counts
-    always share a stratum (the rule looks at the count, never at the id).
-    """
-    counts = np.asarray(counts, dtype=np.float64)
-    V = counts.size
-    s = np.sort(counts)[::-1]
-    cum = np.cumsum(s)
-    total = cum[-1] if V else 0.0
-    h = int(np.count_nonzero(cum <= bounds[0] * total))
-    m = int(np.count_nonzero(cum <= bounds[1] * total))
-    h = min(max(h, 1), V - 1)
-    m = min(max(m, h + 1), V - 1)
-    return np.where(counts >= s[h - 1], 0, np.where(counts >= s[m - 1], 1, 2)).astype(np.int8)
 
 
 def train_tokenizer(docs: list[str], vocab_size: int):

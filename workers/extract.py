@@ -9,7 +9,7 @@ training loop (workers/train.py runs it on a background thread):
   positions are sorted by stratum once, and each stratum's centred product is one symmetric
   rank-k update (SYRK, half the work of a GEMM) in the precision's accumulation dtype;
 - `decompose` turns the moments into spectra (one batched `eigvalsh` per width, on the device
-  that holds them) and the spectra into the metric suite (`spectraldb.spectra`).
+  that holds them) and the spectra into the metric suite (`contract.metrics`).
 
 The precision policy (`PRECISIONS`) comes from measurement: docs/benchmarks.md, "Precision".
 """
@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from scipy.linalg import blas
 
-from spectraldb import spectra
+from contract import metrics
+from contract.records import Spectrum
+from contract.vocabulary import MEASURED_STRATA, SITES
 
-SITES = ("pre", "post")
-STRATA = ("head", "mid", "tail")  # 'all' is the merge of the three, so it costs nothing extra
+STRATA = MEASURED_STRATA  # 'all' is the merge of the three, so it costs nothing extra
 
 
 class Precision(NamedTuple):
@@ -129,7 +130,7 @@ def spectra_of(upper: list[torch.Tensor], dtype: torch.dtype = torch.float64) ->
             eig = torch.linalg.eigvalsh(batch, UPLO="U").double().cpu().numpy()
             for i, e in zip(part, eig):
                 e = e[::-1].copy()
-                out[i] = (np.clip(e, spectra.EIG_FLOOR, None), float(e.min()))
+                out[i] = (np.clip(e, metrics.EIG_FLOOR, None), float(e.min()))
     return out
 
 
@@ -178,7 +179,7 @@ class FFNProbe:
         for h in self._handles:
             h.remove()
 
-    def select(self, strata, min_tokens: int) -> list[tuple[dict, StreamingCovariance | None]]:
+    def select(self, strata, min_tokens: int) -> list[tuple[Spectrum, StreamingCovariance | None]]:
         """One (record, covariance to decompose) per layer × site × stratum; a stratum under the
         token floor gets None. Raises NonFiniteActivations here, synchronously, so a diverged
         run stops at the step that diverged whether or not decomposition runs later."""
@@ -194,8 +195,8 @@ class FFNProbe:
                     else:
                         cov = parts[STRATA.index(name)]
                     floor = max(min_tokens, math.ceil(cov.dim / 4), 2)
-                    rec = {"layer": layer, "site": site, "stratum": name, "n_tokens": cov.n,
-                           "n_dim": cov.dim, "eigenvalues": None, "min_eigenvalue": None}
+                    rec = Spectrum.skipped(step=0, layer=layer, site=site, stratum=name, n_tokens=cov.n,
+                                           n_dim=cov.dim)
                     out.append((rec, cov if cov.n >= floor else None))
         kept = [c.m2 for _, c in out if c is not None]
         if kept and not torch.isfinite(torch.stack([m.sum() for m in kept])).all():
@@ -205,7 +206,7 @@ class FFNProbe:
 
 @torch.no_grad()
 def accumulate(model, tokens: torch.Tensor, token_strata: torch.Tensor, *, sites, strata, min_tokens: int,
-               chunk: int = 64, autocast_dtype=None, precision: str = "fp64") -> list[tuple[dict, object]]:
+               chunk: int = 64, autocast_dtype=None, precision: str = "fp64") -> list[tuple[Spectrum, object]]:
     """Run `tokens` (n, T) through the model: what `decompose` needs, as `FFNProbe.select` gives it."""
     device = tokens.device
     was_training = model.training
@@ -223,19 +224,20 @@ def accumulate(model, tokens: torch.Tensor, token_strata: torch.Tensor, *, sites
     return probe.select(strata, min_tokens)
 
 
-def decompose(selected: list[tuple[dict, object]], precision: str = "fp64") -> list[dict]:
-    """Spectra and metrics of what `accumulate` selected (safe to run on another thread)."""
+def decompose(selected: list[tuple[Spectrum, object]], precision: str = "fp64", step: int = 0) -> list[Spectrum]:
+    """Spectra and metrics of what `accumulate` selected, at `step` (safe to run on another thread)."""
     todo = [(rec, cov) for rec, cov in selected if cov is not None]
     done = spectra_of([cov.scaled() for _, cov in todo], PRECISIONS[precision].decompose)
     for (rec, _), (eig, low) in zip(todo, done):
-        rec["eigenvalues"], rec["min_eigenvalue"] = eig, low
+        rec.eigenvalues, rec.min_eigenvalue = eig, low
     records = [rec for rec, _ in selected]
-    spectra.attach_metrics(records)
-    return records
+    for rec in records:
+        rec.step = step
+    return metrics.attach_metrics(records)
 
 
 def measure(model, tokens: torch.Tensor, token_strata: torch.Tensor, *, sites, strata, min_tokens: int,
-            chunk: int = 64, autocast_dtype=None, precision: str = "fp64") -> list[dict]:
+            chunk: int = 64, autocast_dtype=None, precision: str = "fp64") -> list[Spectrum]:
     """Run `tokens` (n, T) through the model and return every requested spectrum (synchronous)."""
     return decompose(accumulate(model, tokens, token_strata, sites=sites, strata=strata, min_tokens=min_tokens,
                                 chunk=chunk, autocast_dtype=autocast_dtype, precision=precision), precision)

@@ -19,31 +19,40 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from contract.sizes import ffn_width, n_post_norm
+from contract.vocabulary import BASELINE_ARCHITECTURE
+
 
 @dataclass
 class GPTConfig:
+    """The model's shape; a run's comes from its spec (`from_run`), which holds every default."""
     vocab_size: int
-    context: int = 64
-    n_layer: int = 2
-    d_model: int = 64
-    n_head: int = 4
-    ffn_mult: float = 4.0
-    pos: str = "rope"
-    norm: str = "pre"
-    postln_frac: float | None = None  # with norm 'post': None means every block
-    activation: str = "relu2"
+    context: int
+    n_layer: int
+    d_model: int
+    n_head: int
+    ffn_mult: float
+    pos: str = BASELINE_ARCHITECTURE["pos"]
+    norm: str = BASELINE_ARCHITECTURE["norm"]
+    postln_frac: float | None = BASELINE_ARCHITECTURE["postln_frac"]  # with norm 'post': None means every block
+    activation: str = BASELINE_ARCHITECTURE["activation"]
+
+    @classmethod
+    def from_run(cls, config: dict, vocab_size: int) -> "GPTConfig":
+        """The model of a resolved run config (`RunSpec.config()`)."""
+        m = config["model"]
+        return cls(vocab_size=vocab_size, context=config["data"]["context"], n_layer=m["n_layer"],
+                   d_model=m["d_model"], n_head=m["n_head"], ffn_mult=m["ffn_mult"], pos=m["pos"], norm=m["norm"],
+                   postln_frac=m["postln_frac"], activation=m["activation"])
 
     @property
     def ffn_width(self) -> int:
-        return int(round(self.ffn_mult * self.d_model))
+        return ffn_width(self.ffn_mult, self.d_model)
 
     @property
     def n_post_norm(self) -> int:
         """How many leading blocks are post-norm."""
-        if self.norm != "post":
-            return 0
-        frac = 1.0 if self.postln_frac is None else self.postln_frac
-        return math.floor(self.n_layer * frac)
+        return n_post_norm(self.norm, self.n_layer, self.postln_frac)
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:

@@ -19,15 +19,13 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+from contract.records import Evaluation, RunResult, Spectrum
 from workers.data import Dataset, eval_batch, measurement_batch
 from workers.extract import NonFiniteActivations, accumulate, decompose
 from workers.model import GPT, GPTConfig
 from workers.optim import build_optimizers, lr_multiplier, set_lr
-from workers.protocol import PROTOCOL
-from workers.records import RunResult
 
 Progress = Callable[[int, int], None]
-DIVERGED_PPL = 1000.0
 
 
 def pick_device(name: str) -> torch.device:
@@ -66,8 +64,7 @@ def run(config: dict, ds: Dataset, progress: Progress | None = None, threads: in
     run ends with exactly the measurements of an uninterrupted one (bitwise on CPU).
     `overlap` False decomposes each measured step inline (the same numbers, later).
     """
-    result: RunResult = {"status": "running", "error": None, "evals": [], "spectra": [],
-                         "started_at": time.time(), "device": None, "protocol": PROTOCOL}
+    result = RunResult()
     try:
         with ExitStack() as stack:
             if threads:  # scipy's BLAS (the covariance products) shares the run's cores too
@@ -75,22 +72,20 @@ def run(config: dict, ds: Dataset, progress: Progress | None = None, threads: in
             background = stack.enter_context(Decompositions(result, threads, overlap))
             _run(config, ds, result, progress, threads, Path(checkpoint) if checkpoint else None, background)
     except Exception:  # noqa: BLE001 - the driver records the failure, the sweep goes on
-        result["status"] = "failed"
-        result["error"] = traceback.format_exc(limit=8)
-    result["finished_at"] = time.time()
-    return result
+        return result.finish("failed", traceback.format_exc(limit=8))
+    return result.finish()
 
 
 class Decompositions:
     """Eigendecompositions and metrics of measured steps, off the training loop.
 
     `submit` hands a step's accumulated moments to one background thread (with its own CUDA
-    stream on a GPU) and returns at once; the records land in `result["spectra"]`, in step order,
+    stream on a GPU) and returns at once; the records land in `result.spectra`, in step order,
     at the next `join` — before the next measured step, a checkpoint, and the end of the run.
     With `overlap` False the work runs inline: the reference the overlapped path must equal.
     """
 
-    def __init__(self, result: dict, threads: int | None, overlap: bool = True):
+    def __init__(self, result: RunResult, threads: int | None, overlap: bool = True):
         self.result, self.threads, self.overlap = result, threads, overlap
         self.pool = self.pending = self.stream = None
 
@@ -100,7 +95,7 @@ class Decompositions:
     def submit(self, step: int, selected: list, precision: str) -> None:
         self.join()
         if not self.overlap:
-            self._land(step, decompose(selected, precision))
+            self._land(decompose(selected, precision, step))
             return
         if self.pool is None:
             self.pool = ThreadPoolExecutor(1, thread_name_prefix="specdb-decompose")
@@ -109,27 +104,24 @@ class Decompositions:
             self.stream = self.stream or torch.cuda.Stream()
             ready = torch.cuda.Event()
             ready.record()  # the moments are complete on the training stream at this point
-        self.pending = (step, self.pool.submit(self._work, selected, precision, ready))
+        self.pending = self.pool.submit(self._work, selected, precision, step, ready)
 
-    def _work(self, selected: list, precision: str, ready) -> list[dict]:
+    def _work(self, selected: list, precision: str, step: int, ready) -> list[Spectrum]:
         if self.threads:
             torch.set_num_threads(self.threads)
         if ready is None:
-            return decompose(selected, precision)
+            return decompose(selected, precision, step)
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(ready)
-            return decompose(selected, precision)
+            return decompose(selected, precision, step)
 
     def join(self) -> None:
         if self.pending is not None:
-            step, future = self.pending
-            self.pending = None
-            self._land(step, future.result())
+            future, self.pending = self.pending, None
+            self._land(future.result())
 
-    def _land(self, step: int, records: list[dict]) -> None:
-        for rec in records:
-            rec["step"] = step
-            self.result["spectra"].append(rec)
+    def _land(self, records: list[Spectrum]) -> None:
+        self.result.spectra.extend(records)
 
     def __exit__(self, kind, exc, tb) -> None:
         try:
@@ -145,22 +137,19 @@ class Decompositions:
                 self.pool.shutdown(wait=True)
 
 
-def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, threads: int | None,
+def _run(config: dict, ds: Dataset, result: RunResult, progress: Progress | None, threads: int | None,
          ckpt_path: Path | None, background: Decompositions) -> None:
-    tr, ms, mc = config["train"], config["measure"], config["model"]
+    tr, ms = config["train"], config["measure"]
     device = pick_device(tr["device"])
-    result["device"] = str(device)
+    result.device = str(device)
     if threads and device.type == "cpu":
         torch.set_num_threads(threads)
     torch.manual_seed(tr["seed"])
     rng = np.random.default_rng(tr["seed"])
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    precision = ms.get("precision", "fp64")
+    precision = ms["precision"]
 
-    cfg = GPTConfig(vocab_size=ds.vocab_size, context=config["data"]["context"], n_layer=mc["n_layer"],
-                    d_model=mc["d_model"], n_head=mc["n_head"], ffn_mult=mc["ffn_mult"],
-                    pos=mc.get("pos", "rope"), norm=mc.get("norm", "pre"), postln_frac=mc.get("postln_frac"),
-                    activation=mc.get("activation", "relu2"))
+    cfg = GPTConfig.from_run(config, ds.vocab_size)
     model = GPT(cfg).to(device)
     optimizers = build_optimizers(model, config["optimizer"])
     T, B, steps = cfg.context, tr["batch_size"], tr["steps"]
@@ -205,8 +194,7 @@ def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, thr
         if measured or not math.isfinite(train_loss):
             val_loss = evaluate(model, evals, autocast) if math.isfinite(train_loss) else math.nan
             val_ppl = math.exp(val_loss) if math.isfinite(val_loss) and val_loss < 700 else math.inf
-            result["evals"].append({"step": step, "train_loss": train_loss, "val_loss": val_loss,
-                                    "val_ppl": val_ppl})
+            result.evals.append(Evaluation(step, train_loss, val_loss, val_ppl))
             # a non-finite loss stops the run at once; the perplexity rule is the study's, applied to
             # the final evaluation only (a barely trained model is still above it mid-run)
             if not math.isfinite(val_loss):
@@ -224,15 +212,15 @@ def _run(config: dict, ds: Dataset, result: dict, progress: Progress | None, thr
         if progress is not None:
             progress(step, steps)
     background.join()
-    result["status"] = "done"
-    threshold = tr.get("diverged_ppl", DIVERGED_PPL)
-    final = result["evals"][-1] if result["evals"] else None
-    if final is not None and final["step"] == steps and final["val_ppl"] > threshold:
-        _diverged(result, f"diverged (rule: final val ppl {final['val_ppl']:.1f} > train.diverged_ppl "
+    result.status = "done"
+    threshold = tr["diverged_ppl"]
+    final = result.final
+    if final is not None and final.step == steps and final.val_ppl > threshold:
+        _diverged(result, f"diverged (rule: final val ppl {final.val_ppl:.1f} > train.diverged_ppl "
                           f"{threshold:g})")
 
 
-def _save(path: Path, step: int, model, optimizers, rng, result: dict) -> None:
+def _save(path: Path, step: int, model, optimizers, rng, result: RunResult) -> None:
     """Everything the loop needs to continue exactly: weights, optimizer states, both RNGs, the
     step (which fixes the data position, since batches come from the numpy RNG) and the
     measurements so far. Written to a temporary file and renamed, so a crash never leaves half."""
@@ -240,13 +228,13 @@ def _save(path: Path, step: int, model, optimizers, rng, result: dict) -> None:
     state = {"step": step, "model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
              "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-             "evals": result["evals"], "spectra": result["spectra"]}
+             "result": result.to_dict()}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def _restore(path: Path, model, optimizers, rng, result: dict, device) -> int:
+def _restore(path: Path, model, optimizers, rng, result: RunResult, device) -> int:
     state = torch.load(path, map_location=device, weights_only=False)
     model.load_state_dict(state["model"])
     for opt, sd in zip(optimizers, state["optimizers"]):
@@ -255,13 +243,14 @@ def _restore(path: Path, model, optimizers, rng, result: dict, device) -> int:
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    result["evals"], result["spectra"] = state["evals"], state["spectra"]
-    result["resumed_from"] = state["step"]
+    # checkpoints written before the contract held the measurements as two lists
+    saved = RunResult.from_dict(state.get("result") or {"status": "running", "evals": state["evals"],
+                                                         "spectra": state["spectra"]})
+    result.evals, result.spectra, result.resumed_from = saved.evals, saved.spectra, state["step"]
     return state["step"]
 
 
-def _diverged(result: dict, message: str) -> None:
+def _diverged(result: RunResult, message: str) -> None:
     """Stop the run; the measurements of earlier steps stay in the result (the caller's
     Decompositions lands the last of them on the way out)."""
-    result["status"] = "diverged"
-    result["error"] = message
+    result.status, result.error = "diverged", message

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 from fractions import Fraction
 from typing import Annotated, Literal, Union, get_origin
 
@@ -17,7 +16,9 @@ import unicodedata
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from workers.protocol import PROTOCOL
+from contract.sizes import ffn_width, n_post_norm
+from contract.vocabulary import BASELINE_ARCHITECTURE, PROTOCOL, SITES, STRATA
+
 
 def visible(text: str) -> str:
     """Names and labels reach terminals, tables and pages: control, zero-width and bidirectional
@@ -29,8 +30,8 @@ def visible(text: str) -> str:
 
 
 Name = Annotated[str, AfterValidator(visible)]
-Site = Literal["pre", "post"]
-Stratum = Literal["all", "head", "mid", "tail"]
+Site = Literal[SITES]
+Stratum = Literal[STRATA]
 Beta = Annotated[float, Field(ge=0, lt=1)]
 Pair = Annotated[list[Beta], Field(min_length=2, max_length=2)]
 INT32_MAX = 2**31 - 1  # the store's INTEGER columns
@@ -40,8 +41,8 @@ ALIASES = {"ffn_mult": "model.ffn_mult", "seed": "train.seed"}
 NOT_HASHED = ("name", "store", "resources", "checkpoint", "train.device", "optimizer.label")
 # Fields added after run ids were first issued: left out of the hash while they hold the
 # value that reproduces the earlier behaviour, so existing stores keep their run ids.
-HASHED_UNLESS_DEFAULT = {"model.pos": "rope", "model.norm": "pre", "model.postln_frac": None,
-                         "model.activation": "relu2", "measure.keep_eigenvalues": "all",
+HASHED_UNLESS_DEFAULT = {**{f"model.{k}": v for k, v in BASELINE_ARCHITECTURE.items()},
+                         "measure.keep_eigenvalues": "all",
                          "measure.precision": "fp64", "train.diverged_ppl": 1000.0}
 
 
@@ -62,20 +63,19 @@ class ModelSpec(Section):
     d_model: int = Field(64, ge=8, le=INT32_MAX)
     n_head: int = Field(4, ge=1, le=INT32_MAX)
     ffn_mult: float = Field(4.0, gt=0)
-    pos: Literal["rope", "nope", "learned"] = "rope"
-    norm: Literal["pre", "post"] = "pre"
-    postln_frac: float | None = Field(None, ge=0, le=1)  # norm: post → first ⌊L·frac⌋ blocks; None = all
-    activation: Literal["relu2", "gelu"] = "relu2"
+    pos: Literal["rope", "nope", "learned"] = BASELINE_ARCHITECTURE["pos"]
+    norm: Literal["pre", "post"] = BASELINE_ARCHITECTURE["norm"]
+    # norm: post → first ⌊L·frac⌋ blocks; None = all
+    postln_frac: float | None = Field(BASELINE_ARCHITECTURE["postln_frac"], ge=0, le=1)
+    activation: Literal["relu2", "gelu"] = BASELINE_ARCHITECTURE["activation"]
 
     @property
     def n_post_norm(self) -> int:
-        if self.norm != "post":
-            return 0
-        return math.floor(self.n_layer * (1.0 if self.postln_frac is None else self.postln_frac))
+        return n_post_norm(self.norm, self.n_layer, self.postln_frac)
 
     @property
     def ffn_width(self) -> int:
-        return int(round(self.ffn_mult * self.d_model))
+        return ffn_width(self.ffn_mult, self.d_model)
 
 
 class TrainSpec(Section):
@@ -188,7 +188,7 @@ class MeasureSpec(Section):
     every: int = Field(100, ge=1, le=INT32_MAX)
     last_k: int = Field(5, ge=1, le=INT32_MAX)
     sites: list[Site] = Field(default_factory=lambda: ["pre", "post"], min_length=1)
-    strata: list[Stratum] = Field(default_factory=lambda: ["all", "head", "mid", "tail"], min_length=1)
+    strata: list[Stratum] = Field(default_factory=lambda: list(STRATA), min_length=1)
     tokens: int = Field(32768, ge=64, le=INT32_MAX)
     source: Literal["heldout", "train_batch"] = "heldout"
     min_stratum_tokens: int = Field(1000, ge=2, le=INT32_MAX)

@@ -151,7 +151,7 @@ def read_sidecar(store_path) -> tuple[dict, str | None]:
     import json
 
     from spectraldb.files import beside, read_regular
-    from spectraldb.writer import writer_pid
+    from spectraldb.run.lock import writer_pid
 
     path = beside(store_path, ".progress.json")
     if not path.exists() and not path.is_symlink():

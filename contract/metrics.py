@@ -1,4 +1,5 @@
-"""Spectral metrics of a covariance spectrum (docs/design.md §1). Pure functions on 1-D arrays.
+"""Spectral metrics of a covariance spectrum (docs/design.md §1). Pure functions on 1-D arrays;
+the worker computes them, the driver computes them for results that lack them: one definition.
 
 All metrics act on p_i = λ_i / Σλ of a non-negative spectrum; the order of the eigenvalues
 does not matter. Invariant: 1 ≤ hard_rank ≤ soft_rank ≤ D.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from contract.vocabulary import RENYI_ALPHAS, alpha_name
 
 EIG_FLOOR = 1e-12
 
@@ -49,14 +52,6 @@ def renyi_rank(eigs, alpha: float) -> float:
     return float(math.exp(math.log((p**alpha).sum()) / (1.0 - alpha)))
 
 
-RENYI_ALPHAS = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0, math.inf)
-
-
-def alpha_name(alpha: float) -> str:
-    """Column-safe name of a Rényi order: 0.5 → '0_5', 2.0 → '2', inf → 'inf'."""
-    if math.isinf(alpha):
-        return "inf"
-    return f"{alpha:g}".replace(".", "_")
 
 
 def eee(eigs) -> float:
@@ -98,19 +93,18 @@ def reinjection(pre, post) -> dict[str, float]:
             **{f"rho_{alpha_name(a)}": renyi_rank(post, a) / renyi_rank(pre, a) for a in RENYI_ALPHAS}}
 
 
-def attach_metrics(records: list[dict]) -> list[dict]:
-    """Give every computed spectrum record its `metrics`, and every `pre` record whose `post`
-    partner (same step, layer, stratum) was computed its `reinjection`. Records that already
-    carry them are left alone. Runs in the worker; the driver calls it for results that lack
-    them (spooled by an older version), so both paths share these definitions."""
-    post = {(r.get("step"), r["layer"], r["stratum"]): r["eigenvalues"] for r in records if r["site"] == "post"}
-    for r in records:
-        eig = r["eigenvalues"]
-        if eig is None:
+def attach_metrics(spectra: list) -> list:
+    """Give every computed `contract.records.Spectrum` its `metrics`, and every `pre` one whose
+    `post` partner (same step, layer, stratum) was computed its `reinjection`. Spectra that
+    already carry them are left alone. Runs in the worker; the driver calls it for results that
+    lack them (spooled by an older version), so both paths share these definitions."""
+    post = {(s.step, s.layer, s.stratum): s.eigenvalues for s in spectra if s.site == "post"}
+    for s in spectra:
+        if s.eigenvalues is None:
             continue
-        if "metrics" not in r:
-            r["metrics"] = metrics(eig)
-        partner = post.get((r.get("step"), r["layer"], r["stratum"]))
-        if r["site"] == "pre" and partner is not None and "reinjection" not in r:
-            r["reinjection"] = reinjection(eig, partner)
-    return records
+        if s.metrics is None:
+            s.metrics = metrics(s.eigenvalues)
+        partner = post.get((s.step, s.layer, s.stratum))
+        if s.site == "pre" and partner is not None and s.reinjection is None:
+            s.reinjection = reinjection(s.eigenvalues, partner)
+    return spectra

@@ -1,0 +1,194 @@
+"""Where runs train: in this process (`inline`) or as Ray tasks (`ray`).
+
+The only module of spectraldb that imports worker code (`workers.data`, `workers.train`) and
+Ray, both lazily: planning and querying need neither torch nor ray. Workers receive a plain
+config dict and the prepared dataset and return a `contract.records.RunResult` (as a dict across
+Ray); the sink (spectraldb.run.sink) stores it, with the dataset's vocabulary size, which the
+driver knows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from contract.records import RunResult
+from spectraldb.errors import RayStartError, SpecError, one_line
+from spectraldb.run.preflight import check_cluster
+from spectraldb.run.progress import Throttle
+
+# A replacement for workers.train.run (same signature), shipped to every worker: the tests' way
+# to make a worker process die mid-run. None: the real training loop.
+TRAIN = None
+
+
+def prepare_data(runs: list[RunSpec], cache_dir=None) -> dict[str, object]:
+    """One dataset per distinct `data:` section; bad corpora fail here, before anything runs."""
+    from workers.data import DataError, prepare
+
+    out = {}
+    for r in runs:
+        key = json.dumps(r.data.model_dump(), sort_keys=True)
+        if key not in out:
+            try:
+                out[key] = prepare(r.data.model_dump(), cache_dir)
+            except DataError as exc:
+                raise SpecError(f"data.corpus: {exc}") from None
+        ds = out[key]
+        if ds.train.size < r.data.context + 2:
+            raise SpecError(f"data.context: the training split of {r.data.corpus} holds {ds.train.size} tokens, "
+                            f"fewer than one window of {r.data.context} + 2; use a larger corpus or a smaller context")
+        need = (r.measure.tokens // r.data.context) * r.data.context
+        if r.measure.source == "heldout" and need > ds.heldout.size:
+            raise SpecError(f"measure.tokens: {r.measure.tokens} exceeds the {ds.heldout.size} held-out "
+                            "tokens of the corpus; lower it or raise data.heldout_fraction")
+    return out
+
+
+def data_key(r: RunSpec) -> str:
+    return json.dumps(r.data.model_dump(), sort_keys=True)
+
+
+def checkpoint_path(run) -> str | None:
+    return str(Path(run.checkpoint.dir) / f"{run.run_id}.pt") if run.checkpoint else None
+
+
+def workers_train_run(*args, **kw):
+    from workers.train import run
+
+    return run(*args, **kw)
+
+
+def run_inline(runs, datasets, sink) -> None:
+    """Each run in this process, one after another."""
+    train_run = TRAIN or workers_train_run
+    reporter = sink.reporter
+    for r in runs:
+        ds = datasets[data_key(r)]
+        throttle = Throttle()
+
+        def progress(step, steps, r=r):
+            if throttle.ready(step, steps):
+                reporter.step(r.run_id, r.label, step, steps)
+
+        sink.put(r, train_run(r.config(), ds, progress, checkpoint=checkpoint_path(r)), ds.vocab_size)
+
+
+def run_ray(runs, datasets, sink, address, max_in_flight=None) -> None:
+    """Each run as a Ray task (retried when its worker process dies), at most `max_in_flight` at once."""
+    import logging
+
+    import ray
+
+    reporter = sink.reporter
+    started_here = not ray.is_initialized()
+    # Ray announces token authentication on every start; it is advice, not a problem of the sweep
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    if started_here:
+        kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        try:
+            if address:
+                ray.init(address=address, **kwargs)
+            else:  # "local": always a fresh instance, even when another Ray runs on this machine
+                ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
+        except Exception as exc:  # noqa: BLE001 - Ray's start-up errors come in many types
+            raise RayStartError(f"--address: cannot start or reach Ray ({one_line(exc)})") from None
+    try:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        check_cluster(runs, ray.nodes())
+
+        # the progress board lives beside the driver, so losing a worker node never takes it along
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+        board = _Board.options(num_cpus=0, scheduling_strategy=here).remote()
+        data_refs = {k: ray.put(ds) for k, ds in datasets.items()}  # shipped once, shared by runs
+        pending = {}
+        queue = list(runs)
+        cap = max_in_flight or len(runs)  # Ray queues the rest by resources; a cap bounds the driver
+
+        def submit():
+            while queue and len(pending) < cap:
+                r = queue.pop(0)
+                task = _ray_task.options(num_cpus=r.resources.cpus, num_gpus=r.resources.gpus,
+                                         max_retries=r.resources.max_retries)
+                ref = task.remote(r.config(), data_refs[data_key(r)], board, r.run_id, max(1, int(r.resources.cpus)),
+                                  checkpoint_path(r), TRAIN)
+                pending[ref] = r
+
+        submit()
+        labels = {r.run_id: r.label for r in runs}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            try:
+                snapshot = ray.get(board.snapshot.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - progress is best effort; results are what matter
+                snapshot = {}
+            for run_id, (step, steps) in snapshot.items():
+                if run_id in labels:
+                    reporter.step(run_id, labels[run_id], step, steps)
+            for ref in ready:
+                r = pending.pop(ref)
+                labels.pop(r.run_id, None)
+                try:
+                    res = RunResult.from_dict(ray.get(ref))
+                except Exception as exc:  # the worker process died: record, go on
+                    res = RunResult.failed(f"{type(exc).__name__}: {exc}")
+                sink.put(r, res, datasets[data_key(r)].vocab_size)
+            submit()
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+class LazyRemote:
+    """Defers ray.remote until first use so that importing this module needs no ray."""
+
+    def __init__(self, factory):
+        self.factory, self.obj = factory, None
+
+    def __getattr__(self, name):
+        if self.obj is None:
+            self.obj = self.factory()
+        return getattr(self.obj, name)
+
+
+def _make_board():
+    import ray
+
+    @ray.remote
+    class Board:
+        def __init__(self):
+            self.steps = {}
+
+        def report(self, run_id, step, steps):
+            self.steps[run_id] = (step, steps)
+
+        def snapshot(self):
+            return dict(self.steps)
+
+    return Board
+
+
+def _make_task():
+    import ray
+
+    @ray.remote(max_retries=2)
+    def task(config, ds, board, run_id, threads, checkpoint, train):
+        from workers.train import run as workers_train_run
+
+        throttle = Throttle(1.0)
+
+        def progress(step, steps):
+            if throttle.ready(step, steps):
+                board.report.remote(run_id, step, steps)
+
+        return (train or workers_train_run)(config, ds, progress, threads, checkpoint=checkpoint).to_dict()
+
+    return task
+
+
+
+
+_Board = LazyRemote(_make_board)
+_ray_task = LazyRemote(_make_task)

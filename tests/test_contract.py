@@ -1,0 +1,94 @@
+"""The worker↔driver contract: records that survive Ray and the spool, one vocabulary, one size rule."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from contract import metrics, sizes, vocabulary
+from contract.records import Evaluation, RunResult, Spectrum
+from tests.builders import evaluations, result, spectrum
+
+
+def test_a_result_survives_to_dict_and_back_exactly():
+    res = result("diverged", [spectrum(3, 0, "post", "all", [3.0, 2.0, 1.0], 30),
+                              spectrum(3, 0, "pre", "tail", None, 0, n_dim=3)],
+                 evaluations([3], 4.0, 4.1, 60.3), error="diverged at step 3")
+    metrics.attach_metrics(res.spectra)
+    back = RunResult.from_dict(res.to_dict())
+    assert back.status == "diverged" and back.error == res.error and back.evals == res.evals
+    assert [s.key for s in back.spectra] == [s.key for s in res.spectra]
+    assert np.array_equal(back.spectra[0].eigenvalues, res.spectra[0].eigenvalues)
+    assert back.spectra[0].metrics == res.spectra[0].metrics and back.spectra[1].is_skipped
+    json.dumps({k: v for k, v in res.to_dict().items() if k != "spectra"})  # plain values, for JSON and Ray
+
+
+def test_a_failed_result_has_nothing_but_its_error():
+    res = RunResult.failed("WorkerCrashedError: the worker died")
+    assert res.status == "failed" and res.evals == [] and res.spectra == [] and res.duration_s == pytest.approx(0, abs=1)
+    assert res.final is None and res.protocol == vocabulary.PROTOCOL
+
+
+def test_a_result_spooled_by_an_older_version_still_reads():
+    """Older results carried the driver's vocab_size inside and no metrics: both are tolerated."""
+    old = {"status": "done", "started_at": 0.0, "finished_at": 1.0, "vocab_size": 300,
+           "evals": [{"step": 1, "train_loss": 3.0, "val_loss": 3.0, "val_ppl": 20.0}],
+           "spectra": [{"step": 1, "layer": 0, "site": "post", "stratum": "all", "n_tokens": 10, "n_dim": 2,
+                        "eigenvalues": [2.0, 1.0], "min_eigenvalue": 0.5}]}
+    res = RunResult.from_dict(old)
+    assert not hasattr(res, "vocab_size") and res.evals == [Evaluation(1, 3.0, 3.0, 20.0)]
+    assert res.spectra[0].metrics is None
+    metrics.attach_metrics(res.spectra)
+    assert res.spectra[0].metrics["hard_rank"] == pytest.approx(metrics.hard_rank([2.0, 1.0]))
+
+
+def test_a_skipped_spectrum_is_explicit():
+    s = Spectrum.skipped(step=1, layer=0, site="pre", stratum="head", n_tokens=3, n_dim=8)
+    assert s.is_skipped and s.eigenvalues is None and s.min_eigenvalue is None
+    metrics.attach_metrics([s])
+    assert s.metrics is None
+
+
+def test_the_vocabulary_is_built_once_from_the_renyi_orders():
+    assert vocabulary.STRATA == ("all", *vocabulary.MEASURED_STRATA)
+    assert vocabulary.PLAN_STATUSES == ("new", "spooled", "done", "diverged", "failed")
+    assert set(vocabulary.FINISHED) < set(vocabulary.STATUSES)
+    renyi = [m for m in vocabulary.METRICS if m.startswith("renyi:")]
+    assert len(renyi) == len(vocabulary.RENYI_ALPHAS) and "renyi:inf" in renyi and "renyi:0.5" in renyi
+    assert set(vocabulary.METRICS.values()) <= set(vocabulary.RANK_COLUMNS)
+    assert list(metrics.metrics(np.ones(4))) == list(vocabulary.RANK_COLUMNS)
+    assert list(metrics.reinjection(np.ones(4), np.ones(4))) == list(vocabulary.REINJECTION_COLUMNS)
+
+
+def test_the_derived_sizes_have_one_definition_everywhere():
+    from spectraldb.spec.models import ModelSpec
+    from workers.model import GPTConfig
+
+    for mult, d, norm, frac, layers in ((4.0, 64, "pre", None, 2), (2.7, 96, "post", 0.5, 5), (1 / 3, 48, "post", None, 3)):
+        spec = ModelSpec(d_model=d, ffn_mult=mult, norm=norm, postln_frac=frac, n_layer=layers, n_head=4)
+        model = GPTConfig(vocab_size=10, context=8, n_layer=layers, d_model=d, n_head=4, ffn_mult=mult, norm=norm,
+                          postln_frac=frac)
+        assert spec.ffn_width == model.ffn_width == sizes.ffn_width(mult, d) == int(round(mult * d))
+        assert spec.n_post_norm == model.n_post_norm == sizes.n_post_norm(norm, layers, frac)
+    assert sizes.n_post_norm("post", 5, 0.5) == 2 and sizes.n_post_norm("pre", 5, 1.0) == 0
+
+
+def test_the_model_of_a_run_comes_from_its_spec_alone():
+    """Run defaults exist once: the spec fills every field; the model reads them, with no fallback."""
+    from spectraldb.spec import RunSpec
+    from workers.model import GPTConfig
+
+    config = RunSpec.model_validate({}).config()
+    cfg = GPTConfig.from_run(config, vocab_size=300)
+    assert (cfg.n_layer, cfg.d_model, cfg.pos, cfg.norm, cfg.activation) == (2, 64, "rope", "pre", "relu2")
+    del config["model"]["activation"]
+    with pytest.raises(KeyError):
+        GPTConfig.from_run(config, vocab_size=300)
+
+
+def test_metric_functions_are_pure_and_keep_their_invariants():
+    eig = np.array([5.0, 2.0, 1.0, 0.5])
+    assert 1 <= metrics.hard_rank(eig) <= metrics.soft_rank(eig) <= eig.size
+    assert metrics.renyi_rank(eig, 2.0) == pytest.approx(metrics.hard_rank(eig))
+    assert metrics.renyi_rank(eig, math.inf) == pytest.approx(1 / (5 / 8.5))
