@@ -14,4 +14,4 @@ print(table.select(["optimizer", "beta_hard", "beta_soft", "n_widths"]))
 for group in tail.groups:                        # the fits behind the rows, intercepts included
     fit = group.fits["hard"]
     if fit is not None:
-        print(f"{group.key['optimizer']}: hard rank ≈ {fit.intercept:.3f} + {fit.beta:.3f}·ln D (log–log), R² {fit.r2:.3f}")
+        print(f"{group.key['optimizer']}: ln(hard rank) ≈ {fit.intercept:.3f} + {fit.beta:.3f}·ln D, R² {fit.r2:.3f}")

@@ -6,7 +6,6 @@ library caller and a CLI user read the same message.
 from __future__ import annotations
 
 import json
-import math
 
 import duckdb
 

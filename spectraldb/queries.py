@@ -15,7 +15,7 @@ import numpy as np
 from contract.vocabulary import ARCHITECTURE_FACTORS, FACTORS, RENYI_ALPHAS, STRATA, alpha_label, alpha_name
 from spectraldb.answer import Answer
 from spectraldb.errors import QueryError
-from spectraldb.fits import MIN_WIDTHS, GroupFit, fit_groups, rows  # noqa: F401 - MIN_WIDTHS is part of this API
+from spectraldb.fits import MIN_WIDTHS, fit_groups, rows  # noqa: F401 - MIN_WIDTHS is part of this API
 from spectraldb.predicates import check_metric, check_strata, check_where  # noqa: F401 - the API's checks
 from spectraldb.selection import Selection
 from spectraldb.values import (Point, excluded_diverged, flag_low_n, run_factors, run_values, selected_protocols,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import textwrap
 from pathlib import Path
 
@@ -77,10 +78,10 @@ def flat(rank: float, dim: int) -> np.ndarray:
     return eig
 
 
-def put(db, *, optimizer="adamw", mult=1, seed=0, steps=300, n_head=4, rank_of=None, ppl=50.0, layers=2,
-        stratum="all", status="done", n_per_dim=50, strata=None, measured=(100, 200, 300)):
-    """Plant one run without training. `strata` ({stratum: factor}) writes several strata, each
-    with rank_of × factor; otherwise the one `stratum`."""
+def planted_run(*, optimizer="adamw", mult=1, seed=0, steps=300, n_head=4, rank_of=None, ppl=50.0, layers=2,
+            stratum="all", status="done", n_per_dim=50, strata=None, measured=(100, 200, 300)):
+    """One run without training: (its spec, its result). `strata` ({stratum: factor}) writes
+    several strata, each with rank_of × factor; otherwise the one `stratum`."""
     run = RunSpec.model_validate({"model": {"d_model": 32, "n_head": n_head, "ffn_mult": mult},
                                   "optimizer": optimizer, "train": {"steps": steps, "seed": seed},
                                   "measure": {"every": 100, "last_k": 2}})
@@ -92,7 +93,55 @@ def put(db, *, optimizer="adamw", mult=1, seed=0, steps=300, n_head=4, rank_of=N
             for site in ("pre", "post"):
                 for st, factor in (strata or {stratum: 1.0}).items():
                     spectra.append(spectrum(step, layer, site, st, flat(min(D, r * factor), D), n_per_dim * D))
-    store.write_run(db, run, result(status, spectra, evaluations([steps], 3.0, float(np.log(ppl)), ppl)), {})
+    return run, result(status, spectra, evaluations([steps], 3.0, float(np.log(ppl)), ppl))
+
+
+def put(db, **kw):
+    """Plant one run (see `planted_run`) in the store."""
+    store.write_run(db, *planted_run(**kw), {})
+
+
+@contextlib.contextmanager
+def planting(db):
+    """Plant many runs through one connection, each committed as `put` would:
+    `with planting(db) as plant: plant(mult=2, rank_of=…)`."""
+    batch = []
+    yield lambda **kw: batch.append((*planted_run(**kw), {}, "", None))
+    store.write_runs(db, batch)
+
+
+MULTS = (1, 2, 4, 8)  # d_model 32 → D = 32 … 256
+
+
+def query(db, *args, code=0):
+    """`specdb query … --format json` through the CLI: (rows, stderr)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    result = CliRunner().invoke(app, ["query", *args, "--db", str(db), "--format", "json"])
+    assert result.exit_code == code, result.output
+    return (json.loads(result.stdout) if code == 0 else None), result.stderr
+
+
+def by_key(rows, *keys):
+    return {tuple(r[k] for k in keys) if len(keys) > 1 else r[keys[0]]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def planted_factors(tmp_path_factory):
+    """AdamW: hard rank = D/4 (β = 1); Muon: 2·√D (β = 0.5) at steps 200/300 but D/4 at step 100,
+    and in layer 1 only D/8 (β = 1 still); both with n_head 4 and 8 (Muon β 0.6 at 8 heads)."""
+    db = tmp_path_factory.mktemp("planted") / "v.duckdb"
+    with planting(db) as plant:
+        for m in MULTS:
+            plant(optimizer="adamw", mult=m, rank_of=lambda D, s, l: D / 4)
+            plant(optimizer="muon", mult=m, rank_of=lambda D, s, l: D / 4 if s == 100 else 2 * np.sqrt(D))
+            plant(optimizer="adamw", mult=m, n_head=8, rank_of=lambda D, s, l: D / 4)
+            plant(optimizer="muon", mult=m, n_head=8, rank_of=lambda D, s, l: 1.5 * D**0.6)
+    return db
 
 
 # ---------------------------------------------------------------- optimizer configs and a tiny model
@@ -115,3 +164,15 @@ def tiny_model(**kw):
     torch.manual_seed(0)
     return GPT(GPTConfig(**{"vocab_size": 64, "context": 16, "n_layer": 2, "d_model": 16, "n_head": 2,
                             "ffn_mult": 4, **kw}))
+
+
+# ---------------------------------------------------------------- tiers
+
+UNIT = Path(__file__).resolve().parent / "unit"
+
+
+def pytest_collection_modifyitems(config, items):
+    """tests/unit/ is the unit tier (`pytest -m unit`): a module at a time, no training."""
+    for item in items:
+        if UNIT in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.unit)

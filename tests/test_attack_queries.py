@@ -15,7 +15,7 @@ from spectraldb import queries, store
 from spectraldb.selection import Selection
 from spectraldb.store import opening
 from spectraldb.errors import QueryError, SpecError, StoreError
-from tests.conftest import put
+from tests.conftest import planting
 
 runner = CliRunner()
 SECRET = "TOP-SECRET-4711"
@@ -25,9 +25,10 @@ SECRET = "TOP-SECRET-4711"
 def db(tmp_path_factory):
     """AdamW rank D/4 (β 1) at 4 widths, plus one diverged AdamW run with rank √D."""
     path = tmp_path_factory.mktemp("attack") / "s.duckdb"
-    for mult in (1, 2, 4, 8):
-        put(path, mult=mult, rank_of=lambda D, step, layer: D / 4)
-    put(path, mult=1, seed=1, status="diverged", rank_of=lambda D, step, layer: np.sqrt(D))
+    with planting(path) as plant:
+        for mult in (1, 2, 4, 8):
+            plant(mult=mult, rank_of=lambda D, step, layer: D / 4)
+        plant(mult=1, seed=1, status="diverged", rank_of=lambda D, step, layer: np.sqrt(D))
     (path.parent / "secret.txt").write_text(SECRET)
     return path
 
@@ -171,8 +172,9 @@ def test_a_folder_or_an_empty_file_as_the_store(tmp_path):
 
 def test_fits_resting_on_few_tokens_per_dimension_say_so(tmp_path):
     db = tmp_path / "n.duckdb"
-    for mult in (1, 2, 4):
-        put(db, mult=mult, rank_of=lambda D, step, layer: D / 4, n_per_dim=2 if mult == 4 else 50)
+    with planting(db) as plant:
+        for mult in (1, 2, 4):
+            plant(mult=mult, rank_of=lambda D, step, layer: D / 4, n_per_dim=2 if mult == 4 else 50)
     rows, err = beta_rows(db)
     assert rows[0]["min_n_over_d"] == pytest.approx(2.0)
     assert "only 2.0 tokens per dimension (width 128" in err
@@ -180,8 +182,9 @@ def test_fits_resting_on_few_tokens_per_dimension_say_so(tmp_path):
         rows, err = beta_rows(db, *args)
         assert all(r["min_n_over_d"] == pytest.approx(2.0) for r in rows) and "tokens per dimension" in err
     db2 = tmp_path / "ok.duckdb"
-    for mult in (1, 2, 4):
-        put(db2, mult=mult, rank_of=lambda D, step, layer: D / 4)
+    with planting(db2) as plant:
+        for mult in (1, 2, 4):
+            plant(mult=mult, rank_of=lambda D, step, layer: D / 4)
     rows, err = beta_rows(db2)
     assert rows[0]["min_n_over_d"] == pytest.approx(50.0) and "tokens per dimension" not in err
 
@@ -210,9 +213,10 @@ def test_steps_and_layers_are_ordered_as_numbers(tmp_path):
 
     db = tmp_path / "n.duckdb"
     for mult in (1, 2, 4):
-        for opt in ("adamw", "muon"):
-            put(db, optimizer=opt, mult=mult, steps=1000, layers=12, measured=(1, 200, 1000),
-                rank_of=lambda D, s, l: D / 4)
+        with planting(db) as plant:
+            for opt in ("adamw", "muon"):
+                plant(optimizer=opt, mult=mult, steps=1000, layers=12, measured=(1, 200, 1000),
+                    rank_of=lambda D, s, l: D / 4)
     rows = json.loads(cli(db, "query", "dynamics", "--format", "json").stdout)
     assert [r["step"] for r in rows if r["optimizer"] == "AdamW"] == [1, 200, 1000]
     layers = [r["layer"] for r in json.loads(cli(db, "query", "depth", "--format", "json").stdout)
@@ -231,8 +235,9 @@ def test_labels_with_control_characters_are_refused_and_escaped_from_older_store
         with pytest.raises(SpecError, match="optimizer.label: holds the invisible or control character"):
             load_spec(spec)
     db = tmp_path / "old.duckdb"
-    for mult in (1, 2, 4):
-        put(db, mult=mult, rank_of=lambda D, s, l: D / 4)
+    with planting(db) as plant:
+        for mult in (1, 2, 4):
+            plant(mult=mult, rank_of=lambda D, s, l: D / 4)
     with duckdb.connect(str(db)) as con:  # an older store, written before labels were checked
         con.execute("UPDATE runs SET optimizer = 'Adam\x1b[2J\nFAKE LINE\u200b'")
     out = cli(db, "query", "beta").stdout

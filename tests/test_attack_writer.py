@@ -74,6 +74,7 @@ def test_one_writer_per_store(tmp_path):
         pass
 
 
+@pytest.mark.slow  # two real drivers, one of them training a sweep
 def test_a_second_driver_is_refused_and_nothing_is_trained_twice(tmp_path, corpus):
     db, spec = tmp_path / "s.duckdb", tmp_path / "s.yaml"
     spec.write_text(tiny_spec(corpus, db, "sweep:\n  seed: [0, 1, 2]\n", steps=60).replace("every: 3", "every: 20"))

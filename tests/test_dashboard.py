@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import put
+from tests.conftest import planting
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,10 +42,11 @@ def start_serve(db, env=None, preexec_fn=None):
 def server(tmp_path_factory):
     """A real `specdb serve` on a store with AdamW (β 1) and Muon (β 0.5) at 4 widths, tail ranks halved."""
     db = tmp_path_factory.mktemp("dash") / "d.duckdb"
-    for mult in (1, 2, 4, 8):
-        put(db, mult=mult, strata={"all": 1.0, "tail": 0.5}, rank_of=lambda D, s, l: D / 4)
-        put(db, optimizer="muon", mult=mult, strata={"all": 1.0, "tail": 0.5}, ppl=51.0,
-            rank_of=lambda D, s, l: 2 * D ** 0.5)
+    with planting(db) as plant:
+        for mult in (1, 2, 4, 8):
+            plant(mult=mult, strata={"all": 1.0, "tail": 0.5}, rank_of=lambda D, s, l: D / 4)
+            plant(optimizer="muon", mult=mult, strata={"all": 1.0, "tail": 0.5}, ppl=51.0,
+                rank_of=lambda D, s, l: 2 * D ** 0.5)
     proc, base = start_serve(db)
     yield base
     proc.send_signal(signal.SIGINT)
@@ -115,11 +116,12 @@ def hostile_server(tmp_path_factory):
     """A real `specdb serve` whose store holds an optimizer label written to run script, under a
     memory cap (the cross-origin attack below aims at it)."""
     db = tmp_path_factory.mktemp("xss") / "x.duckdb"
-    for mult in (1, 2, 4):
-        put(db, optimizer={"name": "adamw", "label": HOSTILE_LABEL}, mult=mult, strata={"all": 1.0, "tail": 0.5},
-            rank_of=lambda D, s, l: D / 4)
-        put(db, optimizer="muon", mult=mult, ppl=50.5, strata={"all": 1.0, "tail": 0.5},
-            rank_of=lambda D, s, l: 2 * D ** 0.5)
+    with planting(db) as plant:
+        for mult in (1, 2, 4):
+            plant(optimizer={"name": "adamw", "label": HOSTILE_LABEL}, mult=mult, strata={"all": 1.0, "tail": 0.5},
+                rank_of=lambda D, s, l: D / 4)
+            plant(optimizer="muon", mult=mult, ppl=50.5, strata={"all": 1.0, "tail": 0.5},
+                rank_of=lambda D, s, l: 2 * D ** 0.5)
     import resource
 
     def outer():

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from contract import metrics as spectra
-from spectraldb import fits, store
+from spectraldb import fits
 from spectraldb.store import write as store_write
 from tests.golden.make import PINNED, compute, differences
 

@@ -6,16 +6,19 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import duckdb
 import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from spectraldb.spec import load_spec
 from tests.conftest import tiny_spec
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def counts(db):
@@ -242,3 +245,17 @@ def test_the_perplexity_rule_applies_to_the_final_evaluation_and_is_named(tmp_pa
     result, status, error, ppl_end, steps = run_with(ppl[-1] * 0.99, "end")
     assert result.exit_code == 3 and status == "diverged" and "rule: final val ppl" in error
     assert len(ppl_end) == len(ppl) and steps == 6  # measured to the end, nothing cut short
+
+
+@pytest.mark.slow  # plans through every pre-training check: prepares the shipped corpus
+def test_shipped_experiments_yaml_plans_the_headline_sweep(tmp_path):
+    plan, _ = load_spec(ROOT / "experiments.yaml")
+    assert len(plan.runs) == 8
+    assert {r.label for r in plan.runs} == {"AdamW", "Muon"}
+    assert sorted({r.model.ffn_mult for r in plan.runs}) == [1, 2, 4, 8]
+    assert {(r.train.steps, r.measure.every, r.measure.tokens) for r in plan.runs} == {(1000, 200, 16384)}
+    result = runner.invoke(app, ["plan", str(ROOT / "experiments.yaml"), "--db", str(tmp_path / "x.duckdb"),
+                                 "--format", "json"])
+    assert result.exit_code == 0
+    assert "8 runs: 8 new" in result.stderr
+    assert not (tmp_path / "x.duckdb").exists()  # planning writes nothing

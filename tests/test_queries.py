@@ -2,6 +2,8 @@
 
 import json
 
+import duckdb
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -10,7 +12,8 @@ from cli.main import app
 from spectraldb import store
 from spectraldb.spec import RunSpec
 from tests.builders import evaluations, result, spectrum
-from tests.conftest import flat
+from tests.conftest import flat, planting, put
+from tests.unit.test_store import fake_result
 
 runner = CliRunner()
 
@@ -32,11 +35,11 @@ def write(db, optimizer, mult, ranks, status="done", d_model=16, steps=300, last
 MULTS = (1, 4, 16, 64)  # D = 16 … 1024
 
 
-@pytest.fixture
-def planted(tmp_path):
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
     """AdamW: β = 1 at step 100 and 0.5 at steps 200/300, in both layers.
-    Muon: layer 0 has β = 1, layer 1 has β = 0.5, at every step."""
-    db = tmp_path / "q.duckdb"
+    Muon: layer 0 has β = 1, layer 1 has β = 0.5, at every step. (Read only by its tests.)"""
+    db = tmp_path_factory.mktemp("queries") / "q.duckdb"
     for m in MULTS:
         D = 16 * m
         write(db, "adamw", m, {(s, l): (D // 4 if s == 100 else 2 * int(np.sqrt(D))) for s in (100, 200, 300) for l in (0, 1)})
@@ -138,3 +141,141 @@ def test_migration_002_backfills_metrics_of_older_runs(tmp_path, monkeypatch, li
         assert con.execute("SELECT renyi_inf FROM ranks WHERE site = 'post'").fetchone()[0] == pytest.approx(16)
         assert con.execute("SELECT rho_2 FROM reinjection").fetchone()[0] == pytest.approx(2.0)
         assert con.execute("SELECT pos FROM runs").fetchone()[0] == "rope"
+
+
+# ---------------------------------------------------------------- β, matched and delta through the CLI
+
+from tests.conftest import MULTS as FACTOR_MULTS  # noqa: E402 - d_model 32 → D = 32 … 256
+from tests.conftest import by_key, query  # noqa: E402
+
+
+
+def test_beta_by_factors_metric_window_step_and_where(planted_factors):
+    rows, _ = query(planted_factors, "beta", "--by", "optimizer,n_head")
+    b = by_key(rows, "optimizer", "n_head")
+    assert b[("AdamW", 4)]["beta_hard"] == pytest.approx(1.0, abs=1e-3)
+    assert b[("Muon", 4)]["beta_hard"] == pytest.approx(0.5, abs=2e-3)
+    assert b[("Muon", 8)]["beta_hard"] == pytest.approx(0.6, abs=2e-3)
+    rows, _ = query(planted_factors, "beta", "--metric", "renyi:inf", "--where", "n_head = 4")
+    assert by_key(rows, "optimizer")["AdamW"]["beta"] == pytest.approx(1.0, abs=1e-6)  # flat: R_∞ = ⌊rank⌋
+    assert {r["metric"] for r in rows} == {"renyi:inf"}
+    rows, _ = query(planted_factors, "beta", "--step", "100", "--where", "n_head = 4")
+    assert by_key(rows, "optimizer")["Muon"]["beta_hard"] == pytest.approx(1.0, abs=1e-3)
+    rows, _ = query(planted_factors, "beta", "--window", "3", "--where", "n_head = 4")  # median of 3 steps: 2√D
+    assert by_key(rows, "optimizer")["Muon"]["beta_hard"] == pytest.approx(0.5, abs=2e-3)
+    rows, _ = query(planted_factors, "beta", "--layer", "each", "--where", "n_head = 4")
+    assert {(r["optimizer"], r["layer"]) for r in rows} == {("AdamW", 0), ("AdamW", 1), ("Muon", 0), ("Muon", 1)}
+
+
+def test_seed_bootstrap_interval_covers_the_planted_beta(tmp_path):
+    db = tmp_path / "s.duckdb"
+    rng = np.random.default_rng(0)
+    for m in FACTOR_MULTS:  # seed noise, independent per width; the planted exponent is 0.7
+        with planting(db) as plant:
+            for seed in range(6):
+                noise = float(np.exp(rng.normal(0, 0.03)))
+                plant(mult=m, seed=seed, rank_of=lambda D, s, l, e=noise: 0.2 * D**0.7 * e, layers=1)
+    rows, _ = query(db, "beta")
+    r = rows[0]
+    assert r["n_seeds"] == 6
+    assert r["beta_hard_boot_low"] < 0.7 < r["beta_hard_boot_high"]
+    assert r["beta_hard_boot_high"] - r["beta_hard_boot_low"] < 0.3
+
+
+def test_fits_need_three_widths(tmp_path):
+    db = tmp_path / "w.duckdb"
+    with planting(db) as plant:
+        for m in (1, 2):
+            plant(mult=m, rank_of=lambda D, s, l: D / 4)
+    for m in (1, 2, 4):
+        put(db, optimizer="muon", mult=m, rank_of=lambda D, s, l: D / 4)
+    rows, err = query(db, "beta")
+    b = by_key(rows, "optimizer")
+    assert b["AdamW"]["beta_hard"] is None and b["Muon"]["beta_hard"] == pytest.approx(1, abs=1e-3)
+    assert "AdamW: 2 widths; a fit needs at least 3 (refused)" in err
+    assert "Muon: fit on only 3 widths" in err
+
+
+def test_matched_finds_the_planted_pair(tmp_path):
+    db = tmp_path / "m.duckdb"
+    with planting(db) as plant:
+        for m in FACTOR_MULTS:
+            plant(optimizer="adamw", steps=300, mult=m, ppl=50.0, rank_of=lambda D, s, l: D / 4)
+            plant(optimizer={"name": "dion", "rank_fraction": 0.0625}, steps=300, mult=m, ppl=50.0 * 1.02,
+                rank_of=lambda D, s, l: 2 * np.sqrt(D))
+            plant(optimizer="adamw", steps=600, mult=m, ppl=40.0, rank_of=lambda D, s, l: 2 * np.sqrt(D))
+    rows, err = query(db, "matched", "--ppl-tol", "0.03", "--min-dbeta", "0.2")
+    assert len(rows) == 1
+    r = rows[0]
+    assert {r["group_a"], r["group_b"]} == {"AdamW / 300", "Dion (1/16) / 300"}
+    assert abs(r["dbeta"]) == pytest.approx(0.5, abs=5e-3)
+    assert r["ppl_gap"] == pytest.approx(0.02 / 1.01, rel=1e-3) and r["matched_by_width"] is True
+    assert len(r["width_gaps"].split()) == 4
+    assert "1 matched pair" in err
+    rows, _ = query(db, "matched", "--ppl-tol", "0.01")
+    assert rows == []
+
+
+def test_delta_counts_k_of_n(tmp_path):
+    db = tmp_path / "d.duckdb"
+    betas = {"adamw": (0.5, 0.55), "muon": (0.8, 0.7), "normuon": (0.6, 0.2)}  # (n_head 4, n_head 8)
+    with planting(db) as plant:
+        for name, (b4, b8) in betas.items():
+            for m in FACTOR_MULTS:
+                plant(optimizer=name, mult=m, n_head=4, rank_of=lambda D, s, l, b=b4: D**b)
+                plant(optimizer=name, mult=m, n_head=8, rank_of=lambda D, s, l, b=b8: D**b)
+    rows, err = query(db, "delta", "--arch", "n_head", "--baseline", "adamw", "--reference", "4")
+    assert len(rows) == 6  # 3 optimizers × hard/soft, stratum all only
+    hard = by_key([r for r in rows if r["metric"] == "hard"], "optimizer")
+    assert hard["AdamW"]["arch_shift"] == pytest.approx(0.05, abs=5e-3)
+    assert hard["Muon"]["optimizer_gain"] == pytest.approx(0.3, abs=5e-3)
+    assert [hard[o]["passes"] for o in ("AdamW", "Muon", "NorMuon")] == [True, True, False]
+    assert "4 of 6 comparisons" in err
+
+
+def test_betas_view_matches_query_beta_value_by_value(tmp_path):
+    """Two n_head and two steps values: the view fits each configuration apart (it used to pool
+    them by optimizer) and applies the 3-width floor, exactly as `query beta --by …` does."""
+    db = tmp_path / "b.duckdb"
+    with planting(db) as plant:
+        for n_head, steps, slope in ((4, 300, 1.0), (8, 300, 0.5), (4, 600, 0.75)):
+            for mult in (1, 2, 4, 8):
+                plant(mult=mult, n_head=n_head, steps=steps, rank_of=lambda D, s, l, b=slope: 0.5 * D**b)
+        plant(optimizer="muon", mult=1, rank_of=lambda D, s, l: D / 4)  # 2 widths: no fit anywhere
+        plant(optimizer="muon", mult=2, rank_of=lambda D, s, l: D / 4)
+    rows, _ = query(db, "beta", "--by", "optimizer,n_head,steps")
+    fits = {(r["optimizer"], r["n_head"], r["steps"]): r for r in rows if r["beta_hard"] is not None}
+    con = duckdb.connect(str(db), read_only=True)
+    view = con.execute("""SELECT optimizer, n_head, steps, metric, beta, r2, n_widths FROM betas
+                          WHERE site = 'post' AND stratum = 'all' AND metric IN ('hard', 'soft')""").fetchall()
+    con.close()
+    assert len(view) == 2 * len(fits) == 6
+    for opt, n_head, steps, metric, beta, r2, n_widths in view:
+        row = fits[(opt, n_head, steps)]
+        assert beta == pytest.approx(row[f"beta_{metric}"], abs=1e-9)
+        assert r2 == pytest.approx(row[f"r2_{metric}"], abs=1e-9) and n_widths == row["n_widths"] == 4
+    assert {k: round(v["beta_hard"], 6) for k, v in fits.items()} == {
+        ("AdamW", 4, 300): 1.0, ("AdamW", 8, 300): 0.5, ("AdamW", 4, 600): 0.75}
+
+
+def test_query_beta_recovers_planted_exponents(tmp_path):
+    db = tmp_path / "s.duckdb"
+    for name, rank_of in (("adamw", lambda D: D // 4), ("muon", lambda D: 2 * int(np.sqrt(D)))):
+        for mult in (1, 4, 16, 64):
+            run = RunSpec.model_validate({"model": {"d_model": 16, "ffn_mult": mult}, "optimizer": name,
+                                          "train": {"steps": 200}})
+            D = run.model.ffn_width
+            store.write_run(db, run, fake_result({(100, 0): rank_of(D), (200, 0): rank_of(D)}, D), {})
+    result = runner.invoke(app, ["query", "beta", "--db", str(db), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    rows = {r["optimizer"]: r for r in json.loads(result.stdout)}
+    assert rows["AdamW"]["beta_hard"] == pytest.approx(1.0) and rows["AdamW"]["beta_soft"] == pytest.approx(1.0, abs=1e-6)
+    assert rows["Muon"]["beta_hard"] == pytest.approx(0.5) and rows["Muon"]["n_widths"] == 4
+    assert rows["Muon"]["delta_12"] == pytest.approx(0.0, abs=1e-6)
+    assert set(rows["Muon"]) == {"optimizer", "beta_hard", "beta_hard_low", "beta_hard_high", "r2_hard",
+                                 "beta_soft", "beta_soft_low", "beta_soft_high", "r2_soft", "delta_12", "n_widths",
+                                 "min_n_over_d"}
+
+

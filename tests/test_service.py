@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 from cli.main import app as cli_app
 from spectraldb import service
-from spectraldb.errors import QueryError, SpecError
+from spectraldb.errors import QueryError
 from spectraldb.bounds import ReadLimits
 from spectraldb.service import create_app, sql_body
-from tests.conftest import put
+from tests.conftest import planting, put
 
 runner = CliRunner()
 SECRET = "TOP-SECRET-SERVICE"
@@ -37,13 +37,14 @@ def sql(db, text, **kw) -> dict:
 def db(tmp_path_factory):
     """AdamW (β 1) and Muon (β 0.5) at 4 widths, n_head 4 and 8, two seeds at n_head 4; one diverged run."""
     path = tmp_path_factory.mktemp("svc") / "s.duckdb"
-    for n_head in (4, 8):
-        for mult in (1, 2, 4, 8):
-            for seed in ((0, 1) if n_head == 4 else (0,)):
-                put(path, mult=mult, n_head=n_head, seed=seed, rank_of=lambda D, s, l, k=seed: D / 4 * (1 + 0.01 * k))
-                put(path, optimizer="muon", mult=mult, n_head=n_head, seed=seed, ppl=51.0,
-                    rank_of=lambda D, s, l, h=n_head: 2 * D ** (0.5 if h == 4 else 0.6))
-    put(path, mult=1, seed=7, status="diverged", rank_of=lambda D, s, l: D / 2)
+    with planting(path) as plant:
+        for n_head in (4, 8):
+            for mult in (1, 2, 4, 8):
+                for seed in ((0, 1) if n_head == 4 else (0,)):
+                    plant(mult=mult, n_head=n_head, seed=seed, rank_of=lambda D, s, l, k=seed: D / 4 * (1 + 0.01 * k))
+                    plant(optimizer="muon", mult=mult, n_head=n_head, seed=seed, ppl=51.0,
+                        rank_of=lambda D, s, l, h=n_head: 2 * D ** (0.5 if h == 4 else 0.6))
+        plant(mult=1, seed=7, status="diverged", rank_of=lambda D, s, l: D / 2)
     (path.parent / "secret.txt").write_text(SECRET)
     return path
 
@@ -207,7 +208,7 @@ def test_status_answers_at_once_while_a_commit_holds_the_store(tmp_path):
     before = client.get("/api/status").json()
     assert before["runs"] == {"done": 1} and before["runs_as_of"] <= before["updated"]
     writer = subprocess.Popen([sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(db)!r}); "
-                               "print('open', flush=True); time.sleep(1.5)"], stdout=subprocess.PIPE, text=True)
+                               "print('open', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "open"
         t0 = time.monotonic()
@@ -215,6 +216,7 @@ def test_status_answers_at_once_while_a_commit_holds_the_store(tmp_path):
         assert time.monotonic() - t0 < 1.0  # no wait for the commit
         assert during["runs"] == {"done": 1} and during["runs_as_of"] == before["runs_as_of"]
     finally:
+        writer.kill()  # the lock goes with the process
         writer.wait()
     put(db, mult=2, rank_of=lambda D, s, l: D / 4)
     after = client.get("/api/status").json()
@@ -223,8 +225,9 @@ def test_status_answers_at_once_while_a_commit_holds_the_store(tmp_path):
 
 def test_answers_are_remembered_until_the_store_changes(tmp_path):
     db = tmp_path / "c.duckdb"
-    for mult in (1, 2, 4):
-        put(db, mult=mult, rank_of=lambda D, s, l: D / 4)
+    with planting(db) as plant:
+        for mult in (1, 2, 4):
+            plant(mult=mult, rank_of=lambda D, s, l: D / 4)
     client = TestClient(create_app(db, token="cache-token"), base_url=LOCAL)
     auth = {"Authorization": "Bearer cache-token"}
     first = client.get("/api/beta", headers=auth)
@@ -241,8 +244,9 @@ def test_answers_are_remembered_until_the_store_changes(tmp_path):
 
 def test_after_a_commit_the_previous_answer_is_served_while_one_refresh_computes(tmp_path):
     db = tmp_path / "s.duckdb"
-    for mult in (1, 2, 4):
-        put(db, mult=mult, rank_of=lambda D, s, l: D / 4)
+    with planting(db) as plant:
+        for mult in (1, 2, 4):
+            plant(mult=mult, rank_of=lambda D, s, l: D / 4)
     with TestClient(create_app(db), base_url=LOCAL) as client:  # one event loop for the background refresh
         assert client.get("/api/beta").json()["rows"][0]["n_widths"] == 3
         put(db, mult=8, rank_of=lambda D, s, l: D / 4)  # a commit
@@ -259,8 +263,9 @@ def test_after_a_commit_the_previous_answer_is_served_while_one_refresh_computes
 
 def test_an_answer_older_than_the_staleness_bound_is_recomputed_before_it_is_served(tmp_path, monkeypatch):
     db = tmp_path / "o.duckdb"
-    for mult in (1, 2, 4):
-        put(db, mult=mult, rank_of=lambda D, s, l: D / 4)
+    with planting(db) as plant:
+        for mult in (1, 2, 4):
+            plant(mult=mult, rank_of=lambda D, s, l: D / 4)
     monkeypatch.setattr(service.cache, "MAX_STALE_S", 0.0)
     with TestClient(create_app(db), base_url=LOCAL) as client:
         client.get("/api/beta")

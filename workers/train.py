@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack

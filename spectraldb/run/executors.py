@@ -12,11 +12,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from contract.records import RunResult
 from spectraldb.errors import RayStartError, SpecError, one_line
 from spectraldb.run.preflight import check_cluster
 from spectraldb.run.progress import Throttle
+
+if TYPE_CHECKING:
+    from spectraldb.spec import RunSpec
 
 # A replacement for workers.train.run (same signature), shipped to every worker: the tests' way
 # to make a worker process die mid-run. None: the real training loop.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,21 @@ def write_run(path: str | Path, run, result: RunResult, provenance: dict, spec_n
     replaces its earlier rows, except that a `done` run is never replaced by a failed or diverged
     one (whatever race produced the second result).
     """
+    return write_runs(path, [(run, result, provenance, spec_name, vocab_size)], wait_s)[0]
+
+
+def write_runs(path: str | Path, finished: Iterable[tuple], wait_s: float = LOCK_WAIT_S) -> list[str]:
+    """Store several finished runs through one connection, each in its own transaction, as
+    `write_run` does: `finished` holds (run, result, provenance, spec_name, vocab_size) tuples.
+    Returns the status the store holds for each. An error stops at that run; those before it stay."""
+    with connect(path, wait_s=wait_s) as con:
+        # a run's rows are written once, into the file: a commit that crosses this threshold
+        # checkpoints instead of first copying everything into the WAL (about half the time)
+        con.execute("SET checkpoint_threshold = '1MB'")
+        return [_commit(con, *item) for item in finished]
+
+
+def _commit(con, run, result: RunResult, provenance: dict, spec_name: str, vocab_size: int | None) -> str:
     rid = run.run_id
     records = attach_metrics(result.spectra)  # a no-op for a worker's records
     from_end = rows.series_from_end(records)
@@ -34,26 +50,22 @@ def write_run(path: str | Path, run, result: RunResult, provenance: dict, spec_n
     tables = (("runs", [rows.run_row(run, result, provenance, spec_name, vocab_size)]),
               ("evals", rows.eval_rows(rid, result)), ("spectra", rows.spectra_rows(rid, stored)),
               ("ranks", rank), ("reinjection", rows.reinjection_rows(rid, records)))
-    with connect(path, wait_s=wait_s) as con:
-        # a run's rows are written once, into the file: a commit that crosses this threshold
-        # checkpoints instead of first copying everything into the WAL (about half the time)
-        con.execute("SET checkpoint_threshold = '1MB'")
-        con.execute("BEGIN")
-        try:
-            held = con.execute("SELECT status FROM runs WHERE run_id = ?", [rid]).fetchone()
-            if held and held[0] == "done" and result.status != "done":
-                con.execute("ROLLBACK")
-                return "done"
-            for table in ("step_points", "run_points", "reinjection", "ranks", "spectra", "evals", "runs"):
-                con.execute(f"DELETE FROM {table} WHERE run_id = ?", [rid])
-            for table, batch in tables:
-                _insert(con, table, batch)
-            con.execute(RUN_POINTS_SQL, [rid])
-            con.execute(RUN_STEP_POINTS_SQL, [rid])
-            con.execute("COMMIT")
-        except BaseException:
-            rollback(con)
-            raise
+    con.execute("BEGIN")
+    try:
+        held = con.execute("SELECT status FROM runs WHERE run_id = ?", [rid]).fetchone()
+        if held and held[0] == "done" and result.status != "done":
+            con.execute("ROLLBACK")
+            return "done"
+        for table in ("step_points", "run_points", "reinjection", "ranks", "spectra", "evals", "runs"):
+            con.execute(f"DELETE FROM {table} WHERE run_id = ?", [rid])
+        for table, batch in tables:
+            _insert(con, table, batch)
+        con.execute(RUN_POINTS_SQL, [rid])
+        con.execute(RUN_STEP_POINTS_SQL, [rid])
+        con.execute("COMMIT")
+    except BaseException:
+        rollback(con)
+        raise
     return result.status
 
 

@@ -1,5 +1,4 @@
 import duckdb
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -116,27 +115,6 @@ def test_sql_is_read_only(tmp_path):
     assert result.exit_code == 2
     result = runner.invoke(app, ["sql", "SELECT count(*) AS n FROM runs", "--db", str(db), "--format", "csv"])
     assert result.exit_code == 0 and result.stdout == "n\n1\n"
-
-
-def test_query_beta_recovers_planted_exponents(tmp_path):
-    db = tmp_path / "s.duckdb"
-    for name, rank_of in (("adamw", lambda D: D // 4), ("muon", lambda D: 2 * int(np.sqrt(D)))):
-        for mult in (1, 4, 16, 64):
-            run = RunSpec.model_validate({"model": {"d_model": 16, "ffn_mult": mult}, "optimizer": name,
-                                          "train": {"steps": 200}})
-            D = run.model.ffn_width
-            store.write_run(db, run, fake_result({(100, 0): rank_of(D), (200, 0): rank_of(D)}, D), {})
-    result = runner.invoke(app, ["query", "beta", "--db", str(db), "--format", "json"])
-    assert result.exit_code == 0, result.output
-    import json
-
-    rows = {r["optimizer"]: r for r in json.loads(result.stdout)}
-    assert rows["AdamW"]["beta_hard"] == pytest.approx(1.0) and rows["AdamW"]["beta_soft"] == pytest.approx(1.0, abs=1e-6)
-    assert rows["Muon"]["beta_hard"] == pytest.approx(0.5) and rows["Muon"]["n_widths"] == 4
-    assert rows["Muon"]["delta_12"] == pytest.approx(0.0, abs=1e-6)
-    assert set(rows["Muon"]) == {"optimizer", "beta_hard", "beta_hard_low", "beta_hard_high", "r2_hard",
-                                 "beta_soft", "beta_soft_low", "beta_soft_high", "r2_soft", "delta_12", "n_widths",
-                                 "min_n_over_d"}
 
 
 @pytest.mark.parametrize("name", ["it's.duckdb", "a b;--'.duckdb", "ü ñ (1).duckdb"])

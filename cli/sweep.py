@@ -1,0 +1,153 @@
+"""`specdb run`, `plan` and `status`: the sweep and what the store holds of it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from cli.common import DEFAULT_DB, DbOpt, FormatOpt, SetOpt, check_format, fail, translated
+from cli.output import printable, render
+from contract.vocabulary import PLAN_STATUSES
+
+
+def _load(spec: Path, overrides: Optional[List[str]]):
+    from spectraldb.spec import load_spec
+
+    plan, _ = load_spec(spec, overrides or [])
+    return plan
+
+
+def run(spec: Path = typer.Argument(..., help="Spec file, e.g. experiments.yaml"),
+        db: Optional[str] = DbOpt, set_: Optional[List[str]] = SetOpt,
+        executor: str = typer.Option("ray", help="ray (local Ray instance, or --address) | inline"),
+        address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local one)"),
+        retry_failed: bool = typer.Option(False, "--retry-failed", help="Also re-run runs stored as failed."),
+        cache_dir: Optional[Path] = typer.Option(None, envvar="SPECDB_CACHE",
+                                                 help="Tokenizer/dataset cache (default ~/.cache/specdb)"),
+        max_in_flight: Optional[int] = typer.Option(None, "--max-in-flight", min=1,
+                                                    help="Submit at most N runs to Ray at a time.")):
+    """Train and measure every run the spec declares that the store does not hold yet.
+
+    Example: specdb run experiments.yaml -S train.steps=100
+    """
+    from spectraldb.run.progress import reporter_for
+    from spectraldb.run.sweep import EXECUTORS, run_sweep
+
+    if executor not in EXECUTORS:
+        fail(f"--executor: unknown executor {executor!r} (expected ray or inline)", 2)
+    with translated():
+        plan = _load(spec, set_)
+        path = db or plan.store
+        result = run_sweep(plan, path, executor=executor, address=address, retry_failed=retry_failed,
+                           reporter=reporter_for(sys.stderr), cache_dir=cache_dir, max_in_flight=max_in_flight)
+    for line in result.damaged:
+        typer.echo(f"damaged spool entry {printable(line)}", err=True)
+    if result.recovered:
+        typer.echo(f"committed {result.recovered} finished run(s) from {path}.spool", err=True)
+    if not result.statuses:
+        typer.echo(f"nothing to do: all {result.total} runs of {spec} are already in {path}", err=True)
+        return
+    if result.waiting:
+        fail(f"{len(result.waiting)} finished run(s) could not be committed and wait in {path}.spool "
+             f"(the next `specdb run` commits them; first: {result.waiting[0]})", 1)
+    counts = {s: list(result.statuses.values()).count(s) for s in sorted(set(result.statuses.values()))}
+    typer.echo(f"stored {len(result.statuses)} runs in {path} ({', '.join(f'{n} {s}' for s, n in counts.items())};"
+               f" {result.skipped} already there)", err=True)
+    if not result.ok:
+        raise typer.Exit(3)
+
+
+def plan(spec: Path = typer.Argument(..., help="Spec file"), db: Optional[str] = DbOpt,
+         set_: Optional[List[str]] = SetOpt, fmt: str = FormatOpt,
+         executor: str = typer.Option("ray", help="The executor `run` would use: ray | inline"),
+         address: Optional[str] = typer.Option(None, help="Plan for `run --address` on a Ray cluster: this machine's "
+                                               "memory, CPUs and GPUs are not checked (run checks the cluster's)."),
+         cache_dir: Optional[Path] = typer.Option(None, envvar="SPECDB_CACHE",
+                                                  help="Tokenizer/dataset cache (default ~/.cache/specdb)")):
+    """List every run of a spec with its status in the store (new / spooled / done / diverged /
+    failed) and totals, after every check `specdb run` makes before training (same message, exit 2)."""
+    from spectraldb.run.sweep import check_plan, plan_rows
+
+    check_format(fmt)
+    with translated():
+        p = _load(spec, set_)
+        check_plan(p, db or p.store, executor, address, cache_dir)
+        rows = plan_rows(p, db or p.store)
+    render(rows, fmt)
+    counts = {s: sum(r["status"] == s for r in rows) for s in PLAN_STATUSES}
+    typer.echo(f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()), err=True)
+    _spool_notes(db or p.store)
+
+
+def _spool_notes(db) -> None:
+    """Damaged spool entries (now, and moved aside earlier): their runs are trained again."""
+    from spectraldb.run.spool import Spool
+
+    spool = Spool(db)
+    for path, why in spool.scan()[1]:
+        typer.echo(f"damaged spool entry {printable(path.name)}: {printable(why)}; the next `specdb run` moves it to "
+                   f"{spool.damaged_dir.name}/ and trains its run again", err=True)
+    moved = spool.damaged()
+    if moved:
+        typer.echo(f"{len(moved)} damaged spool entr{'y' if len(moved) == 1 else 'ies'} kept in {spool.damaged_dir} "
+                   "(each with a .why file); their runs were trained again", err=True)
+
+
+def status(spec: Optional[Path] = typer.Argument(None, help="A spec: count its runs (new ones too) and use its store."),
+           db: Optional[str] = DbOpt, fmt: str = FormatOpt,
+           runs: bool = typer.Option(False, "--runs", help="One row per run instead of per status.")):
+    """Runs by status with their size, failed/diverged runs with their error line, runs in
+    flight with their step (from a running `specdb run` on the same store), the store's size.
+
+    Examples: specdb status · specdb status experiments.yaml · specdb status --runs --format csv
+    """
+    from contract.vocabulary import PROTOCOL
+    from spectraldb import catalog
+    from spectraldb.run.progress import read_sidecar
+    from spectraldb.run.spool import Spool
+    from spectraldb.store import connect
+
+    check_format(fmt)
+    if spec is not None:
+        from spectraldb.run.sweep import plan_rows
+
+        with translated():
+            plan_ = _load(spec, [])
+            rows = plan_rows(plan_, db or plan_.store)
+        render([{"status": st, "runs": sum(r["status"] == st for r in rows)}
+                for st in PLAN_STATUSES if any(r["status"] == st for r in rows)], fmt)
+        typer.echo(f"{len(rows)} runs: " + ", ".join(f"{sum(r['status'] == st for r in rows)} {st}"
+                                                    for st in PLAN_STATUSES), err=True)
+        db = db or plan_.store
+        if not Path(db).exists():
+            return
+    path = Path(db or DEFAULT_DB)
+    with translated():
+        with connect(path, read_only=True, verify=True) as con:
+            table = catalog.run_sizes(con) if runs else catalog.status_summary(con)
+            unfinished = catalog.unfinished(con)
+            protocols = catalog.protocols(con)
+    if spec is None:
+        render(table.rows, fmt, table.columns)
+    typer.echo(f"store {path}: {path.stat().st_size / 1048576:.1f} MiB on disk", err=True)
+    for number, n in protocols.items():
+        if number != PROTOCOL:
+            typer.echo(f"{n} run(s) measured under protocol {number} (this specdb measures protocol {PROTOCOL}): "
+                       "kept, never fitted together with current runs; see docs/design.md", err=True)
+    spooled = Spool(path).run_ids()
+    if spooled:
+        typer.echo(f"{len(spooled)} finished run(s) waiting in {Spool(path).dir} to be committed "
+                   "(the next `specdb run` on this store commits them first)", err=True)
+    _spool_notes(path)
+    flight, note = read_sidecar(path)
+    if note:
+        typer.echo(printable(note), err=True)
+    for rid, info in flight.items():
+        typer.echo(printable(f"in flight {rid} {info['label']}: step {info['step']}/{info['steps']}"), err=True)
+    for row in unfinished:
+        last = (row["error"] or "").strip().splitlines()[-1:] or [""]
+        typer.echo(printable(f"{row['status']} {row['run_id']} {row['optimizer']} ffn_mult={row['ffn_mult']:g}: "
+                             f"{last[0]}"), err=True)
