@@ -110,6 +110,14 @@ def planting(db):
     store.write_runs(db, batch)
 
 
+def plant_widths(db, mults=(1, 2, 4)):
+    """AdamW with hard rank D/4 (β = 1) at each width: the smallest store a fit accepts."""
+    with planting(db) as plant:
+        for mult in mults:
+            plant(mult=mult, rank_of=lambda D, s, l: D / 4)
+    return db
+
+
 MULTS = (1, 2, 4, 8)  # d_model 32 → D = 32 … 256
 
 

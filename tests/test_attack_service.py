@@ -25,7 +25,7 @@ from spectraldb import store
 from spectraldb.service import create_app
 from spectraldb.spec import RunSpec
 from tests.builders import result
-from tests.conftest import planting
+from tests.conftest import plant_widths
 
 runner = CliRunner()
 LOCAL = "http://localhost"
@@ -37,9 +37,7 @@ SLOW_WHERE = "list_reduce(range(0, 10000000), lambda a, b: a + b) > 0"
 @pytest.fixture(scope="module")
 def db(tmp_path_factory):
     path = tmp_path_factory.mktemp("svcattack") / "a.duckdb"
-    with planting(path) as plant:
-        for mult in (1, 2, 4):
-            plant(mult=mult, rank_of=lambda D, s, l: D / 4)
+    plant_widths(path)
     run = RunSpec.model_validate({"model": {"d_model": 32, "ffn_mult": 8}, "train": {"steps": 300}})
     trace = (f'Traceback (most recent call last):\n  File "{path.parent}/site-packages/workers/train.py", line 9\n'
              f"RuntimeError: out of memory reading {path.parent}/corpus.txt")

@@ -11,7 +11,7 @@ from spectraldb.bounds import QueryTimeout
 from spectraldb.errors import (InputError, MissingPackage, QueryError, RayStartError, SpecError, StoreError,
                                StoreLocked, StoreOutdated)
 from spectraldb.service import create_app
-from tests.conftest import planting
+from tests.conftest import plant_widths
 
 runner = CliRunner()
 
@@ -37,9 +37,7 @@ def test_messages_never_leak_a_bug_or_a_value():
 @pytest.fixture(scope="module")
 def db(tmp_path_factory):
     path = tmp_path_factory.mktemp("errors") / "e.duckdb"
-    with planting(path) as plant:
-        for mult in (1, 2, 4):
-            plant(mult=mult, rank_of=lambda D, s, l: D / 4)
+    plant_widths(path)
     return path
 
 
