@@ -112,7 +112,7 @@ def test_keep_last_k_eigenvalues_keeps_every_rank(tmp_path):
 
 @pytest.mark.parametrize("live_code_changed", [False, True])
 def test_migration_002_backfills_metrics_of_older_runs(tmp_path, monkeypatch, live_code_changed):
-    """…with its own frozen code: a later change to spectraldb.spectra does not change what an
+    """…with its own frozen code: a later change to contract.metrics does not change what an
     old migration computes."""
     import duckdb
 
