@@ -1,7 +1,8 @@
 import numpy as np
 import torch
 
-from workers.extract import FFNProbe, StreamingCovariance, measure
+from workers.extract import StreamingCovariance, measure
+from workers.probe import attach
 from workers.model import GPT, GPTConfig
 
 
@@ -67,9 +68,11 @@ def test_stratum_below_token_floor_is_skipped():
     assert by["tail"].eigenvalues is None and by["tail"].n_tokens == 0
 
 
-def test_probe_hooks_are_removed():
+def test_probe_hooks_live_only_while_measuring():
     model = GPT(GPTConfig(vocab_size=20, context=4, n_layer=1, d_model=8, n_head=2, ffn_mult=4))
-    probe = FFNProbe(model)
-    probe.remove()
-    assert not model.transformer.h[0].mlp.c_fc._forward_hooks
-    assert not model.transformer.h[0].mlp.c_proj._forward_pre_hooks
+    mlp = model.transformer.h[0].mlp
+    with attach(model) as probe:
+        assert not mlp.c_fc._forward_hooks and not mlp.c_proj._forward_pre_hooks
+        with probe.measuring(torch.zeros(1, 4, dtype=torch.long)):
+            assert mlp.c_fc._forward_hooks and mlp.c_proj._forward_pre_hooks
+    assert not mlp.c_fc._forward_hooks and not mlp.c_proj._forward_pre_hooks

@@ -16,7 +16,6 @@ The precision policy (`PRECISIONS`) comes from measurement: docs/benchmarks.md, 
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numpy as np
@@ -25,9 +24,7 @@ from scipy.linalg import blas
 
 from contract import metrics
 from contract.records import Spectrum
-from contract.vocabulary import MEASURED_STRATA, SITES
 
-STRATA = MEASURED_STRATA  # 'all' is the merge of the three, so it costs nothing extra
 
 
 class Precision(NamedTuple):
@@ -134,94 +131,27 @@ def spectra_of(upper: list[torch.Tensor], dtype: torch.dtype = torch.float64) ->
     return out
 
 
-class FFNProbe:
-    """Forward hooks on every block's FFN that feed per-stratum covariances.
-
-    `pre` is the output of `mlp.c_fc`; `post` is the input of `mlp.c_proj`. Before each forward,
-    `order` must sort the chunk's positions by stratum (0 head, 1 mid, 2 tail) and `counts`
-    hold how many positions each stratum has.
-    """
-
-    def __init__(self, model: torch.nn.Module, sites=SITES, accumulate=torch.float64, device="cpu"):
-        self.sites = tuple(sites)
-        self.n_layer, D = model.cfg.n_layer, model.cfg.ffn_width
-        self.acc = {(layer, site, s): StreamingCovariance(D, accumulate, device)
-                    for layer in range(self.n_layer) for site in self.sites for s in range(3)}
-        self.order: torch.Tensor | None = None
-        self.counts: list[int] = []
-        self._handles = []
-        for layer, block in enumerate(model.transformer.h):
-            if "pre" in self.sites:
-                self._handles.append(block.mlp.c_fc.register_forward_hook(
-                    lambda m, inp, out, layer=layer: self._fold(layer, "pre", out)))
-            if "post" in self.sites:
-                self._handles.append(block.mlp.c_proj.register_forward_pre_hook(
-                    lambda m, inp, layer=layer: self._fold(layer, "post", inp[0])))
-
-    def label(self, labels: torch.Tensor) -> None:
-        """Set the strata (0 head, 1 mid, 2 tail) of the next forward's positions."""
-        self.order = torch.argsort(labels, stable=True)
-        self.counts = torch.bincount(labels, minlength=3).tolist()
-
-    def _fold(self, layer: int, site: str, act: torch.Tensor) -> None:
-        # hooks run inside the forward's autocast region, which would turn a float32 product into
-        # a bfloat16 one on a GPU: the products keep the precision policy's dtype
-        with torch.autocast(act.device.type, enabled=False):
-            # one gather sorts the chunk by stratum; it is a fresh copy, so each stratum's rows are
-            # converted once and centred in place
-            x = act.detach().reshape(-1, act.shape[-1]).index_select(0, self.order)
-            x = x.to(self.acc[(layer, site, 0)].accumulate)
-            for s, rows in enumerate(torch.split(x, self.counts)):
-                if rows.shape[0]:
-                    self.acc[(layer, site, s)]._update_owned(rows)
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-
-    def select(self, strata, min_tokens: int) -> list[tuple[Spectrum, StreamingCovariance | None]]:
-        """One (record, covariance to decompose) per layer × site × stratum; a stratum under the
-        token floor gets None. Raises NonFiniteActivations here, synchronously, so a diverged
-        run stops at the step that diverged whether or not decomposition runs later."""
-        out = []
-        for layer in range(self.n_layer):
-            for site in self.sites:
-                parts = [self.acc[(layer, site, s)] for s in range(3)]
-                for name in strata:
-                    if name == "all":
-                        cov = StreamingCovariance(parts[0].dim, parts[0].accumulate, parts[0].device)
-                        for p in parts:
-                            cov.merge(p)
-                    else:
-                        cov = parts[STRATA.index(name)]
-                    floor = max(min_tokens, math.ceil(cov.dim / 4), 2)
-                    rec = Spectrum.skipped(step=0, layer=layer, site=site, stratum=name, n_tokens=cov.n,
-                                           n_dim=cov.dim)
-                    out.append((rec, cov if cov.n >= floor else None))
-        kept = [c.m2 for _, c in out if c is not None]
-        if kept and not torch.isfinite(torch.stack([m.sum() for m in kept])).all():
-            raise NonFiniteActivations("non-finite FFN activations: the covariance has inf or NaN entries")
-        return out
-
-
 @torch.no_grad()
 def accumulate(model, tokens: torch.Tensor, token_strata: torch.Tensor, *, sites, strata, min_tokens: int,
                chunk: int = 64, autocast_dtype=None, precision: str = "fp64") -> list[tuple[Spectrum, object]]:
-    """Run `tokens` (n, T) through the model: what `decompose` needs, as `FFNProbe.select` gives it."""
+    """Run `tokens` (n, T) through specdb's GPT, `chunk` sequences at a time, measured by the one
+    probe (workers.probe): what `decompose` needs, as `Probe.select` gives it."""
+    from workers.probe import Probe, find_sites
+
     device = tokens.device
     was_training = model.training
     model.eval()
-    probe = FFNProbe(model, sites, PRECISIONS[precision].accumulate, device)
+    probe = Probe(model, find_sites(model), token_strata=token_strata, measure=sites, strata=strata,
+                  min_tokens=min_tokens, precision=precision)
     try:
         for i in range(0, tokens.shape[0], chunk):
             idx = tokens[i:i + chunk]
-            probe.label(token_strata[idx].reshape(-1))
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with probe.measuring(idx), \
+                    torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 model.hidden(idx)
     finally:
-        probe.remove()
         model.train(was_training)
-    return probe.select(strata, min_tokens)
+    return probe.select()
 
 
 def decompose(selected: list[tuple[Spectrum, object]], precision: str = "fp64", step: int = 0) -> list[Spectrum]:

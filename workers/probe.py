@@ -1,0 +1,288 @@
+"""A spectral probe for any PyTorch language model: FFN activation covariances by token stratum.
+
+    probe = attach(model, token_strata=strata_of_each_id)          # finds the FFNs (SITE_FAMILIES)
+    with probe.measuring(input_ids, attention_mask):                # hooks live only in this block
+        model(input_ids, attention_mask=attention_mask)             # any number of micro-batches
+    records = probe.compute(step)                                   # contract.records.Spectrum, reset
+
+One measurement path: specdb's own training loop measures through this probe too
+(`workers.extract.accumulate`). Sites (docs/design.md §1): `pre` is the output of the FFN's first
+projection, `post` the input of its down-projection. In a gated FFN (Llama family:
+`down_proj(act(gate_proj(x)) * up_proj(x))`) `pre` is the gate projection's output, as NerVE
+measures it — the pre-activation whose nonlinearity the study follows — and `post` the input of
+`down_proj`, the product the down-projection reads: the same two places relative to the
+nonlinearity as in an ungated FFN. Every run stores which definition it used (`SITE_DEFINITIONS`).
+
+Padded positions (attention_mask 0) never enter a covariance. Forwards between `compute()` calls
+merge exactly. Under torch.distributed the accumulators are reduced across ranks exactly (count,
+mean, centred scatter, merged in rank order) before decomposition. Between measurements no hook
+is installed; inside one, an activation-checkpoint recomputation during backward is not counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from contract.records import Spectrum
+from contract.sizes import frequency_strata
+from contract.vocabulary import SITES, STRATA
+from workers.extract import PRECISIONS, NonFiniteActivations, StreamingCovariance, decompose
+
+MEASURED = ("head", "mid", "tail")  # stratum index 0, 1, 2 of a token-strata table
+# (family, first projection, down-projection, also required, gated)
+SITE_FAMILIES = (
+    ("c_fc/c_proj: specdb's GPT, nanoGPT, HF GPT-2", "c_fc", "c_proj", (), False),
+    ("dense_h_to_4h/dense_4h_to_h: GPT-NeoX, Pythia", "dense_h_to_4h", "dense_4h_to_h", (), False),
+    ("gate_proj/up_proj/down_proj: Llama, Mistral, Qwen2, OLMo-hf", "gate_proj", "down_proj", ("up_proj",), True),
+)
+SITE_DEFINITIONS = {False: "pre: first projection output; post: down-projection input",
+                    True: "pre: gate_proj output; post: down_proj input (gated)"}
+STRATA_SCOPES = ("global", "rank0_local")
+
+
+class ProbeError(ValueError):
+    """A model or input the probe cannot measure: one line that says what it saw."""
+
+
+@dataclass(frozen=True)
+class Site:
+    layer: int
+    pre: str      # the module whose output is `pre`
+    post: str     # the module whose input is `post`
+    gated: bool
+
+
+def find_sites(model: torch.nn.Module, patterns: tuple[str, str] | None = None) -> list[Site]:
+    """The FFN of every block, in module order. `patterns` (two regular expressions matching full
+    module names: the first projection, the down-projection) covers any other model."""
+    names = [name for name, _ in model.named_modules()]
+    if patterns is not None:
+        pre = [n for n in names if re.fullmatch(patterns[0], n)]
+        post = [n for n in names if re.fullmatch(patterns[1], n)]
+        if not pre or len(pre) != len(post):
+            raise ProbeError(f"patterns {patterns[0]!r}, {patterns[1]!r} match {len(pre)} and {len(post)} modules; "
+                             "they must match one module each per block")
+        return [Site(i, a, b, False) for i, (a, b) in enumerate(zip(pre, post))]
+    sites = []
+    for name, module in model.named_modules():
+        children = dict(module.named_children())
+        for _, first, down, also, gated in SITE_FAMILIES:
+            if first in children and down in children and all(c in children for c in also):
+                prefix = f"{name}." if name else ""
+                sites.append(Site(len(sites), prefix + first, prefix + down, gated))
+                break
+    if not sites:
+        seen = ", ".join(n for n in names[1:13] if n) or "none"
+        raise ProbeError(f"no FFN found in {type(model).__name__}: looked for "
+                         f"{'; '.join(f[0].split(':')[0] for f in SITE_FAMILIES)} (modules seen: {seen}, …); "
+                         "pass patterns=(FIRST_PROJECTION_REGEX, DOWN_PROJECTION_REGEX)")
+    return sites
+
+
+def strata_table(counts=None, *, strata_of_ids=None, scope: str = "global", group=None) -> torch.Tensor:
+    """Stratum (0 head, 1 mid, 2 tail) of every token id: from a token-count table (the study's
+    frequency rule, contract.sizes.frequency_strata) or given directly. Under torch.distributed,
+    `scope` `global` sums the ranks' counts first; `rank0_local` uses rank 0's counts everywhere."""
+    if scope not in STRATA_SCOPES:
+        raise ProbeError(f"strata scope: expected one of {', '.join(STRATA_SCOPES)}, got {scope!r}")
+    if strata_of_ids is not None:
+        return torch.as_tensor(np.asarray(strata_of_ids), dtype=torch.int64)
+    counts = torch.tensor(np.asarray(counts, dtype=np.float64))  # a copy: the reduction must not touch the caller's table
+    if _world(group) > 1:
+        import torch.distributed as dist
+
+        if scope == "global":
+            dist.all_reduce(counts, group=group)
+        else:
+            dist.broadcast(counts, src=0, group=group)
+    return torch.from_numpy(frequency_strata(counts.numpy()).astype(np.int64))
+
+
+def _world(group=None) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+class Probe:
+    """Per-stratum covariances at the FFN sites of `model`. `token_strata`: stratum of every token
+    id (None: every position counts as `all` only). `strata` and `min_tokens` as in a spec's
+    `measure:`; `precision` one of workers.extract.PRECISIONS."""
+
+    def __init__(self, model: torch.nn.Module, sites: list[Site], *, token_strata=None, measure=SITES,
+                 strata=STRATA, min_tokens: int = 1000, precision: str = "fp64", strata_scope: str = "global",
+                 group=None):
+        if precision not in PRECISIONS:
+            raise ProbeError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if token_strata is None and any(s != "all" for s in strata):
+            raise ProbeError("strata: head/mid/tail need a token-strata table (token_strata=…); without one, "
+                             "measure strata=('all',)")
+        self.model, self.sites, self.measure = model, list(sites), tuple(measure)
+        self.strata, self.min_tokens, self.precision = tuple(strata), min_tokens, precision
+        self.strata_scope, self.group = strata_scope, group
+        self.token_strata = None if token_strata is None else torch.as_tensor(token_strata, dtype=torch.int64)
+        self.acc: dict[tuple, StreamingCovariance] = {}
+        self.order: torch.Tensor | None = None
+        self.counts: list[int] = []
+        self._handles: list = []
+
+    @property
+    def gated(self) -> bool:
+        return any(s.gated for s in self.sites)
+
+    @property
+    def site_definition(self) -> str:
+        return SITE_DEFINITIONS[self.gated]
+
+    # ------------------------------------------------------------------ measuring
+
+    @contextlib.contextmanager
+    def measuring(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """The forwards inside this block are measured: their positions, in `input_ids` order
+        (batch × time), labelled by stratum; positions with attention_mask 0 are left out."""
+        self._label(input_ids, attention_mask)
+        modules = dict(self.model.named_modules())
+        try:
+            for site in self.sites:
+                if "pre" in self.measure:
+                    self._handles.append(modules[site.pre].register_forward_hook(
+                        lambda m, inp, out, layer=site.layer: self._fold(layer, "pre", out)))
+                if "post" in self.measure:
+                    self._handles.append(modules[site.post].register_forward_pre_hook(
+                        lambda m, inp, layer=site.layer: self._fold(layer, "post", inp[0])))
+            yield self
+        finally:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+            self.order = None
+
+    def _label(self, input_ids: torch.Tensor, attention_mask) -> None:
+        ids = torch.as_tensor(input_ids)
+        if self.token_strata is None:
+            labels = torch.zeros(ids.numel(), dtype=torch.int64, device=ids.device)
+        else:
+            if self.token_strata.device != ids.device:
+                self.token_strata = self.token_strata.to(ids.device)
+            if ids.numel() and int(ids.max()) >= self.token_strata.numel():
+                raise ProbeError(f"token strata: the table covers {self.token_strata.numel()} token ids but the input "
+                                 f"holds id {int(ids.max())}; build it from this model's tokenizer")
+            labels = self.token_strata[ids].reshape(-1)
+        if attention_mask is not None:
+            mask = torch.as_tensor(attention_mask, device=labels.device).reshape(-1)
+            if mask.numel() != labels.numel():
+                raise ProbeError(f"attention_mask: {mask.numel()} positions, input_ids {labels.numel()}")
+            labels = torch.where(mask.bool(), labels, torch.full_like(labels, -1))
+            self.n_pad = int((labels < 0).sum())
+            kept = labels[labels >= 0]
+        else:
+            self.n_pad, kept = 0, labels
+        self.order = torch.argsort(labels, stable=True)[self.n_pad:]  # padded positions (−1) sort first
+        self.counts = torch.bincount(kept, minlength=3).tolist()
+        self.positions = labels.numel()
+
+    def _fold(self, layer: int, site: str, act: torch.Tensor) -> None:
+        if self.order is None or torch._C._current_graph_task_id() != -1:
+            return  # outside `measuring`, or a checkpointed forward recomputed during backward
+        dim = act.shape[-1]
+        if act.numel() != self.positions * dim:
+            raise ProbeError(f"site {site} of layer {layer}: the activations hold {act.numel() // dim} positions, "
+                             f"the input ids {self.positions}")
+        accumulate = PRECISIONS[self.precision].accumulate
+        if (layer, site, 0) not in self.acc:
+            for s in range(3):
+                self.acc[(layer, site, s)] = StreamingCovariance(dim, accumulate, act.device)
+        # hooks run inside the forward's autocast region, which would turn a float32 product into
+        # a bfloat16 one on a GPU: the products keep the precision policy's dtype
+        with torch.autocast(act.device.type, enabled=False):
+            # one gather sorts the positions by stratum (padded ones left out); it is a fresh copy,
+            # so each stratum's rows are converted once and centred in place
+            x = act.detach().reshape(-1, dim).index_select(0, self.order).to(accumulate)
+            for s, rows in enumerate(torch.split(x, self.counts)):
+                if rows.shape[0]:
+                    self.acc[(layer, site, s)]._update_owned(rows)
+
+    # ------------------------------------------------------------------ results
+
+    def select(self) -> list[tuple[Spectrum, StreamingCovariance | None]]:
+        """One (record, covariance to decompose) per layer × site × stratum, after the reduction
+        across ranks; a stratum under the token floor gets None. Hands the accumulators over and
+        starts afresh. Raises NonFiniteActivations here, synchronously."""
+        if not self.acc:
+            raise ProbeError("nothing measured: run the model inside `with probe.measuring(input_ids):` first")
+        acc, self.acc = self.acc, {}
+        if _world(self.group) > 1:
+            acc = {key: reduce_across_ranks(cov, self.group) for key, cov in sorted(acc.items())}
+        out = []
+        for site in self.sites:
+            for name in self.measure:
+                parts = [acc[(site.layer, name, s)] for s in range(3)]
+                for stratum in self.strata:
+                    if stratum == "all":
+                        cov = StreamingCovariance(parts[0].dim, parts[0].accumulate, parts[0].device)
+                        for p in parts:
+                            cov.merge(p)
+                    else:
+                        cov = parts[MEASURED.index(stratum)]
+                    floor = max(self.min_tokens, math.ceil(cov.dim / 4), 2)
+                    rec = Spectrum.skipped(step=0, layer=site.layer, site=name, stratum=stratum, n_tokens=cov.n,
+                                           n_dim=cov.dim)
+                    out.append((rec, cov if cov.n >= floor else None))
+        kept = [c.m2 for _, c in out if c is not None]
+        if kept and not torch.isfinite(torch.stack([m.sum() for m in kept])).all():
+            raise NonFiniteActivations("non-finite FFN activations: the covariance has inf or NaN entries")
+        return out
+
+    def compute(self, step: int = 0) -> list[Spectrum]:
+        """Every spectrum with its metrics (as specdb's worker stores them), and a fresh start."""
+        return decompose(self.select(), self.precision, step)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> "Probe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def reduce_across_ranks(cov: StreamingCovariance, group=None) -> StreamingCovariance:
+    """The exact pooled accumulator of every rank's (count, mean, centred scatter), merged in rank
+    order, so every rank holds the same result."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    n = torch.tensor([float(cov.n)], dtype=torch.float64, device=cov.mean.device)
+    ns, means, m2s = ([torch.zeros_like(t) for _ in range(world)] for t in (n, cov.mean, cov.m2))
+    dist.all_gather(ns, n, group=group)
+    dist.all_gather(means, cov.mean, group=group)
+    dist.all_gather(m2s, cov.m2.contiguous(), group=group)
+    pooled = StreamingCovariance(cov.dim, cov.accumulate, cov.device)
+    for count, mean, m2 in zip(ns, means, m2s):
+        part = StreamingCovariance(cov.dim, cov.accumulate, cov.device)
+        part.n, part.mean, part.m2 = int(count.item()), mean, m2
+        pooled.merge(part)
+    return pooled
+
+
+def attach(model: torch.nn.Module, *, patterns: tuple[str, str] | None = None, token_strata=None,
+           token_counts=None, strata_scope: str = "global", measure=SITES, strata=None, min_tokens: int = 1000,
+           precision: str = "fp64", group=None) -> Probe:
+    """A Probe on the FFNs of `model` (found by family, or by `patterns`). Strata come from
+    `token_strata` (stratum of each id) or `token_counts` (a count per id: the study's frequency
+    rule, reduced across ranks by `strata_scope`); with neither, only `all` is measured."""
+    table = None
+    if token_strata is not None or token_counts is not None:
+        table = strata_table(token_counts, strata_of_ids=token_strata, scope=strata_scope, group=group)
+    strata = tuple(strata) if strata is not None else (STRATA if table is not None else ("all",))
+    return Probe(model, find_sites(model, patterns), token_strata=table, measure=measure, strata=strata,
+                 min_tokens=min_tokens, precision=precision, strata_scope=strata_scope, group=group)
