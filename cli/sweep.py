@@ -151,3 +151,28 @@ def status(spec: Optional[Path] = typer.Argument(None, help="A spec: count its r
         last = (row["error"] or "").strip().splitlines()[-1:] or [""]
         typer.echo(printable(f"{row['status']} {row['run_id']} {row['optimizer']} ffn_mult={row['ffn_mult']:g}: "
                              f"{last[0]}"), err=True)
+
+
+def ingest(db: Optional[str] = DbOpt):
+    """Commit the finished runs waiting in the store's spool: runs tracked from other training
+    loops while a `specdb run` held the store, or a sweep's results it could not commit. Each is
+    committed once; damaged entries are moved aside with a note.
+
+    Example: specdb ingest --db results.duckdb
+    """
+    from spectraldb import store
+    from spectraldb.run.lock import WriterLock
+    from spectraldb.run.preflight import check_store_folder
+    from spectraldb.run.spool import Spool, drain
+
+    path = db or DEFAULT_DB
+    damaged: list[str] = []
+    with translated():
+        check_store_folder(path)
+        with WriterLock(path):
+            committed, waiting = drain(Spool(path), path, store.LOCK_WAIT_S, damaged)
+    for line in damaged:
+        typer.echo(f"damaged spool entry {printable(line)}", err=True)
+    typer.echo(f"committed {committed} finished run(s) from {path}.spool", err=True)
+    if waiting:
+        fail(f"{len(waiting)} run(s) still wait in {path}.spool (first: {waiting[0]})", 1)

@@ -55,6 +55,12 @@ REINJECTION_COLUMNS = ("js_divergence", *(f"rho_{alpha_name(a)}" for a in RENYI_
 # id leaves these fields out of its hash while they hold these values (docs/design.md §5).
 BASELINE_ARCHITECTURE = {"pos": "rope", "norm": "pre", "postln_frac": None, "activation": "relu2"}
 
+# Where a run came from, how its FFN sites are defined, how its strata were pooled across ranks.
+SOURCES = ("specdb", "tracked", "checkpoint")
+SITE_DEFINITIONS = {False: "pre: first projection output; post: down-projection input",
+                    True: "pre: gate_proj output; post: down_proj input (gated)"}
+STRATA_SCOPES = ("global", "rank0_local")
+
 # columns of `runs` a question may group by (--by) or compare across (delta --arch)
 FACTORS = ("optimizer", "optimizer_name", "lr", "d_model", "n_layer", "n_head", "context", "vocab_size",
            "corpus", "steps", "batch_size", "measure_source", "pos", "norm", "postln_frac", "activation",

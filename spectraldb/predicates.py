@@ -6,11 +6,17 @@ library caller and a CLI user read the same message.
 from __future__ import annotations
 
 import json
+import re
 
 import duckdb
 
 from spectraldb.errors import QueryError
 from contract.vocabulary import FACTORS, METRICS, SITES, STRATA
+
+# every column of runs (a declared factor never shadows one; spectraldb.spec.tracked refuses it)
+RUN_COLUMNS = {"run_id", "status", "error", "config", "source", "ffn_width", "factors", "tokens_seen", "gated",
+               "strata_scope", "site_definition", "started_at", "finished_at", "last_k", "final_val_ppl",
+               "final_val_loss", "git_commit", "versions", "host", "device", "duration_s", "keep_eigenvalues"}
 
 
 def check_metric(metric: str) -> str:
@@ -33,12 +39,46 @@ def check_site(site: str) -> str:
     return site
 
 
-def check_factors(names) -> tuple[str, ...]:
+def check_factors(names, declared=(), syntax_only: bool = False) -> tuple[str, ...]:
+    """Factor names to group by: the built-in ones (FACTORS) and those tracked runs declared in
+    this store (`declared`). With `syntax_only` (no store at hand yet) any well-formed name passes;
+    the verb checks it against the store."""
     names = tuple(n.strip() for part in names for n in part.split(",") if n.strip())
     for n in names:
-        if n not in FACTORS:
-            raise QueryError(f"--by: unknown factor {n!r} (expected one of: {', '.join(FACTORS)})")
+        if n in FACTORS or n in declared or (syntax_only and FACTOR_NAME.fullmatch(n)):
+            continue
+        known = ", ".join((*FACTORS, *sorted(declared)))
+        raise QueryError(f"--by: unknown factor {n!r} (expected one of: {known})")
     return names or ("optimizer",)
+
+
+FACTOR_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+def declared_factors(con) -> dict[str, str]:
+    """name → SQL type of every factor the store's tracked runs declared (`runs.factors`): DOUBLE
+    where every value is a number, BOOLEAN where every value is one, VARCHAR otherwise."""
+    rows = con.execute("""SELECT k, list(DISTINCT json_type(factors -> k))
+                          FROM (SELECT factors, unnest(json_keys(factors)) AS k FROM runs WHERE factors IS NOT NULL)
+                          GROUP BY k""").fetchall()
+    out = {}
+    for name, types in rows:
+        if not FACTOR_NAME.fullmatch(name) or name in FACTORS or name in RUN_COLUMNS:
+            continue  # a hand-edited store: such a key is never read
+        kinds = set(types)
+        out[name] = ("DOUBLE" if kinds <= {"BIGINT", "UBIGINT", "DOUBLE"} else
+                     "BOOLEAN" if kinds == {"BOOLEAN"} else "VARCHAR")
+    return out
+
+
+def runs_relation(con) -> str:
+    """`runs` with a typed column per declared factor, so predicates and groupings read them like
+    built-in columns (the names are checked identifiers, the values come through TRY_CAST)."""
+    extras = declared_factors(con)
+    if not extras:
+        return "runs"
+    cols = ", ".join(f"TRY_CAST(factors ->> '{k}' AS {t}) AS {k}" for k, t in sorted(extras.items()))
+    return f"(SELECT *, {cols} FROM runs)"
 
 
 MAX_WHERE = 4096
@@ -85,13 +125,15 @@ def check_where(con, where: str | None) -> str:
         names = part.get("column_names") if part.get("class") == "COLUMN_REF" else None
         if names and (len(names) > 2 or (len(names) == 2 and names[0].lower() != "runs")):
             raise QueryError(f"--where: {'.'.join(names)}: only columns of the runs table may be used")
+    relation = runs_relation(con)
+    bound = f"SELECT run_id FROM {relation} runs WHERE ({where})"
     try:
-        con.execute(f"EXPLAIN {sql}")
+        con.execute(f"EXPLAIN {bound}")
     except duckdb.InterruptException:
         raise
     except Exception as exc:  # noqa: BLE001 - binder errors name the column, never a value
         raise QueryError(f"--where: {str(exc).splitlines()[0][:200]}") from None
-    return f"run_id IN (SELECT run_id FROM runs WHERE ({where}))"
+    return f"run_id IN ({bound})"
 
 
 def _walk(obj):

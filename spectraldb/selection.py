@@ -52,7 +52,7 @@ class Selection:
         object.__setattr__(self, "strata", tuple(check_strata(strata)) if strata else None)
         check_site(self.site)
         by = split(self.by) or None
-        object.__setattr__(self, "by", check_factors(by) if by else None)
+        object.__setattr__(self, "by", check_factors(by, syntax_only=True) if by else None)
         if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
                                         or self.window < 1):
             raise QueryError(f"--window: must be at least 1 measured step (got {self.window})")

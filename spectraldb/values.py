@@ -13,7 +13,8 @@ from typing import NamedTuple
 
 from contract.vocabulary import FACTORS
 from spectraldb.points import point_ctes
-from spectraldb.predicates import check_factors, check_metric, check_site, check_strata, check_where
+from spectraldb.predicates import (check_factors, check_metric, check_site, check_strata, check_where,
+                                   declared_factors, runs_relation)
 
 LOW_N = 4  # tokens per dimension under which a rank is capped by N rather than by the spectrum (as view `points`)
 N_TOKENS = "_n_tokens"  # rides in run_values' value dicts: the fewest tokens behind a run's point
@@ -68,7 +69,10 @@ def run_values(con, metrics, *, stratum="all", site="post", window=None, step=No
     strata = check_strata(stratum)
     check_site(site)
     statuses = selected_statuses(include_diverged)
-    factors = tuple(dict.fromkeys(("optimizer", "seed", *(f for f in factors if f in FACTORS))))
+    declared = declared_factors(con)
+    check_factors(factors, declared)
+    factors = tuple(dict.fromkeys(("optimizer", "seed", *(f for f in factors if f in FACTORS or f in declared))))
+    runs = runs_relation(con)
     fast = window is None and step is None and not by_layer
     if fast:  # the stored aggregates (run_points; step_points per step) answer directly
         table, step_col = ("step_points", "p.step, ") if by_step else ("run_points", "")
@@ -78,7 +82,7 @@ def run_values(con, metrics, *, stratum="all", site="post", window=None, step=No
                    min(p.n_tokens) AS n_tokens,
                    any_value(r.ffn_width) AS ffn_width, any_value(r.final_val_ppl) AS val_ppl,
                    {", ".join(f"any_value(r.{f}) AS {f}" for f in factors)}
-            FROM {table} p JOIN runs r USING (run_id)
+            FROM {table} p JOIN {runs} r USING (run_id)
             WHERE r.status IN ({", ".join("?" * len(statuses))}) AND ({where}) AND p.site = ?
               AND p.stratum IN ({", ".join("?" * len(strata))})
               AND p.metric IN ({", ".join("?" * len(metrics))})
@@ -99,7 +103,7 @@ def run_values(con, metrics, *, stratum="all", site="post", window=None, step=No
                      WHERE status IN ({", ".join("?" * len(statuses))}) AND ({where})),
         {ctes}
         SELECT p.* EXCLUDE (n_layers), r.ffn_width, r.final_val_ppl AS val_ppl, {", ".join(f"r.{f}" for f in factors)}
-        FROM per_run p JOIN runs r USING (run_id)"""
+        FROM per_run p JOIN {runs} r USING (run_id)"""
     cur = con.execute(sql, [*statuses, site, *strata, *params])
     return _rows(cur, (*metrics, N_TOKENS), by_layer, by_step)
 
@@ -129,18 +133,19 @@ def width_means(con, metrics, by, *, strata, site="post", where=None, include_di
     where = check_where(con, where)
     strata, site = check_strata(strata), check_site(site)
     statuses = selected_statuses(include_diverged)
-    by = check_factors(by)
+    by = check_factors(by, declared_factors(con))
+    runs = runs_relation(con)
     sql = f"""
         WITH per_run AS (
             SELECT p.run_id, p.stratum, {", ".join(f"max(p.value) FILTER (WHERE p.metric = ?) AS m{i}"
                                                     for i in range(len(metrics)))}
-            FROM run_points p JOIN runs r USING (run_id)
+            FROM run_points p JOIN {runs} r USING (run_id)
             WHERE r.status IN ({", ".join("?" * len(statuses))}) AND ({where}) AND p.site = ?
               AND p.stratum IN ({", ".join("?" * len(strata))}) AND p.metric IN ({", ".join("?" * len(metrics))})
             GROUP BY p.run_id, p.stratum)
         SELECT q.stratum, {", ".join(f"r.{f}" for f in by)}, r.ffn_width,
                {", ".join(f"avg(q.m{i})" for i in range(len(metrics)))}, avg(r.final_val_ppl)
-        FROM per_run q JOIN runs r USING (run_id)
+        FROM per_run q JOIN {runs} r USING (run_id)
         GROUP BY q.stratum, {", ".join(f"r.{f}" for f in by)}, r.ffn_width"""
     out = []
     for row in con.execute(sql, [*metrics, *statuses, site, *strata, *metrics]).fetchall():

@@ -31,7 +31,7 @@ import torch
 
 from contract.records import Spectrum
 from contract.sizes import frequency_strata
-from contract.vocabulary import SITES, STRATA
+from contract.vocabulary import SITE_DEFINITIONS, SITES, STRATA, STRATA_SCOPES
 from workers.extract import PRECISIONS, NonFiniteActivations, StreamingCovariance, decompose
 
 MEASURED = ("head", "mid", "tail")  # stratum index 0, 1, 2 of a token-strata table
@@ -41,9 +41,6 @@ SITE_FAMILIES = (
     ("dense_h_to_4h/dense_4h_to_h: GPT-NeoX, Pythia", "dense_h_to_4h", "dense_4h_to_h", (), False),
     ("gate_proj/up_proj/down_proj: Llama, Mistral, Qwen2, OLMo-hf", "gate_proj", "down_proj", ("up_proj",), True),
 )
-SITE_DEFINITIONS = {False: "pre: first projection output; post: down-projection input",
-                    True: "pre: gate_proj output; post: down_proj input (gated)"}
-STRATA_SCOPES = ("global", "rank0_local")
 
 
 class ProbeError(ValueError):

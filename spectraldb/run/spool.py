@@ -75,7 +75,7 @@ class Spool:
     def load(path: Path) -> dict:
         """The verified entry (metadata with eigenvalue arrays in place and `result` a RunResult),
         or Damaged(why)."""
-        from spectraldb.spec import RunSpec
+        from spectraldb.spec.tracked import spec_of
 
         try:
             data = read_regular(path, MAX_ENTRY_BYTES)
@@ -98,7 +98,7 @@ class Spool:
         except Exception as exc:  # noqa: BLE001 - zip, CRC, JSON, missing keys: every way a file can be bad
             raise Damaged(f"not a readable spool entry ({type(exc).__name__}: {str(exc)[:120]})") from None
         try:
-            spec_id = RunSpec.model_validate(meta["config"]).run_id
+            spec_id = spec_of(meta["config"]).run_id
         except Exception as exc:  # noqa: BLE001
             raise Damaged(f"its spec is not valid ({one_line(exc)})") from None
         if spec_id != path.stem:
@@ -180,7 +180,7 @@ def drain(spool: Spool, store_path, wait_s: float, damaged: list | None = None) 
     appended to `damaged`, their runs trained again). Returns (committed, one line per result
     still waiting)."""
     from spectraldb import store
-    from spectraldb.spec import RunSpec
+    from spectraldb.spec.tracked import spec_of
 
     committed, waiting = 0, []
     for path in spool.pending():
@@ -191,7 +191,7 @@ def drain(spool: Spool, store_path, wait_s: float, damaged: list | None = None) 
             if damaged is not None:
                 damaged.append(f"{path.name}: {exc}; moved to {moved} and its run will be trained again")
             continue
-        run = RunSpec.model_validate(entry["config"])
+        run = spec_of(entry["config"])
         try:
             store.write_run(store_path, run, entry["result"], entry["provenance"], entry["spec_name"],
                             vocab_size=entry["vocab_size"], wait_s=wait_s)

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from contract.records import RunResult, Spectrum
+from contract.vocabulary import SITE_DEFINITIONS
 
 
 def timestamp(t: float | None) -> datetime | None:
@@ -24,24 +25,44 @@ def finite(x):
 
 
 def run_row(run, result: RunResult, provenance: dict, spec_name: str, vocab_size: int | None) -> dict:
-    """The `runs` row. `run` is a spectraldb.spec.RunSpec."""
-    m, final = run.model, result.final
+    """The `runs` row of a spectraldb.spec.RunSpec (trained by specdb) or a
+    spectraldb.spec.tracked.TrackedSpec (trained elsewhere, or a checkpoint)."""
+    final = result.final
     started, finished = result.started_at, result.finished_at
+    columns = _tracked_columns(run) if getattr(run, "source", "specdb") != "specdb" else _specdb_columns(run)
     return {
-        "run_id": run.run_id, "spec_name": spec_name, "optimizer": run.label, "optimizer_name": run.optimizer.name,
-        "lr": run.optimizer.lr, "ffn_mult": m.ffn_mult, "ffn_width": m.ffn_width, "d_model": m.d_model,
-        "n_layer": m.n_layer, "n_head": m.n_head, "context": run.data.context, "vocab_size": vocab_size,
-        "corpus": run.data.corpus, "seed": run.train.seed, "steps": run.train.steps,
-        "batch_size": run.train.batch_size, "measure_source": run.measure.source, "last_k": run.measure.last_k,
+        "run_id": run.run_id, "spec_name": spec_name, **columns, "vocab_size": vocab_size,
         "status": result.status, "error": result.error,
         "final_val_loss": finite(final.val_loss) if final else None,
         "final_val_ppl": finite(final.val_ppl) if final else None, "config": json.dumps(run.config()),
         "git_commit": provenance.get("git_commit"), "versions": json.dumps(provenance.get("versions", {})),
         "host": provenance.get("host"), "device": result.device, "started_at": timestamp(started),
         "finished_at": timestamp(finished), "duration_s": (finished - started) if finished else None,
-        "pos": m.pos, "norm": m.norm, "postln_frac": m.n_post_norm / m.n_layer, "activation": m.activation,
-        "keep_eigenvalues": run.measure.keep_eigenvalues, "protocol": result.protocol,
+        "protocol": result.protocol,
     }
+
+
+def _specdb_columns(run) -> dict:
+    m = run.model
+    return {"optimizer": run.label, "optimizer_name": run.optimizer.name, "lr": run.optimizer.lr,
+            "ffn_mult": m.ffn_mult, "ffn_width": m.ffn_width, "d_model": m.d_model, "n_layer": m.n_layer,
+            "n_head": m.n_head, "context": run.data.context, "corpus": run.data.corpus, "seed": run.train.seed,
+            "steps": run.train.steps, "batch_size": run.train.batch_size, "measure_source": run.measure.source,
+            "last_k": run.measure.last_k, "pos": m.pos, "norm": m.norm, "postln_frac": m.n_post_norm / m.n_layer,
+            "activation": m.activation, "keep_eigenvalues": run.measure.keep_eigenvalues, "source": "specdb",
+            "gated": False, "site_definition": SITE_DEFINITIONS[False], "strata_scope": "global",
+            "tokens_seen": run.train.steps * run.train.batch_size * run.data.context, "factors": None}
+
+
+def _tracked_columns(run) -> dict:
+    m = run.model
+    return {"optimizer": run.optimizer, "optimizer_name": run.optimizer_name, "lr": run.lr,
+            "ffn_mult": m.ffn_mult, "ffn_width": m.ffn_width, "d_model": m.d_model, "n_layer": m.n_layer,
+            "n_head": m.n_head, "context": m.context, "corpus": run.corpus, "seed": run.seed, "steps": run.steps,
+            "batch_size": run.batch_size, "measure_source": run.source, "last_k": run.measure.last_k,
+            "keep_eigenvalues": run.measure.keep_eigenvalues, "source": run.source, "gated": m.gated,
+            "site_definition": SITE_DEFINITIONS[m.gated], "strata_scope": run.strata_scope,
+            "tokens_seen": run.tokens_seen, "factors": json.dumps(run.factors, sort_keys=True) if run.factors else None}
 
 
 def eval_rows(run_id: str, result: RunResult) -> list[dict]:

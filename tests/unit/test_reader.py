@@ -93,7 +93,7 @@ def test_the_reader_refuses_what_the_cli_refuses(db, tmp_path):
 @pytest.mark.parametrize("fields, message", [
     (dict(window=0), "--window: must be at least 1"), (dict(window=True), "--window"),
     (dict(layer="some"), "--layer: expected agg or each"), (dict(site="mid"), "--site"),
-    (dict(by="optimizer,colour"), "--by: unknown factor 'colour'"), (dict(strata=""), "--stratum"),
+    (dict(by="optimizer,Colour!"), "--by: unknown factor .Colour!."), (dict(strata=""), "--stratum"),
     (dict(strata=["all", "nope"]), "--stratum: unknown stratum 'nope'"), (dict(step="3"), "--step"),
     (dict(where=3), "--where: must be text"),
 ])

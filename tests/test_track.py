@@ -1,0 +1,179 @@
+"""Runs trained elsewhere, tracked into the store: factors of their own, the one writer, the verbs."""
+
+import json
+import subprocess
+import sys
+import time
+
+import duckdb
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from spectraldb.errors import SpecError
+from spectraldb.run.lock import WriterLock, writer_pid
+from spectraldb.run.spool import Spool
+from spectraldb.track import track
+from tests.builders import spectrum
+from tests.conftest import flat, query, tiny_spec
+
+runner = CliRunner()
+WIDTHS = (64, 128, 256, 512)
+
+
+def spectra_at(step, D, rank):
+    return [spectrum(step, layer, site, "all", flat(rank, D), 50 * D) for layer in (0, 1) for site in ("pre", "post")]
+
+
+def tracked(db, *, optimizer="AdamW", D=64, beta=0.5, factors=None, seed=0, steps=300, **kw):
+    """One tracked run whose hard rank is 0.5·D^beta at steps 200 and 300."""
+    with track(db, optimizer=optimizer, d_model=32, n_layer=2, ffn_width=D, seed=seed, steps=steps,
+               factors=factors, last_k=2, **kw) as run:
+        for step in (200, 300):
+            run.log(step, spectra_at(step, D, 0.5 * D**beta), train_loss=3.0, val_loss=3.2)
+    return run
+
+
+def rows_of(db, sql):
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def test_tracked_runs_answer_the_verbs_with_their_own_factors(tmp_path):
+    db = tmp_path / "t.duckdb"
+    for dataset, beta in (("web", 0.5), ("code", 0.8)):
+        for D in WIDTHS:
+            assert tracked(db, D=D, beta=beta, factors={"dataset": dataset, "wd": 0.1 if dataset == "web" else 0.0},
+                           lr=3e-4).outcome == "committed"
+    rows, _ = query(db, "beta", "--by", "optimizer,dataset")
+    got = {r["dataset"]: r["beta_hard"] for r in rows}
+    assert got == {"code": pytest.approx(0.8, abs=2e-3), "web": pytest.approx(0.5, abs=2e-3)}
+    rows, _ = query(db, "beta", "--where", "dataset = 'web' AND wd > 0.05 AND lr = 3e-4")
+    assert len(rows) == 1 and rows[0]["beta_hard"] == pytest.approx(0.5, abs=2e-3) and rows[0]["n_widths"] == 4
+    assert rows_of(db, "SELECT DISTINCT source, gated, measure_source FROM runs") == [("tracked", False, "tracked")]
+    _, err = query(db, "beta", "--by", "colour", code=2)
+    assert err.startswith("--by: unknown factor 'colour'") and "dataset" in err and "wd" in err
+    status = runner.invoke(app, ["status", "--db", str(db), "--format", "json"])
+    assert json.loads(status.stdout)[0]["runs"] == 8
+
+
+def test_the_same_declaration_is_the_same_run(tmp_path):
+    db = tmp_path / "t.duckdb"
+    first, again = tracked(db, D=64), tracked(db, D=64)
+    other = tracked(db, D=64, seed=1)
+    assert first.run_id == again.run_id != other.run_id
+    assert rows_of(db, "SELECT count(*) FROM runs") == [(2,)]
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(factors={"Bad Name": 1}), "factors: 'Bad Name' is not a factor name"),
+    (dict(factors={"status": "x"}), "factors: 'status' is a built-in column"),
+    (dict(factors={"wd": float("nan")}), "factors"),
+    (dict(ffn_width=None), "give ffn_width"),
+    (dict(colour="red"), "track: unknown field 'colour'"),
+    (dict(d_model=0), "model.d_model"),
+])
+def test_a_bad_declaration_is_one_line_and_writes_nothing(tmp_path, kw, message):
+    db = tmp_path / "t.duckdb"
+    args = dict(optimizer="AdamW", d_model=32, n_layer=2, ffn_width=64, steps=10) | kw
+    with pytest.raises(SpecError, match=message) as err:
+        track(db, **args)
+    assert "\n" not in str(err.value) and not db.exists()
+
+
+def test_non_finite_activations_store_a_diverged_run_with_what_it_had(tmp_path):
+    from workers.extract import NonFiniteActivations
+
+    class Exploding:
+        calls = 0
+
+        def compute(self, step):
+            Exploding.calls += 1
+            if Exploding.calls == 2:
+                raise NonFiniteActivations("non-finite FFN activations")
+            return spectra_at(step, 64, 8)
+
+    db = tmp_path / "t.duckdb"
+    with track(db, optimizer="AdamW", d_model=32, n_layer=2, ffn_width=64, steps=300) as run:
+        for step in (100, 200, 300):
+            run.log(step, probe=Exploding(), train_loss=3.0, val_loss=3.0)
+    (status, error), = rows_of(db, "SELECT status, error FROM runs")
+    assert status == "diverged" and "step 200" in error
+    assert rows_of(db, "SELECT DISTINCT step FROM spectra") == [(100,)]
+
+
+def test_a_failing_loop_stores_a_failed_run_with_its_traceback(tmp_path):
+    db = tmp_path / "t.duckdb"
+    with pytest.raises(RuntimeError):
+        with track(db, optimizer="AdamW", d_model=32, n_layer=2, ffn_width=64, steps=10) as run:
+            run.log(5, spectra_at(5, 64, 8))
+            raise RuntimeError("CUDA out of memory")
+    (status, error), = rows_of(db, "SELECT status, error FROM runs")
+    assert status == "failed" and "CUDA out of memory" in error and "Traceback" in error
+
+
+def test_a_run_tracked_while_a_writer_holds_the_store_is_spooled_then_ingested_once(tmp_path):
+    db = tmp_path / "t.duckdb"
+    tracked(db, D=64)  # the store exists
+    with WriterLock(db):
+        run = tracked(db, D=128)
+        assert run.outcome == "spooled" and Spool(db).run_ids() == {run.run_id}
+    for expected in (1, 0):
+        result = runner.invoke(app, ["ingest", "--db", str(db)])
+        assert result.exit_code == 0 and f"committed {expected} finished run(s)" in result.stderr
+    assert rows_of(db, "SELECT count(*), count(DISTINCT run_id) FROM runs") == [(2, 2)]
+    assert not Spool(db).pending()
+
+
+@pytest.mark.slow
+def test_a_run_tracked_during_a_sweep_is_committed_by_that_sweep_exactly_once(tmp_path, corpus):
+    db, spec = tmp_path / "s.duckdb", tmp_path / "s.yaml"
+    spec.write_text(tiny_spec(corpus, db, "sweep:\n  seed: [0, 1, 2]\n", steps=30).replace("every: 3", "every: 10"))
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "run", str(spec), "--executor", "inline"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while writer_pid(db) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        run = tracked(db, D=64)
+        assert run.outcome == "spooled"
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert rows_of(db, f"SELECT count(*) FROM runs WHERE run_id = '{run.run_id}'") == [(1,)]
+    assert rows_of(db, "SELECT source, count(*) FROM runs GROUP BY ALL ORDER BY 1") == [("specdb", 3), ("tracked", 1)]
+    assert not Spool(db).pending()
+
+
+@pytest.mark.slow
+def test_tracked_runs_give_the_beta_of_the_same_runs_trained_by_specdb(tiny):
+    """The tiny sweep trained by `specdb run`, and the same runs trained by the worker's loop and
+    recorded by a tracker: the same β, to the last digit."""
+    from spectraldb.spec import load_spec
+    from workers.data import prepare
+    from workers.train import run as train_run
+
+    spec, db = tiny
+    assert runner.invoke(app, ["run", str(spec), "--executor", "inline"]).exit_code == 0
+    tracked_db = db.with_name("tracked.duckdb")
+    for r in load_spec(spec)[0].runs:
+        ds = prepare(r.data.model_dump())
+        res = train_run(r.config(), ds)
+        with track(tracked_db, optimizer=r.label, d_model=r.model.d_model, n_layer=r.model.n_layer,
+                   ffn_width=r.model.ffn_width, seed=r.train.seed, steps=r.train.steps, last_k=r.measure.last_k,
+                   vocab_size=ds.vocab_size) as run:
+            losses = {e.step: e for e in res.evals}
+            for step in sorted({s.step for s in res.spectra}):
+                e = losses.get(step)
+                run.log(step, [s for s in res.spectra if s.step == step],
+                        train_loss=e.train_loss if e else None, val_loss=e.val_loss if e else None)
+    for args in (["--stratum", "all"], ["--stratum", "tail"]):
+        ours, _ = query(db, "beta", *args)
+        theirs, _ = query(tracked_db, "beta", *args)
+        keys = ("optimizer", "beta_hard", "beta_soft", "r2_hard", "n_widths")
+        assert [{k: r[k] for k in keys} for r in theirs] == [{k: r[k] for k in keys} for r in ours]
+        assert all(r["beta_hard"] is not None for r in ours)
