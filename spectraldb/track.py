@@ -70,9 +70,16 @@ class Tracker:
             record.step = step
             self.result.spectra.append(record)
         if train_loss is not None or val_loss is not None:
-            val = math.nan if val_loss is None else float(val_loss)
-            ppl = math.exp(val) if math.isfinite(val) and val < 700 else math.inf
-            self.result.evals.append(Evaluation(step, math.nan if train_loss is None else float(train_loss), val, ppl))
+            known = next((e for e in self.result.evals if e.step == step), None)
+            if known is None:  # losses may come in several calls for one step (a trainer's logs)
+                known = Evaluation(step, math.nan, math.nan, math.inf)
+                self.result.evals.append(known)
+            if train_loss is not None:
+                known.train_loss = float(train_loss)
+            if val_loss is not None:
+                known.val_loss = float(val_loss)
+                known.val_ppl = math.exp(known.val_loss) if math.isfinite(known.val_loss) and known.val_loss < 700 \
+                    else math.inf
 
     def finish(self, status: str = "done", error: str | None = None) -> str:
         """Store the run; returns "committed" or "spooled" (a `specdb run` held the store)."""

@@ -35,6 +35,7 @@ def test_a_planted_lock_symlink_is_refused_and_its_target_untouched(tmp_path):
     assert victim.read_text() == "precious"
 
 
+@pytest.mark.slow  # waits out the lock's retries on purpose
 def test_one_writer_per_store_file_whatever_path_names_it(tmp_path):
     db = tmp_path / "real" / "s.duckdb"
     db.parent.mkdir()

@@ -96,6 +96,7 @@ def test_a_huge_answer_is_cut_at_the_byte_cap_with_a_note(db, monkeypatch):
     assert time.monotonic() - t0 < 30
 
 
+@pytest.mark.slow  # waits out a time limit on purpose
 def test_encoding_counts_against_the_time_limit(db, monkeypatch):
     monkeypatch.setenv("SPECDB_READ_TIME_S", "1")
     monkeypatch.setenv("SPECDB_RESPONSE_MB", "4096")

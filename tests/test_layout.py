@@ -32,7 +32,9 @@ def files(package: str) -> list[Path]:
 @pytest.mark.parametrize("package, forbidden", [
     ("contract", {"spectraldb", "workers", "cli", "torch", "ray", "duckdb", "pydantic", "pyarrow", "scipy"}),
     ("workers", {"spectraldb", "cli", "ray", "duckdb", "pydantic"}),
-    ("spectraldb", {"cli"}),
+    ("spectraldb", {"cli", "integrations"}),
+    ("workers", {"integrations"}),
+    ("cli", {"integrations"}),
 ])
 def test_imports_run_one_way(package, forbidden):
     crossing = {str(f.relative_to(ROOT)): sorted(imported(f) & forbidden) for f in files(package)}
@@ -44,6 +46,11 @@ def test_the_driver_imports_worker_code_only_in_its_executor():
     assert crossing == [EXECUTOR]
     cli = sorted(str(f.relative_to(ROOT)) for f in files("cli") if "workers" in imported(f))
     assert cli == []
+
+
+def test_integrations_join_the_two_sides_and_nothing_imports_them():
+    """integrations/ (framework callbacks) use the probe (workers) and the tracker (spectraldb)."""
+    assert {"workers", "spectraldb"} <= set().union(*(imported(f) for f in files("integrations")))
 
 
 def test_the_contract_is_a_leaf_of_numpy_and_the_standard_library():
@@ -75,6 +82,7 @@ def test_the_contract_imports_with_numpy_alone():
     assert not {"torch", "ray", "duckdb", "pydantic", "spectraldb", "workers", "scipy"} & loaded
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch; the static test above checks every import statement
 def test_workers_never_import_ray_duckdb_or_pydantic():
     loaded = modules_after("import workers.train, workers.extract, workers.bench")
     assert not {"ray", "duckdb", "pydantic"} & loaded
