@@ -36,7 +36,7 @@ def root(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 
 # in the order `specdb --help` lists them
-for command in (sweep.run, sweep.plan, sweep.status, sweep.ingest, reads.sql, reads.export, reads.schema, reads.plot, reads.serve):
+for command in (sweep.run, sweep.plan, sweep.status, sweep.measure, sweep.ingest, reads.sql, reads.export, reads.schema, reads.plot, reads.serve):
     app.command()(command)
 
 

@@ -72,6 +72,19 @@ def plan(spec: Path = typer.Argument(..., help="Spec file"), db: Optional[str] =
     from spectraldb.run.sweep import check_plan, plan_rows
 
     check_format(fmt)
+    from spectraldb.spec.checkpoints import is_checkpoints_spec
+
+    if is_checkpoints_spec(spec):
+        from spectraldb.run.measure import plan_rows as checkpoint_rows
+        from spectraldb.spec.checkpoints import load_checkpoints
+
+        with translated():
+            cspec, runs = load_checkpoints(spec, set_ or [])
+            rows = checkpoint_rows(cspec, runs, db or cspec.store)
+        render(rows, fmt)
+        typer.echo(f"{len(rows)} checkpoints: " + ", ".join(f"{sum(r['status'] == s for r in rows)} {s}"
+                                                             for s in ("new", "done", "diverged", "failed")), err=True)
+        return
     with translated():
         p = _load(spec, set_)
         check_plan(p, db or p.store, executor, address, cache_dir)
@@ -176,3 +189,31 @@ def ingest(db: Optional[str] = DbOpt):
     typer.echo(f"committed {committed} finished run(s) from {path}.spool", err=True)
     if waiting:
         fail(f"{len(waiting)} run(s) still wait in {path}.spool (first: {waiting[0]})", 1)
+
+
+def measure(spec: Path = typer.Argument(..., help="A checkpoints spec, e.g. examples/checkpoints.yaml"),
+            db: Optional[str] = DbOpt, set_: Optional[List[str]] = SetOpt,
+            retry_failed: bool = typer.Option(False, "--retry-failed", help="Also measure checkpoints stored as failed.")):
+    """Measure saved checkpoints (local HF model folders, or revisions already in the local HF
+    cache: nothing downloads), one at a time, each stored as a run: its FFN spectra on the spec's
+    corpus tokenised with the model's own tokenizer, and its loss there. A checkpoint that cannot be
+    loaded is stored as failed with one line; the others go on.
+
+    Example: specdb measure examples/checkpoints.yaml
+    """
+    from spectraldb.run.measure import measure_checkpoints
+    from spectraldb.run.progress import reporter_for
+    from spectraldb.spec.checkpoints import load_checkpoints
+
+    with translated():
+        cspec, runs = load_checkpoints(spec, set_ or [])
+        path = db or cspec.store
+        result = measure_checkpoints(cspec, runs, path, reporter=reporter_for(sys.stderr), retry_failed=retry_failed)
+    if not result.statuses:
+        typer.echo(f"nothing to do: all {result.total} checkpoints of {spec} are already in {path}", err=True)
+        return
+    counts = {s: list(result.statuses.values()).count(s) for s in sorted(set(result.statuses.values()))}
+    typer.echo(f"stored {len(result.statuses)} checkpoints in {path} "
+               f"({', '.join(f'{n} {s}' for s, n in counts.items())}; {result.skipped} already there)", err=True)
+    if not result.ok:
+        raise typer.Exit(3)

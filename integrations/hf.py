@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from integrations.common import Tap, model_config, model_shape
+from integrations.common import Tap
 from spectraldb.track import track
-from workers.probe import attach
+from workers.probe import attach, model_config, model_shape
 
 
 class SpecdbCallback(TrainerCallback):

@@ -15,9 +15,8 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from integrations.common import model_config, model_shape
 from spectraldb.track import track
-from workers.probe import attach
+from workers.probe import attach, model_config, model_shape
 
 
 def _ids(batch):

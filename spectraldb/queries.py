@@ -31,20 +31,34 @@ def beta(con, sel: Selection = Selection(), *, metric: str | None = None) -> Ans
     """β of rank vs FFN width per group (default: per optimizer; hard, soft and Δ₁,₂)."""
     metrics = (metric,) if metric else ("hard", "soft")
     notes: list[str] = []
-    vals = run_values(con, metrics, factors=sel.group_by() + ("protocol",), stratum=sel.stratum, site=sel.site,
-                      window=sel.window, step=sel.step, by_layer=sel.layer == "each", where=sel.where,
+    vals = run_values(con, metrics, factors=sel.group_by() + ("protocol", "d_model"), stratum=sel.stratum,
+                      site=sel.site, window=sel.window, step=sel.step, by_layer=sel.layer == "each", where=sel.where,
                       include_diverged=sel.include_diverged)
     by = split_protocols(sel.group_by(), run_factors(vals).values(), notes)
     extra = ("layer",) if sel.layer == "each" else ()
     pts = [Point(tuple(v.factors[f] for f in by) + ((v.layer,) if extra else ()), v.factors["ffn_width"],
                  v.factors["seed"], v.values) for v in vals]
     groups = fit_groups(pts, metrics, tuple(by) + extra, notes)
+    flag_confounded_width(vals, by, notes)
     out = rows(groups)
     flag_low_n(out, pts, tuple(by) + extra, notes)
     if metric:
         out = [{**{k: r[k] for k in tuple(by) + extra}, "metric": metric,
                 **{k: v for k, v in r.items() if k not in tuple(by) + extra}} for r in out]
     return answered(con, sel, out, notes, groups)
+
+
+def flag_confounded_width(vals, by, notes) -> None:
+    """A group whose runs change d_model along with the FFN width (a suite of model sizes, not a
+    width sweep) gets a note: its β mixes the FFN's width with the model's size."""
+    sizes: dict[tuple, set] = {}
+    for v in vals:
+        sizes.setdefault(tuple(v.factors[f] for f in by), set()).add(v.factors.get("d_model"))
+    for key, models in sorted(sizes.items(), key=lambda kv: str(kv[0])):
+        models.discard(None)
+        if len(models) > 1:
+            notes.append(f"{_label(key)}: d_model changes with the width ({', '.join(map(str, sorted(models)))}): "
+                         "β mixes FFN width with model size")
 
 
 def dynamics(con, sel: Selection = Selection()) -> Answer:

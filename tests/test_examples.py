@@ -23,8 +23,46 @@ EXAMPLES = {
 PAPER = sorted(name for name in EXAMPLES if name.startswith("paper_"))
 
 
+CHECKPOINT_SPECS = {"checkpoints.yaml": 3}
+
+
 def test_every_shipped_yaml_is_covered():
-    assert {p.name for p in (ROOT / "examples").glob("*.yaml")} == set(EXAMPLES)
+    assert {p.name for p in (ROOT / "examples").glob("*.yaml")} == set(EXAMPLES) | set(CHECKPOINT_SPECS)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINT_SPECS))
+def test_a_checkpoints_spec_loads(name):
+    from spectraldb.spec.checkpoints import is_checkpoints_spec, load_checkpoints
+
+    assert is_checkpoints_spec(ROOT / "examples" / name)
+    spec, runs = load_checkpoints(ROOT / "examples" / name)
+    assert len(runs) == CHECKPOINT_SPECS[name] == len({r.run_id for r in runs})
+    assert all(r.source == "checkpoint" for r in runs)
+
+
+@pytest.mark.slow
+def test_the_measure_your_own_models_examples_run_as_written(tmp_path):
+    """README, "Measure your own models": the commands as a user types them, from a fresh folder."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def sh(*cmd):
+        out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out
+
+    sh(sys.executable, str(ROOT / "examples" / "own_loop.py"), "own.duckdb")
+    sh(sys.executable, str(ROOT / "examples" / "hf_trainer.py"), "hf.duckdb")
+    sh(sys.executable, "-m", "cli.main", "measure", str(ROOT / "examples" / "checkpoints.yaml"))
+    for store, by in (("own.duckdb", "optimizer,data"), ("hf.duckdb", "optimizer,framework"),
+                      ("checkpoints.duckdb", "optimizer,framework")):
+        rows = json.loads(sh(sys.executable, "-m", "cli.main", "query", "beta", "--db", store, "--by", by,
+                             "--format", "json").stdout)
+        assert len(rows) == 1 and rows[0]["n_widths"] == 3 and rows[0]["beta_hard"] is not None, (store, rows)
 
 
 @pytest.fixture(scope="module")

@@ -283,3 +283,43 @@ def attach(model: torch.nn.Module, *, patterns: tuple[str, str] | None = None, t
     strata = tuple(strata) if strata is not None else (STRATA if table is not None else ("all",))
     return Probe(model, find_sites(model, patterns), token_strata=table, measure=measure, strata=strata,
                  min_tokens=min_tokens, precision=precision, strata_scope=strata_scope, group=group)
+
+
+# ---------------------------------------------------------------------- a model's shape
+
+CONFIG_NAMES = {"d_model": ("hidden_size", "n_embd", "d_model"), "n_layer": ("num_hidden_layers", "n_layer"),
+                "n_head": ("num_attention_heads", "n_head"), "context": ("max_position_embeddings", "n_positions")}
+
+
+def ffn_width(module: torch.nn.Module) -> int:
+    """Output width of an FFN's first projection: nn.Linear, HF's Conv1D, or a weight's shape."""
+    for attr in ("out_features", "nf"):
+        if isinstance(getattr(module, attr, None), int):
+            return getattr(module, attr)
+    return int(module.weight.shape[0])
+
+
+def model_shape(model: torch.nn.Module, probe: Probe) -> dict:
+    """d_model, n_layer, ffn_width (and n_head, context where the config says) of a model: what a
+    tracked run or a measured checkpoint declares about it."""
+    config = getattr(model, "config", None)
+    shape = {}
+    for key, names in CONFIG_NAMES.items():
+        for name in names:
+            value = getattr(config, name, None)
+            if isinstance(value, int):
+                shape[key] = value
+                break
+    modules = dict(model.named_modules())
+    shape["ffn_width"] = ffn_width(modules[probe.sites[0].pre])
+    shape.setdefault("n_layer", len(probe.sites))
+    if "d_model" not in shape:
+        raise ValueError("d_model: not in the model's config; pass d_model=")
+    return shape
+
+
+def model_config(model: torch.nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        return {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}
+    return {}

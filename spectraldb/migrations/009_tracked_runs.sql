@@ -15,3 +15,8 @@ ALTER TABLE runs ALTER COLUMN optimizer_name DROP NOT NULL;
 ALTER TABLE runs ALTER COLUMN n_head DROP NOT NULL;
 ALTER TABLE runs ALTER COLUMN context DROP NOT NULL;
 ALTER TABLE runs ALTER COLUMN batch_size DROP NOT NULL;
+-- a checkpoint that cannot be loaded is stored as failed before its shape is known
+ALTER TABLE runs ALTER COLUMN ffn_mult DROP NOT NULL;
+ALTER TABLE runs ALTER COLUMN ffn_width DROP NOT NULL;
+ALTER TABLE runs ALTER COLUMN d_model DROP NOT NULL;
+ALTER TABLE runs ALTER COLUMN n_layer DROP NOT NULL;

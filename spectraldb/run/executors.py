@@ -196,3 +196,20 @@ def _make_task():
 
 _Board = LazyRemote(_make_board)
 _ray_task = LazyRemote(_make_task)
+
+
+def checkpoint_documents(corpus: str) -> list[str]:
+    """The text a checkpoints spec measures with (each model tokenises it itself)."""
+    from workers.checkpoints import CheckpointError, corpus_documents
+
+    try:
+        return corpus_documents(corpus)
+    except CheckpointError as exc:
+        raise SpecError(f"corpus: {exc}") from None
+
+
+def measure_checkpoint(**kw) -> dict:
+    """workers.checkpoints.measure in this process: one model in memory at a time."""
+    from workers.checkpoints import measure
+
+    return measure(**kw)

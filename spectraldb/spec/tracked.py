@@ -57,7 +57,8 @@ class TrackedSpec(Section):
     optimizer: Name                                   # the label the verbs group by
     optimizer_name: Name | None = None                # its family (adamw, muon, …), when known
     lr: float | None = Field(None, gt=0)
-    model: TrackedModel
+    model: TrackedModel | None = None                 # None only for a checkpoint that could not be loaded
+    checkpoint: Name | None = None                    # a checkpoint's folder, or MODEL@REVISION
     seed: int = Field(0, ge=0, le=INT32_MAX)
     steps: int = Field(..., ge=0, le=INT32_MAX)
     batch_size: int | None = Field(None, ge=1, le=INT32_MAX)
@@ -69,6 +70,8 @@ class TrackedSpec(Section):
 
     @model_validator(mode="after")
     def _factors(self):
+        if self.model is None and self.source != "checkpoint":
+            raise ValueError("model: declare d_model, n_layer and ffn_width (or ffn_mult)")
         for key, value in self.factors.items():
             if not FACTOR_NAME.fullmatch(key):
                 raise ValueError(f"factors: {key!r} is not a factor name (lower case letters, digits and _, "
@@ -87,7 +90,11 @@ class TrackedSpec(Section):
 
     @property
     def run_id(self) -> str:
-        doc = self.model_dump(mode="json", exclude={"name"})
+        """A hash of the declaration; a checkpoint's is that of its entry (where it is, its step and
+        factors), not of what loading it revealed, so a checkpoint that failed to load and is
+        measured again later is the same run."""
+        exclude = {"name", "model"} if self.source == "checkpoint" else {"name"}
+        doc = self.model_dump(mode="json", exclude=exclude)
         doc["protocol"] = PROTOCOL
         blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -56,12 +56,13 @@ def _specdb_columns(run) -> dict:
 
 def _tracked_columns(run) -> dict:
     m = run.model
-    return {"optimizer": run.optimizer, "optimizer_name": run.optimizer_name, "lr": run.lr,
-            "ffn_mult": m.ffn_mult, "ffn_width": m.ffn_width, "d_model": m.d_model, "n_layer": m.n_layer,
-            "n_head": m.n_head, "context": m.context, "corpus": run.corpus, "seed": run.seed, "steps": run.steps,
+    shape = {k: getattr(m, k) if m else None for k in ("ffn_mult", "ffn_width", "d_model", "n_layer", "n_head",
+                                                        "context", "gated")}
+    return {"optimizer": run.optimizer, "optimizer_name": run.optimizer_name, "lr": run.lr, **shape,
+            "corpus": run.corpus, "seed": run.seed, "steps": run.steps,
             "batch_size": run.batch_size, "measure_source": run.source, "last_k": run.measure.last_k,
-            "keep_eigenvalues": run.measure.keep_eigenvalues, "source": run.source, "gated": m.gated,
-            "site_definition": SITE_DEFINITIONS[m.gated], "strata_scope": run.strata_scope,
+            "keep_eigenvalues": run.measure.keep_eigenvalues, "source": run.source,
+            "site_definition": SITE_DEFINITIONS[m.gated] if m else None, "strata_scope": run.strata_scope,
             "tokens_seen": run.tokens_seen, "factors": json.dumps(run.factors, sort_keys=True) if run.factors else None}
 
 

@@ -1,0 +1,105 @@
+"""`specdb measure`: saved checkpoints (tiny HF models saved here, with a tokenizer trained here)."""
+
+import json
+
+import duckdb
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # builds, saves and loads HF models
+runner = CliRunner()
+
+
+def save_checkpoint(folder, corpus, n_inner, seed=0, n_embd=16):
+    """A tiny GPT-2 and a word-level tokenizer of the test corpus, saved as an HF model folder."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    text = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(text, trainers.WordLevelTrainer(vocab_size=200, special_tokens=["[UNK]", "<eos>"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<eos>")
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=fast.vocab_size, n_positions=64, n_embd=n_embd, n_layer=2, n_head=2,
+                                  n_inner=n_inner, eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def spec_text(store, corpus, entries):
+    lines = [f"name: suite\nstore: {store}\ncorpus: {corpus}\n",
+             "measure: {tokens: 2048, context: 32, min_stratum_tokens: 16}\ncheckpoints:\n"]
+    lines += [f"  - {json.dumps(e)}\n" for e in entries]
+    return "".join(lines)
+
+
+def test_three_checkpoints_are_three_runs_and_a_corrupt_one_fails_alone(tmp_path, corpus):
+    store = tmp_path / "c.duckdb"
+    entries = []
+    for i, n_inner in enumerate((32, 64, 128)):
+        path = save_checkpoint(tmp_path / f"w{n_inner}", corpus, n_inner)
+        entries.append({"path": str(path), "optimizer": "AdamW", "step": 1000 * (i + 1), "tokens_seen": 4096 * (i + 1),
+                        "factors": {"suite": "tiny"}})
+    broken = save_checkpoint(tmp_path / "broken", corpus, 64)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    entries.append({"path": str(broken), "optimizer": "AdamW", "step": 9000})
+    entries.append({"path": str(tmp_path / "gone"), "optimizer": "AdamW", "step": 9500})
+    spec = tmp_path / "c.yaml"
+    spec.write_text(spec_text(store, corpus, entries))
+
+    plan = runner.invoke(app, ["plan", str(spec), "--format", "json"])
+    assert plan.exit_code == 0, plan.output
+    assert [r["status"] for r in json.loads(plan.stdout)] == ["new"] * 5 and "5 checkpoints: 5 new" in plan.stderr
+
+    result = runner.invoke(app, ["measure", str(spec)])
+    assert result.exit_code == 3, result.output  # one failed
+    assert "stored 5 checkpoints" in result.stderr and "3 done" in result.stderr and "2 failed" in result.stderr
+    con = duckdb.connect(str(store), read_only=True)
+    try:
+        rows = con.execute("""SELECT status, source, steps, tokens_seen, ffn_width, d_model, gated, error
+                              FROM runs ORDER BY steps""").fetchall()
+        spectra = con.execute("SELECT count(DISTINCT run_id), min(n_tokens) FROM spectra WHERE stratum = 'all'").fetchone()
+    finally:
+        con.close()
+    assert [r[:7] for r in rows[:3]] == [("done", "checkpoint", 1000 * (i + 1), 4096 * (i + 1), w, 16, False)
+                                         for i, w in enumerate((32, 64, 128))]
+    for (status, _, steps, _, width, _, _, error), step in zip(rows[3:], (9000, 9500)):
+        assert (status, steps, width) == ("failed", step, None) and "cannot load" in error and "\n" not in error
+    assert spectra == (3, 2048)
+    beta = runner.invoke(app, ["query", "beta", "--db", str(store), "--by", "optimizer,suite", "--format", "json"])
+    row = json.loads(beta.stdout)[0]
+    assert row["suite"] == "tiny" and row["n_widths"] == 3 and row["beta_hard"] is not None
+    again = runner.invoke(app, ["measure", str(spec)])
+    assert again.exit_code == 0 and "nothing to do" in again.stderr  # the failed one waits for --retry-failed
+
+
+def test_a_suite_of_model_sizes_says_width_is_confounded(tmp_path, corpus):
+    store = tmp_path / "s.duckdb"
+    entries = [{"path": str(save_checkpoint(tmp_path / f"m{d}", corpus, 4 * d, n_embd=d)), "optimizer": "AdamW"}
+               for d in (8, 16, 32)]
+    spec = tmp_path / "s.yaml"
+    spec.write_text(spec_text(store, corpus, entries))
+    assert runner.invoke(app, ["measure", str(spec)]).exit_code == 0
+    beta = runner.invoke(app, ["query", "beta", "--db", str(store)])
+    assert "AdamW: d_model changes with the width (8, 16, 32): β mixes FFN width with model size" in beta.stderr
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"optimizer": "AdamW"}, "give path"),
+    ({"path": "x", "model": "y", "optimizer": "AdamW"}, "give path"),
+    ({"path": "x", "revision": "step1", "optimizer": "AdamW"}, "revision goes with model"),
+    ({"path": "x"}, "optimizer"),
+])
+def test_a_bad_checkpoints_spec_is_one_line_exit_2(tmp_path, corpus, entry, message):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(spec_text(tmp_path / "b.duckdb", corpus, [entry]))
+    for cmd in ("measure", "plan"):
+        result = runner.invoke(app, [cmd, str(spec)])
+        assert result.exit_code == 2 and message in result.stderr and "bad.yaml:" in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "b.duckdb").exists()

