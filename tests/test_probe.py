@@ -210,11 +210,11 @@ def test_no_hook_is_left_between_measurements_and_recomputation_does_not_count()
     assert {r.n_tokens for r in probe.compute()} == {ids.numel()}  # counted once, not twice
 
 
-def _ranks(rank, world, port, out_dir):
+def _ranks(rank, world, out_dir):
     """One rank of the gloo test: measure its half of the rows; the reduction pools them."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir / 'rendezvous'}", rank=rank, world_size=world)
     try:
         model = build("gpt2")
         ids = torch.randint(0, V, (8, T), generator=torch.Generator().manual_seed(5))
@@ -227,22 +227,18 @@ def _ranks(rank, world, port, out_dir):
         recs = probe.compute()
         np.save(out_dir / f"eig-{rank}.npy", np.stack([r.eigenvalues for r in recs]))
         np.save(out_dir / f"n-{rank}.npy", np.array([r.n_tokens for r in recs]))
+        dist.barrier()  # neither rank tears gloo down while the other still talks
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow  # two processes
 def test_the_reduction_across_two_gloo_ranks_equals_one_process(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
     from contract.sizes import frequency_strata
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ranks, args=(2, port, tmp_path), nprocs=2, join=True)
+    mp.spawn(_ranks, args=(2, tmp_path), nprocs=2, join=True)  # a file rendezvous: no port to race for
     model = build("gpt2")
     ids = torch.randint(0, V, (8, T), generator=torch.Generator().manual_seed(5))
     single = probed(model, [(ids, None)])
