@@ -29,6 +29,7 @@ from workers.probe import attach
 
 V, T, D_MODEL, MULT, LAYERS = 4096, 256, 256, 4, 2  # D = 1024
 TOKENS = 32768
+CHUNK = 64  # sequences per forward, as specdb's own loop (workers.extract.accumulate)
 
 
 def model_and_data(seed=0):
@@ -62,19 +63,24 @@ def idle_overhead(steps: int, repeats: int) -> tuple[float, float]:
     bare, probed = [], []
     probe = attach(model, token_counts=counts)
     train()  # warm up
-    for _ in range(repeats):
-        bare.append(timed(train))
-        with probe:  # attached; hooks exist only inside probe.measuring(), which a non-measured step never enters
-            probed.append(timed(train))
+    for i in range(repeats):  # alternate which goes first, so a drifting clock favours neither
+        for attached in ((False, True) if i % 2 == 0 else (True, False)):
+            if attached:
+                with probe:  # attached; hooks exist only inside probe.measuring(), never entered here
+                    probed.append(timed(train))
+            else:
+                bare.append(timed(train))
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    assert hooks == 0, f"{hooks} hooks left on the model"
     return statistics.median(bare), statistics.median(probed)
 
 
 def probe_measurement(model, ids, counts):
     probe = attach(model, token_counts=counts, min_tokens=1000)
     with torch.no_grad():
-        for i in range(0, ids.shape[0], 16):
-            with probe.measuring(ids[i:i + 16]):
-                model.hidden(ids[i:i + 16])
+        for i in range(0, ids.shape[0], CHUNK):
+            with probe.measuring(ids[i:i + CHUNK]):
+                model.hidden(ids[i:i + CHUNK])
     return probe.compute()
 
 
@@ -88,8 +94,8 @@ def naive_measurement(model, ids, counts):
         hooks.append(block.mlp.c_proj.register_forward_pre_hook(
             lambda m, i, layer=layer: acts.setdefault((layer, "post"), []).append(i[0].detach().reshape(-1, i[0].shape[-1]))))
     with torch.no_grad():
-        for i in range(0, ids.shape[0], 16):
-            model.hidden(ids[i:i + 16])
+        for i in range(0, ids.shape[0], CHUNK):
+            model.hidden(ids[i:i + CHUNK])
     for h in hooks:
         h.remove()
     out = {}
@@ -106,16 +112,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--parts", default="1,2,3", help="which of the three measurements to run")
     a = ap.parse_args()
+    parts = {int(p) for p in a.parts.split(",")}
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model d_model {D_MODEL}, "
           f"D {D_MODEL * MULT}, {LAYERS} layers, context {T}")
 
-    bare, probed = idle_overhead(a.steps, a.repeats)
-    print(f"\n1. idle: {a.steps} training steps (batch 8 × {T}), median of {a.repeats}: "
-          f"without a probe {bare:.3f} s, with one attached {probed:.3f} s → overhead {100 * (probed / bare - 1):+.2f} %")
-
+    if 1 in parts:
+        bare, probed = idle_overhead(a.steps, a.repeats)
+        print(f"\n1. idle: {a.steps} training steps (batch 8 × {T}), median of {a.repeats}: "
+              f"without a probe {bare:.3f} s, with one attached {probed:.3f} s → overhead {100 * (probed / bare - 1):+.2f} %")
+    if parts == {1}:
+        return
     model, ids, counts = model_and_data(1)
     model.eval()
     probe_measurement(model, ids[:16], counts)  # warm up

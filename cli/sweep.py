@@ -126,10 +126,17 @@ def status(spec: Optional[Path] = typer.Argument(None, help="A spec: count its r
     check_format(fmt)
     if spec is not None:
         from spectraldb.run.sweep import plan_rows
+        from spectraldb.spec.checkpoints import is_checkpoints_spec, load_checkpoints
 
         with translated():
-            plan_ = _load(spec, [])
-            rows = plan_rows(plan_, db or plan_.store)
+            if is_checkpoints_spec(spec):  # `specdb measure`'s spec: its checkpoints' runs
+                from spectraldb.run.measure import plan_rows as checkpoint_rows
+
+                plan_, runs_ = load_checkpoints(spec)
+                rows = checkpoint_rows(plan_, runs_, db or plan_.store)
+            else:
+                plan_ = _load(spec, [])
+                rows = plan_rows(plan_, db or plan_.store)
         render([{"status": st, "runs": sum(r["status"] == st for r in rows)}
                 for st in PLAN_STATUSES if any(r["status"] == st for r in rows)], fmt)
         typer.echo(f"{len(rows)} runs: " + ", ".join(f"{sum(r['status'] == st for r in rows)} {st}"

@@ -74,6 +74,8 @@ def test_three_checkpoints_are_three_runs_and_a_corrupt_one_fails_alone(tmp_path
     beta = runner.invoke(app, ["query", "beta", "--db", str(store), "--by", "optimizer,suite", "--format", "json"])
     row = json.loads(beta.stdout)[0]
     assert row["suite"] == "tiny" and row["n_widths"] == 3 and row["beta_hard"] is not None
+    status = runner.invoke(app, ["status", str(spec), "--format", "json"])
+    assert json.loads(status.stdout) == [{"status": "done", "runs": 3}, {"status": "failed", "runs": 2}]
     again = runner.invoke(app, ["measure", str(spec)])
     assert again.exit_code == 0 and "nothing to do" in again.stderr  # the failed one waits for --retry-failed
 
@@ -103,3 +105,37 @@ def test_a_bad_checkpoints_spec_is_one_line_exit_2(tmp_path, corpus, entry, mess
         assert result.exit_code == 2 and message in result.stderr and "bad.yaml:" in result.stderr, result.output
         assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "b.duckdb").exists()
+
+
+def test_a_revision_in_the_local_hf_cache_is_measured_offline(tmp_path, corpus):
+    """`model:` + `revision:` resolve in the local HF cache (HF_HUB_CACHE) with nothing downloaded."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--tiny--gpt2-suite"
+    for revision, commit in (("step1000", "a" * 40), ("step2000", "b" * 40)):
+        save_checkpoint(repo / "snapshots" / commit, corpus, 64, seed=int(revision[4]))
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / revision).write_text(commit)
+    store = tmp_path / "h.duckdb"
+    spec = tmp_path / "h.yaml"
+    spec.write_text(spec_text(store, corpus, [
+        {"model": "tiny/gpt2-suite", "revision": "step1000", "optimizer": "AdamW", "step": 1000},
+        {"model": "tiny/gpt2-suite", "revision": "step2000", "optimizer": "AdamW", "step": 2000},
+        {"model": "tiny/gpt2-suite", "revision": "step3000", "optimizer": "AdamW", "step": 3000}]))  # not cached
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = subprocess.run([sys.executable, "-m", "cli.main", "measure", str(spec)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 3, out.stderr  # the uncached revision fails alone
+    con = duckdb.connect(str(store), read_only=True)
+    try:
+        got = con.execute("SELECT steps, status, json_extract_string(config, '$.checkpoint') FROM runs ORDER BY steps"
+                          ).fetchall()
+    finally:
+        con.close()
+    assert got == [(1000, "done", "tiny/gpt2-suite@step1000"), (2000, "done", "tiny/gpt2-suite@step2000"),
+                   (3000, "failed", "tiny/gpt2-suite@step3000")]

@@ -177,3 +177,24 @@ def test_tracked_runs_give_the_beta_of_the_same_runs_trained_by_specdb(tiny):
         keys = ("optimizer", "beta_hard", "beta_soft", "r2_hard", "n_widths")
         assert [{k: r[k] for k in keys} for r in theirs] == [{k: r[k] for k in keys} for r in ours]
         assert all(r["beta_hard"] is not None for r in ours)
+
+
+def test_the_service_and_the_views_answer_tracked_runs(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from spectraldb.service import create_app
+
+    db = tmp_path / "t.duckdb"
+    for D in WIDTHS[:3]:
+        tracked(db, D=D, factors={"dataset": "web"})
+    client = TestClient(create_app(db), base_url="http://localhost")
+    beta = client.get("/api/beta", params={"by": "optimizer,dataset"}).json()
+    assert beta["rows"][0]["dataset"] == "web" and beta["rows"][0]["beta_hard"] == pytest.approx(0.5, abs=2e-3)
+    runs = client.get("/api/runs").json()
+    assert runs["total"] == 3 and {r["n_head"] for r in runs["rows"]} == {None}
+    one = client.get(f"/api/runs/{runs['rows'][0]['run_id']}").json()
+    assert one["run"]["source"] == "tracked" and one["run"]["factors"] == '{"dataset": "web"}' and one["ranks"]
+    series = client.get("/api/scaling").json()["series"]["hard"]
+    assert series[0]["beta"] == pytest.approx(0.5, abs=2e-3) and series[0]["line"] is not None
+    assert client.get("/api/status").json()["runs"] == {"done": 3}
+    assert rows_of(db, "SELECT count(*) FROM betas WHERE metric = 'hard' AND stratum = 'all' AND site = 'post'") == [(1,)]
