@@ -53,6 +53,26 @@ def tiny_spec(corpus: Path, store: Path, sweep: str = "", steps: int = 6, extra:
 TINY_SWEEP = "sweep:\n  optimizer: [adamw, muon]\n  ffn_mult: [1, 2, 4]\n"
 
 
+def start_sweep(tmp_path, corpus, steps: int, every: int, seeds=(0, 1, 2)):
+    """A `specdb run` of a seed sweep in its own process, returned once it holds the store's writer
+    lock: (process, store). The caller communicates with it."""
+    import subprocess
+    import sys
+    import time
+
+    from spectraldb.run.lock import writer_pid
+
+    db, spec = tmp_path / "s.duckdb", tmp_path / "s.yaml"
+    spec.write_text(tiny_spec(corpus, db, f"sweep:\n  seed: {list(seeds)}\n", steps=steps)
+                    .replace("every: 3", f"every: {every}"))
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "run", str(spec), "--executor", "inline"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while writer_pid(db) is None and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    return proc, db, spec
+
+
 @pytest.fixture
 def tiny(tmp_path, corpus):
     """Write a tiny 2 optimizers × 3 widths spec; returns (spec path, store path)."""

@@ -22,7 +22,7 @@ from spectraldb.spec import RunSpec, load_spec
 from spectraldb.run.lock import WriterLock
 from spectraldb.run.spool import Spool
 from tests.builders import evaluations, result, spectrum
-from tests.conftest import tiny_spec
+from tests.conftest import start_sweep, tiny_spec
 
 runner = CliRunner()
 
@@ -76,14 +76,8 @@ def test_one_writer_per_store(tmp_path):
 
 @pytest.mark.slow  # two real drivers, one of them training a sweep
 def test_a_second_driver_is_refused_and_nothing_is_trained_twice(tmp_path, corpus):
-    db, spec = tmp_path / "s.duckdb", tmp_path / "s.yaml"
-    spec.write_text(tiny_spec(corpus, db, "sweep:\n  seed: [0, 1, 2]\n", steps=60).replace("every: 3", "every: 20"))
-    first = subprocess.Popen([sys.executable, "-m", "cli.main", "run", str(spec), "--executor", "inline"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first, db, spec = start_sweep(tmp_path, corpus, steps=60, every=20)
     try:
-        deadline = time.time() + 60
-        while not Path(f"{db}.lock").exists() and time.time() < deadline:
-            time.sleep(0.05)
         second = subprocess.run([sys.executable, "-m", "cli.main", "run", str(spec), "--executor", "inline"],
                                 capture_output=True, text=True, timeout=120)
     finally:

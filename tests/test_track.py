@@ -1,9 +1,6 @@
 """Runs trained elsewhere, tracked into the store: factors of their own, the one writer, the verbs."""
 
 import json
-import subprocess
-import sys
-import time
 
 import duckdb
 import pytest
@@ -11,11 +8,11 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from spectraldb.errors import SpecError
-from spectraldb.run.lock import WriterLock, writer_pid
+from spectraldb.run.lock import WriterLock
 from spectraldb.run.spool import Spool
 from spectraldb.track import track
 from tests.builders import spectrum
-from tests.conftest import flat, query, tiny_spec
+from tests.conftest import flat, query, start_sweep
 
 runner = CliRunner()
 WIDTHS = (64, 128, 256, 512)
@@ -130,14 +127,8 @@ def test_a_run_tracked_while_a_writer_holds_the_store_is_spooled_then_ingested_o
 
 @pytest.mark.slow
 def test_a_run_tracked_during_a_sweep_is_committed_by_that_sweep_exactly_once(tmp_path, corpus):
-    db, spec = tmp_path / "s.duckdb", tmp_path / "s.yaml"
-    spec.write_text(tiny_spec(corpus, db, "sweep:\n  seed: [0, 1, 2]\n", steps=30).replace("every: 3", "every: 10"))
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "run", str(spec), "--executor", "inline"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, db, _ = start_sweep(tmp_path, corpus, steps=30, every=10)
     try:
-        deadline = time.monotonic() + 120
-        while writer_pid(db) is None and time.monotonic() < deadline:
-            time.sleep(0.05)
         run = tracked(db, D=64)
         assert run.outcome == "spooled"
         _, err = proc.communicate(timeout=300)

@@ -22,8 +22,8 @@ from pydantic import Field, ValidationError, model_validator
 
 from spectraldb.errors import SpecError
 from spectraldb.spec.models import INT32_MAX, MeasureSpec, Name, Section, Stratum
-from spectraldb.spec.source import Source, _first_error, fmt_path, parse_yaml, read_spec_text
-from spectraldb.spec.sweep import apply_override
+from spectraldb.spec.source import _first_error, fmt_path, parse_yaml, read_spec_text
+from spectraldb.spec.sweep import read_source
 from spectraldb.spec.tracked import Scalar, TrackedSpec
 
 
@@ -90,14 +90,8 @@ def is_checkpoints_spec(path: str | Path) -> bool:
 
 def load_checkpoints(path: str | Path, overrides: list[str] = ()) -> tuple[CheckpointsSpec, list[TrackedSpec]]:
     """Read, override and validate a checkpoints spec; errors name file:line and the field."""
-    name = Path(path).name
-    doc, node = parse_yaml(read_spec_text(Path(path)), name)
-    if not isinstance(doc, dict):
-        raise SpecError(f"{name}:1 spec: expected a mapping at the top level")
-    src = Source(name, doc, node)
-    for text in overrides:
-        doc, key, raw = apply_override(doc, text)
-        src.overrides[key] = raw
+    src = read_source(path, overrides)
+    doc = src.doc
     try:
         spec = CheckpointsSpec.model_validate(doc)
         runs = spec.runs()

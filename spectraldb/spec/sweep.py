@@ -222,8 +222,9 @@ def _safe_resolve(key: str):
         return None
 
 
-def load_spec(path: str | Path | None, overrides: list[str] = ()) -> tuple[Plan, Source]:
-    """Read, override, validate and expand a spec file (None = the built-in defaults)."""
+def read_source(path: str | Path | None, overrides: list[str] = ()) -> Source:
+    """A spec file's document (None = the built-in defaults) with its `-S` overrides applied,
+    remembering the YAML lines for error messages."""
     if path is None:
         name, text = "<defaults>", "{}"
     else:
@@ -238,4 +239,10 @@ def load_spec(path: str | Path | None, overrides: list[str] = ()) -> tuple[Plan,
         doc, key, raw = apply_override(doc, text_)
         src.overrides[key] = raw
     src.doc = doc
+    return src
+
+
+def load_spec(path: str | Path | None, overrides: list[str] = ()) -> tuple[Plan, Source]:
+    """Read, override, validate and expand a spec file (None = the built-in defaults)."""
+    src = read_source(path, overrides)
     return expand(src), src
