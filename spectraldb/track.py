@@ -1,10 +1,9 @@
 """Track a run trained anywhere into a specdb store: a loop of one's own, HF Trainer, Lightning.
 
-    from workers.probe import attach
-    from spectraldb.track import track
+    import workers.probe, spectraldb.track
 
-    probe = attach(model, token_counts=counts)
-    with track("specdb.duckdb", optimizer="AdamW", d_model=768, n_layer=12, ffn_width=3072, seed=0,
+    probe = workers.probe.attach(model, token_counts=counts)
+    with spectraldb.track.track("specdb.duckdb", optimizer="AdamW", d_model=768, n_layer=12, ffn_width=3072, seed=0,
                steps=6000, factors={"dataset": "fineweb"}, probe=probe) as run:
         for step in range(1, 6001):
             ...                                                   # train

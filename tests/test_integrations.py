@@ -55,16 +55,20 @@ def test_the_hf_trainer_callback_writes_runs_the_verbs_answer(tmp_path):
             gradient_accumulation_steps=2, logging_steps=2, report_to=[], use_cpu=True, save_strategy="no",
             disable_tqdm=True, seed=0)
         callback = SpecdbCallback(db, every=2, optimizer="AdamW", token_counts=COUNTS, min_stratum_tokens=4,
-                                  last_k=2, factors={"framework": "hf"})
+                                  last_k=2, factors={"framework": "hf"}, tokens=None if n_inner != 128 else 100)
         transformers.Trainer(model=tiny_gpt2(n_inner), args=args, train_dataset=Tokens(),
                              callbacks=[callback]).train()
         assert callback.run.outcome == "committed"
     assert rows(db, "SELECT count(*), min(steps), min(d_model), list(ffn_width ORDER BY ffn_width) FROM runs") == [
         (3, 6, 16, [32, 64, 128])]
     assert rows(db, "SELECT DISTINCT step FROM spectra ORDER BY 1") == [(2,), (4,), (6,)]
-    # two micro-batches (2 × 4 rows) per measured step merge into one record; pads are left out
-    counts = rows(db, "SELECT DISTINCT n_tokens FROM spectra WHERE stratum = 'all'")
+    # two micro-batches (2 × 4 rows) per measured step merge into one record; pads are left out;
+    # a token budget (the widest run: tokens=100) counts across the step's micro-batches
+    counts = rows(db, "SELECT DISTINCT n_tokens FROM spectra WHERE stratum = 'all' AND run_id IN "
+                      "(SELECT run_id FROM runs WHERE ffn_width < 128)")
     assert all(6 * T <= n <= 8 * T for (n,) in counts) and any(n < 8 * T for (n,) in counts), counts
+    assert rows(db, "SELECT DISTINCT n_tokens FROM spectra WHERE stratum = 'all' AND run_id IN "
+                    "(SELECT run_id FROM runs WHERE ffn_width = 128)") == [(100,)]
     assert rows(db, "SELECT count(*) FROM evals WHERE train_loss IS NOT NULL") == [(9,)]
     answer, _ = query(db, "beta", "--by", "optimizer,framework")
     assert answer[0]["framework"] == "hf" and answer[0]["n_widths"] == 3 and answer[0]["beta_hard"] is not None
@@ -87,7 +91,7 @@ def test_the_lightning_callback_writes_a_run(tmp_path):
 
     db = tmp_path / "pl.duckdb"
     callback = SpecdbLightningCallback(db, every=2, optimizer="AdamW", model_attr="model", token_counts=COUNTS,
-                                       min_stratum_tokens=4, last_k=2, factors={"framework": "lightning"})
+                                       min_stratum_tokens=4, last_k=2, factors={"framework": "lightning"}, tokens=80)
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2,
                         callbacks=[callback])
@@ -97,3 +101,4 @@ def test_the_lightning_callback_writes_a_run(tmp_path):
     assert (source, steps, json.loads(factors), status) == ("tracked", 4, {"framework": "lightning"}, "done")
     assert rows(db, "SELECT DISTINCT step FROM spectra ORDER BY 1") == [(2,), (4,)]
     assert rows(db, "SELECT count(*) FROM evals") == [(2,)]
+    assert rows(db, "SELECT DISTINCT n_tokens FROM spectra WHERE stratum = 'all'") == [(80,)]  # across micro-batches

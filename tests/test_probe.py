@@ -45,8 +45,9 @@ def build(name):
     return model.double()  # float64 activations: the reference and the probe see the same numbers
 
 
-def reference(model, ids, mask=None):
-    """(layer, site) → eigenvalues (descending) of the plain covariance of the unpadded positions."""
+def reference(model, ids, mask=None, select=None):
+    """(layer, site) → eigenvalues (descending) of the plain covariance of the unpadded positions
+    (or of those `select` marks)."""
     modules = dict(model.named_modules())
     acts, hooks = {}, []
     for site in find_sites(model):
@@ -58,7 +59,8 @@ def reference(model, ids, mask=None):
         model(input_ids=ids, attention_mask=mask)
     for h in hooks:
         h.remove()
-    keep = np.ones(ids.numel(), bool) if mask is None else mask.reshape(-1).numpy().astype(bool)
+    chosen = select if select is not None else mask
+    keep = np.ones(ids.numel(), bool) if chosen is None else chosen.reshape(-1).numpy().astype(bool)
     out = {}
     for key, a in acts.items():
         x = a.reshape(-1, a.shape[-1]).numpy()[keep]
@@ -124,6 +126,28 @@ def test_two_micro_batches_equal_one_batch(name):
     for key in one:
         assert two[key].n_tokens == one[key].n_tokens
         np.testing.assert_allclose(two[key].eigenvalues, one[key].eigenvalues, rtol=1e-10, atol=1e-14)
+
+
+def test_a_token_budget_counts_the_first_unpadded_positions_only():
+    model = build("gpt2")
+    ids = torch.randint(0, V, (4, T), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    probe = attach(model, strata=("all",), min_tokens=2)
+    with torch.no_grad():
+        with probe.measuring(ids, mask, limit=20):
+            model(input_ids=ids, attention_mask=mask)
+        assert probe.counted == 20
+        with probe.measuring(ids, mask, limit=0):
+            model(input_ids=ids, attention_mask=mask)
+        assert probe.counted == 0
+    valid = mask.reshape(-1).bool()
+    first_20 = (valid & (torch.cumsum(valid.long(), 0) <= 20)).reshape(ids.shape)  # row 0's 7, row 1's 12, row 2's 1
+    want = reference(model, ids, mask, select=first_20)
+    got = {(r.layer, r.site): r for r in probe.compute()}
+    for key, rec in got.items():
+        assert rec.n_tokens == 20
+        assert_same_spectrum(rec.eigenvalues, want[key])
 
 
 def test_strata_come_from_a_token_count_table():

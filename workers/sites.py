@@ -1,0 +1,99 @@
+"""Where a model's FFNs are, and what shape a model has: what the probe hooks and a run declares.
+
+Sites (docs/design.md §1): `pre` is the output of the FFN's first projection, `post` the input of
+its down-projection. In a gated FFN (Llama family: `down_proj(act(gate_proj(x)) * up_proj(x))`)
+`pre` is the gate projection's output, as NerVE measures it — the pre-activation whose
+nonlinearity the study follows — and `post` the input of `down_proj`, the product the
+down-projection reads: the same two places relative to the nonlinearity as in an ungated FFN.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+# (family, first projection, down-projection, also required, gated)
+SITE_FAMILIES = (
+    ("c_fc/c_proj: specdb's GPT, nanoGPT, HF GPT-2", "c_fc", "c_proj", (), False),
+    ("dense_h_to_4h/dense_4h_to_h: GPT-NeoX, Pythia", "dense_h_to_4h", "dense_4h_to_h", (), False),
+    ("gate_proj/up_proj/down_proj: Llama, Mistral, Qwen2, OLMo-hf", "gate_proj", "down_proj", ("up_proj",), True),
+)
+
+
+class ProbeError(ValueError):
+    """A model or input the probe cannot measure: one line that says what it saw."""
+
+
+@dataclass(frozen=True)
+class Site:
+    layer: int
+    pre: str      # the module whose output is `pre`
+    post: str     # the module whose input is `post`
+    gated: bool
+
+
+def find_sites(model: torch.nn.Module, patterns: tuple[str, str] | None = None) -> list[Site]:
+    """The FFN of every block, in module order. `patterns` (two regular expressions matching full
+    module names: the first projection, the down-projection) covers any other model."""
+    names = [name for name, _ in model.named_modules()]
+    if patterns is not None:
+        pre = [n for n in names if re.fullmatch(patterns[0], n)]
+        post = [n for n in names if re.fullmatch(patterns[1], n)]
+        if not pre or len(pre) != len(post):
+            raise ProbeError(f"patterns {patterns[0]!r}, {patterns[1]!r} match {len(pre)} and {len(post)} modules; "
+                             "they must match one module each per block")
+        return [Site(i, a, b, False) for i, (a, b) in enumerate(zip(pre, post))]
+    sites = []
+    for name, module in model.named_modules():
+        children = dict(module.named_children())
+        for _, first, down, also, gated in SITE_FAMILIES:
+            if first in children and down in children and all(c in children for c in also):
+                prefix = f"{name}." if name else ""
+                sites.append(Site(len(sites), prefix + first, prefix + down, gated))
+                break
+    if not sites:
+        seen = ", ".join(n for n in names[1:13] if n) or "none"
+        raise ProbeError(f"no FFN found in {type(model).__name__}: looked for "
+                         f"{'; '.join(f[0].split(':')[0] for f in SITE_FAMILIES)} (modules seen: {seen}, …); "
+                         "pass patterns=(FIRST_PROJECTION_REGEX, DOWN_PROJECTION_REGEX)")
+    return sites
+
+
+CONFIG_NAMES = {"d_model": ("hidden_size", "n_embd", "d_model"), "n_layer": ("num_hidden_layers", "n_layer"),
+                "n_head": ("num_attention_heads", "n_head"), "context": ("max_position_embeddings", "n_positions")}
+
+
+def ffn_width(module: torch.nn.Module) -> int:
+    """Output width of an FFN's first projection: nn.Linear, HF's Conv1D, or a weight's shape."""
+    for attr in ("out_features", "nf"):
+        if isinstance(getattr(module, attr, None), int):
+            return getattr(module, attr)
+    return int(module.weight.shape[0])
+
+
+def model_shape(model: torch.nn.Module, probe) -> dict:
+    """d_model, n_layer, ffn_width (and n_head, context where the config says) of a model: what a
+    tracked run or a measured checkpoint declares about it."""
+    config = getattr(model, "config", None)
+    shape = {}
+    for key, names in CONFIG_NAMES.items():
+        for name in names:
+            value = getattr(config, name, None)
+            if isinstance(value, int):
+                shape[key] = value
+                break
+    modules = dict(model.named_modules())
+    shape["ffn_width"] = ffn_width(modules[probe.sites[0].pre])
+    shape.setdefault("n_layer", len(probe.sites))
+    if "d_model" not in shape:
+        raise ValueError("d_model: not in the model's config; pass d_model=")
+    return shape
+
+
+def model_config(model: torch.nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        return {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}
+    return {}
