@@ -139,3 +139,30 @@ def test_a_revision_in_the_local_hf_cache_is_measured_offline(tmp_path, corpus):
         con.close()
     assert got == [(1000, "done", "tiny/gpt2-suite@step1000"), (2000, "done", "tiny/gpt2-suite@step2000"),
                    (3000, "failed", "tiny/gpt2-suite@step3000")]
+
+
+def test_token_counts_of_a_corpus_read_by_a_models_tokenizer(tmp_path, corpus):
+    from transformers import AutoTokenizer
+
+    from workers.checkpoints import token_counts
+
+    tokenizer = AutoTokenizer.from_pretrained(save_checkpoint(tmp_path / "m", corpus, 32), local_files_only=True)
+    counts = token_counts(tokenizer, str(corpus))
+    assert len(counts) >= len(tokenizer) and counts.sum() > 1000 and counts[tokenizer.eos_token_id] >= 40
+
+
+def test_patterns_in_the_spec_reach_the_probe(tmp_path, corpus):
+    """`measure.patterns` in a checkpoints spec name the FFN modules the probe hooks."""
+    store, spec = tmp_path / "p.duckdb", tmp_path / "p.yaml"
+    path = save_checkpoint(tmp_path / "m", corpus, 32)
+    entry = {"path": str(path), "optimizer": "AdamW"}
+    first, down = r"transformer\.h\.\d+\.mlp\.c_fc", r"transformer\.h\.\d+\.mlp\.c_proj"
+    spec.write_text(spec_text(store, corpus, [entry]).replace(
+        "min_stratum_tokens: 16}", f"min_stratum_tokens: 16, patterns: ['{first}', '{down}']}}"))
+    result = runner.invoke(app, ["measure", str(spec)])
+    assert result.exit_code == 0, result.output
+    con = duckdb.connect(str(store), read_only=True)
+    try:
+        assert con.execute("SELECT count(DISTINCT layer) FROM spectra").fetchone() == (2,)
+    finally:
+        con.close()

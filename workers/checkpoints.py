@@ -67,10 +67,17 @@ def token_stream(tokenizer, documents: list[str]) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
+def token_counts(tokenizer, corpus: str = "sotu", vocab_size: int | None = None) -> np.ndarray:
+    """A count per token id of a specdb text corpus read by `tokenizer`: the table a probe's strata
+    come from (`attach(model, token_counts=token_counts(tokenizer))`)."""
+    stream = token_stream(tokenizer, corpus_documents(corpus))
+    return np.bincount(stream, minlength=max(vocab_size or 0, len(tokenizer), int(stream.max()) + 1))
+
+
 @torch.no_grad()
 def measure(*, documents: list[str], path: str | None = None, model_id: str | None = None,
             revision: str | None = None, tokens: int, context: int, strata, min_tokens: int, precision: str,
-            step: int = 0, batch: int = 8) -> dict:
+            step: int = 0, batch: int = 8, patterns: tuple[str, str] | None = None) -> dict:
     """Load, measure and release one checkpoint. Returns its shape (d_model, n_layer, ffn_width, …),
     `gated`, its `config`, the `spectra` (contract.records.Spectrum), the `val_loss` on the measured
     tokens and the vocabulary size. Raises CheckpointError, or NonFiniteActivations."""
@@ -84,7 +91,7 @@ def measure(*, documents: list[str], path: str | None = None, model_id: str | No
                                   f"window of {context}")
         windows = torch.from_numpy(stream[: n_windows * context].reshape(n_windows, context))
         probe = attach(model, token_counts=np.bincount(stream, minlength=vocab), strata=strata,
-                       min_tokens=min_tokens, precision=precision)
+                       min_tokens=min_tokens, precision=precision, patterns=patterns)
         loss, n = 0.0, 0
         for i in range(0, n_windows, batch):
             x = windows[i:i + batch]

@@ -54,7 +54,8 @@ def measure_checkpoints(spec: CheckpointsSpec, runs: list[TrackedSpec], db: str 
                 out = executors.measure_checkpoint(
                     documents=documents, path=entry.path, model_id=entry.model, revision=entry.revision,
                     tokens=m.tokens, context=m.context, strata=m.strata, min_tokens=m.min_stratum_tokens,
-                    precision=m.precision, step=entry.step or 0, batch=m.batch)
+                    precision=m.precision, step=entry.step or 0, batch=m.batch,
+                    patterns=tuple(m.patterns) if m.patterns else None)
                 shape = {k: out.get(k) for k in ("d_model", "n_layer", "ffn_width", "n_head", "context")}
                 run = run.model_copy(update={"model": TrackedModel(**shape, gated=out["gated"], config=out["config"]),
                                              "tokens_seen": entry.tokens_seen})

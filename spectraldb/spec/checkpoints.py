@@ -59,6 +59,8 @@ class CheckpointMeasure(Section):
     min_stratum_tokens: int = Field(1000, ge=2, le=INT32_MAX)
     precision: Literal["fp64", "fp32"] = "fp64"
     batch: int = Field(8, ge=1, le=4096)
+    # for models whose FFNs are not found by family: [FIRST_PROJECTION_REGEX, DOWN_PROJECTION_REGEX]
+    patterns: list[Name] | None = Field(None, min_length=2, max_length=2)
 
 
 class CheckpointsSpec(Section):
