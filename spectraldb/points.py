@@ -43,7 +43,7 @@ def point_ctes(columns: list[str], *, filters: str = "TRUE", window: str = DEFAU
 # n_layers, n_tokens). One parameter: the run id.
 RUN_POINTS_SQL = f"""
     INSERT INTO run_points
-    WITH sel AS (SELECT run_id, last_k FROM runs WHERE run_id = ?),
+    WITH sel AS (SELECT run_id, last_k FROM runs WHERE list_contains(?::VARCHAR[], run_id)),
     {point_ctes(list(METRICS.values()), by_site=True)}
     SELECT run_id, site, stratum, metric, value, n_layers, n_tokens
     FROM (UNPIVOT per_run ON {", ".join(f'm{i} AS "{name}"' for i, name in enumerate(METRICS))}
@@ -53,7 +53,7 @@ RUN_POINTS_SQL = f"""
 # Every metric of one run at every measured step (the window is the step itself): step_points.
 RUN_STEP_POINTS_SQL = f"""
     INSERT INTO step_points
-    WITH sel AS (SELECT run_id, last_k FROM runs WHERE run_id = ?),
+    WITH sel AS (SELECT run_id, last_k FROM runs WHERE list_contains(?::VARCHAR[], run_id)),
     {point_ctes(list(METRICS.values()), window="TRUE", by_site=True, by_step=True)}
     SELECT run_id, site, stratum, metric, step, value, n_layers, n_tokens
     FROM (UNPIVOT per_run ON {", ".join(f'm{i} AS "{name}"' for i, name in enumerate(METRICS))}

@@ -123,11 +123,11 @@ def put(db, **kw):
 
 @contextlib.contextmanager
 def planting(db):
-    """Plant many runs through one connection, each committed as `put` would:
+    """Plant many runs through one connection in one transaction (store.write_runs, atomic):
     `with planting(db) as plant: plant(mult=2, rank_of=…)`."""
     batch = []
     yield lambda **kw: batch.append((*planted_run(**kw), {}, "", None))
-    store.write_runs(db, batch)
+    store.write_runs(db, batch, atomic=True)
 
 
 def plant_widths(db, mults=(1, 2, 4)):

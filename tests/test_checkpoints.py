@@ -8,8 +8,12 @@ from typer.testing import CliRunner
 
 from cli.main import app
 
-transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow  # builds, saves and loads HF models
+
+
+def hf():
+    """transformers, imported when a test runs (collecting this slow module must not import it)."""
+    return pytest.importorskip("transformers")
 runner = CliRunner()
 
 
@@ -22,11 +26,11 @@ def save_checkpoint(folder, corpus, n_inner, seed=0, n_embd=16):
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(text, trainers.WordLevelTrainer(vocab_size=200, special_tokens=["[UNK]", "<eos>"]))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<eos>")
+    fast = hf().PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<eos>")
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=fast.vocab_size, n_positions=64, n_embd=n_embd, n_layer=2, n_head=2,
+    cfg = hf().GPT2Config(vocab_size=fast.vocab_size, n_positions=64, n_embd=n_embd, n_layer=2, n_head=2,
                                   n_inner=n_inner, eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
+    hf().GPT2LMHeadModel(cfg).save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
 

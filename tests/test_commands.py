@@ -45,6 +45,7 @@ def test_sql_from_file_and_stdin(planted_factors, tmp_path):
     assert json.loads(out.stdout) == [{"x": 42}]
 
 
+@pytest.mark.slow  # renders four figures; test_the_scaling_plot_shows_query_betas_numbers_and_floor stays fast
 def test_plots_have_the_expected_series(planted_factors, tmp_path):
     con = duckdb.connect(str(planted_factors), read_only=True)
     try:

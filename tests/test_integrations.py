@@ -9,8 +9,12 @@ import torch
 
 from tests.conftest import query
 
-transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow  # each trains a tiny model through its framework
+
+
+def hf():
+    """transformers, imported when a test runs (collecting this slow module must not import it)."""
+    return pytest.importorskip("transformers")
 
 V, T = 64, 16
 COUNTS = (np.arange(V, 0, -1) ** 2).astype(float)  # id 0 the most frequent
@@ -18,8 +22,8 @@ COUNTS = (np.arange(V, 0, -1) ** 2).astype(float)  # id 0 the most frequent
 
 def tiny_gpt2(n_inner: int):
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=V, n_positions=T, n_embd=16, n_layer=2, n_head=2, n_inner=n_inner)
-    return transformers.GPT2LMHeadModel(cfg)
+    cfg = hf().GPT2Config(vocab_size=V, n_positions=T, n_embd=16, n_layer=2, n_head=2, n_inner=n_inner)
+    return hf().GPT2LMHeadModel(cfg)
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -50,13 +54,13 @@ def test_the_hf_trainer_callback_writes_runs_the_verbs_answer(tmp_path):
 
     db = tmp_path / "hf.duckdb"
     for n_inner in (32, 64, 128):
-        args = transformers.TrainingArguments(
+        args = hf().TrainingArguments(
             output_dir=str(tmp_path / f"out{n_inner}"), max_steps=6, per_device_train_batch_size=4,
             gradient_accumulation_steps=2, logging_steps=2, report_to=[], use_cpu=True, save_strategy="no",
             disable_tqdm=True, seed=0)
         callback = SpecdbCallback(db, every=2, optimizer="AdamW", token_counts=COUNTS, min_stratum_tokens=4,
                                   last_k=2, factors={"framework": "hf"}, tokens=None if n_inner != 128 else 100)
-        transformers.Trainer(model=tiny_gpt2(n_inner), args=args, train_dataset=Tokens(),
+        hf().Trainer(model=tiny_gpt2(n_inner), args=args, train_dataset=Tokens(),
                              callbacks=[callback]).train()
         assert callback.run.outcome == "committed"
     assert rows(db, "SELECT count(*), min(steps), min(d_model), list(ffn_width ORDER BY ffn_width) FROM runs") == [

@@ -10,26 +10,30 @@ import torch
 from workers.extract import NonFiniteActivations
 from workers.probe import ProbeError, attach, find_sites, strata_table
 
-transformers = pytest.importorskip("transformers")
 
 V, T = 64, 12
 
 
+def hf():
+    """transformers, imported when a test first builds a model (not while collecting)."""
+    return pytest.importorskip("transformers")
+
+
 def gpt2():
-    cfg = transformers.GPT2Config(vocab_size=V, n_positions=32, n_embd=16, n_layer=2, n_head=2)
-    return transformers.GPT2LMHeadModel(cfg)
+    cfg = hf().GPT2Config(vocab_size=V, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    return hf().GPT2LMHeadModel(cfg)
 
 
 def neox():
-    cfg = transformers.GPTNeoXConfig(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+    cfg = hf().GPTNeoXConfig(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=40, max_position_embeddings=32)
-    return transformers.GPTNeoXForCausalLM(cfg)
+    return hf().GPTNeoXForCausalLM(cfg)
 
 
 def llama():
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+    cfg = hf().LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(cfg)
+    return hf().LlamaForCausalLM(cfg)
 
 
 MODELS = {  # builder, expected (pre, post) of layer 1, gated

@@ -29,43 +29,65 @@ def write_run(path: str | Path, run, result: RunResult, provenance: dict, spec_n
     return write_runs(path, [(run, result, provenance, spec_name, vocab_size)], wait_s)[0]
 
 
-def write_runs(path: str | Path, finished: Iterable[tuple], wait_s: float = LOCK_WAIT_S) -> list[str]:
-    """Store several finished runs through one connection, each in its own transaction, as
-    `write_run` does: `finished` holds (run, result, provenance, spec_name, vocab_size) tuples.
-    Returns the status the store holds for each. An error stops at that run; those before it stay."""
+def write_runs(path: str | Path, finished: Iterable[tuple], wait_s: float = LOCK_WAIT_S,
+               atomic: bool = False) -> list[str]:
+    """Store several finished runs through one connection, as `write_run` does: `finished` holds
+    (run, result, provenance, spec_name, vocab_size) tuples. Each run is its own transaction (an
+    error stops at that run; those before it stay), or with `atomic` all of them are one (all or
+    nothing, and their points computed in one pass). Returns the status the store holds for each."""
+    finished = list(finished)
     with connect(path, wait_s=wait_s) as con:
         # a run's rows are written once, into the file: a commit that crosses this threshold
         # checkpoints instead of first copying everything into the WAL (about half the time)
         con.execute("SET checkpoint_threshold = '1MB'")
-        return [_commit(con, *item) for item in finished]
+        if not atomic:
+            return [_in_transaction(con, lambda item=item: _replace(con, *item)) for item in finished]
+
+        def everything():
+            statuses = [_replace(con, *item, points=False) for item in finished]
+            _points(con, [item[0].run_id for item, status in zip(finished, statuses) if status == item[1].status])
+            return statuses
+
+        return _in_transaction(con, everything)
 
 
-def _commit(con, run, result: RunResult, provenance: dict, spec_name: str, vocab_size: int | None) -> str:
+def _in_transaction(con, work):
+    con.execute("BEGIN")
+    try:
+        out = work()
+        con.execute("COMMIT")
+    except BaseException:
+        rollback(con)
+        raise
+    return out
+
+
+def _points(con, run_ids: list[str]) -> None:
+    if run_ids:
+        con.execute(RUN_POINTS_SQL, [run_ids])
+        con.execute(RUN_STEP_POINTS_SQL, [run_ids])
+
+
+def _replace(con, run, result: RunResult, provenance: dict, spec_name: str, vocab_size: int | None,
+             points: bool = True) -> str:
+    """Replace one run's rows (inside the caller's transaction); a `done` run is kept as it is."""
     rid = run.run_id
+    held = con.execute("SELECT status FROM runs WHERE run_id = ?", [rid]).fetchone()
+    if held and held[0] == "done" and result.status != "done":
+        return "done"
     records = attach_metrics(result.spectra)  # a no-op for a worker's records
     from_end = rows.series_from_end(records)
     rank = [{**row, "from_end": from_end.get((row["step"], row["layer"], row["site"], row["stratum"]))}
             for row in rows.rank_rows(rid, records)]
     stored = rows.kept(records, from_end, run.measure.last_k) if run.measure.keep_eigenvalues == "last_k" else records
-    tables = (("runs", [rows.run_row(run, result, provenance, spec_name, vocab_size)]),
-              ("evals", rows.eval_rows(rid, result)), ("spectra", rows.spectra_rows(rid, stored)),
-              ("ranks", rank), ("reinjection", rows.reinjection_rows(rid, records)))
-    con.execute("BEGIN")
-    try:
-        held = con.execute("SELECT status FROM runs WHERE run_id = ?", [rid]).fetchone()
-        if held and held[0] == "done" and result.status != "done":
-            con.execute("ROLLBACK")
-            return "done"
-        for table in ("step_points", "run_points", "reinjection", "ranks", "spectra", "evals", "runs"):
-            con.execute(f"DELETE FROM {table} WHERE run_id = ?", [rid])
-        for table, batch in tables:
-            _insert(con, table, batch)
-        con.execute(RUN_POINTS_SQL, [rid])
-        con.execute(RUN_STEP_POINTS_SQL, [rid])
-        con.execute("COMMIT")
-    except BaseException:
-        rollback(con)
-        raise
+    for table in ("step_points", "run_points", "reinjection", "ranks", "spectra", "evals", "runs"):
+        con.execute(f"DELETE FROM {table} WHERE run_id = ?", [rid])
+    for table, batch in (("runs", [rows.run_row(run, result, provenance, spec_name, vocab_size)]),
+                         ("evals", rows.eval_rows(rid, result)), ("spectra", rows.spectra_rows(rid, stored)),
+                         ("ranks", rank), ("reinjection", rows.reinjection_rows(rid, records))):
+        _insert(con, table, batch)
+    if points:
+        _points(con, [rid])
     return result.status
 
 
