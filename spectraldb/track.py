@@ -22,6 +22,7 @@ never lost, never stored twice (the run id is a content hash of the declared fac
 from __future__ import annotations
 
 import math
+import sys
 import traceback
 from pathlib import Path
 
@@ -38,6 +39,14 @@ from spectraldb.spec.tracked import TrackedSpec
 
 # declared as factors, these are the built-in columns of the same name
 AS_FIELDS = ("lr", "optimizer_name", "batch_size", "corpus", "tokens_seen")
+
+
+def data_parallel_rank() -> int:
+    """This process's rank under torch.distributed (0 without it), read without importing torch."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
 
 
 class Tracker:
@@ -81,8 +90,14 @@ class Tracker:
                     else math.inf
 
     def finish(self, status: str = "done", error: str | None = None) -> str:
-        """Store the run; returns "committed" or "spooled" (a `specdb run` held the store)."""
+        """Store the run; returns "committed" or "spooled" (a `specdb run` held the store). Under
+        torch.distributed only rank 0 writes (the probe has reduced every rank's measurements);
+        the others return "not written (rank N)"."""
         if self.outcome is not None:
+            return self.outcome
+        rank = data_parallel_rank()
+        if rank != 0:
+            self.outcome = f"not written (rank {rank})"
             return self.outcome
         if self.result.status == "diverged":
             status, error = "diverged", self.result.error

@@ -189,3 +189,15 @@ def test_the_service_and_the_views_answer_tracked_runs(tmp_path):
     assert series[0]["beta"] == pytest.approx(0.5, abs=2e-3) and series[0]["line"] is not None
     assert client.get("/api/status").json()["runs"] == {"done": 3}
     assert rows_of(db, "SELECT count(*) FROM betas WHERE metric = 'hard' AND stratum = 'all' AND site = 'post'") == [(1,)]
+
+
+def test_under_data_parallelism_only_rank_0_writes(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    db = tmp_path / "t.duckdb"
+    fake = types.SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True, get_rank=lambda: 1)
+    monkeypatch.setitem(sys.modules, "torch.distributed", fake)
+    assert tracked(db, D=64).outcome == "not written (rank 1)" and not db.exists()
+    fake.get_rank = lambda: 0
+    assert tracked(db, D=64).outcome == "committed"
