@@ -46,13 +46,16 @@ class SpecdbLightningCallback(Callback):
         model = self._model(pl_module)
         self.probe = attach(model, **self.probe_args)
         shape = model_shape(model, self.probe) | self.declared
-        self.run = track(self.store, optimizer=self.optimizer, steps=trainer.max_steps, seed=self.seed,
+        # max_steps is -1 when training runs by epochs: Lightning's own estimate of the total then
+        self.total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 \
+            else int(trainer.estimated_stepping_batches)
+        self.run = track(self.store, optimizer=self.optimizer, steps=self.total, seed=self.seed,
                          every=self.every, tokens=self.tokens, last_k=self.last_k, factors=self.factors,
                          probe=self.probe,
                          model_config=model_config(model), **shape)
 
     def _measured(self, step: int, trainer) -> bool:
-        return step % self.every == 0 or step == trainer.max_steps
+        return step % self.every == 0 or step == self.total
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         ids, mask = _ids(batch)
