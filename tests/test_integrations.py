@@ -97,8 +97,8 @@ def test_the_lightning_callback_writes_a_run(tmp_path):
     callback = SpecdbLightningCallback(db, every=2, optimizer="AdamW", model_attr="model", token_counts=COUNTS,
                                        min_stratum_tokens=4, last_k=2, factors={"framework": "lightning"}, tokens=80)
     trainer = L.Trainer(max_epochs=1, limit_train_batches=8, accelerator="cpu", logger=False,  # by epochs: 4 steps
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2,
-                        callbacks=[callback])
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accumulate_grad_batches=2, callbacks=[callback])
     trainer.fit(Module(), torch.utils.data.DataLoader(Tokens(), batch_size=4))
     assert callback.run.outcome == "committed"
     (source, steps, factors, status), = rows(db, "SELECT source, steps, factors, status FROM runs")
