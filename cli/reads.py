@@ -69,16 +69,18 @@ def export(directory: Path = typer.Argument(..., help="Folder to write (created 
         typer.echo(f"{directory / f'{name}.{fmt}'}: {n} rows", err=True)
 
 
-def schema():
+def schema(kind: str = typer.Option("sweep", "--kind", help="sweep (specdb run) | checkpoints (specdb measure)")):
     """Print the JSON Schema of a spec file (for editor completion and validation).
 
-    Example: specdb schema > specdb.schema.json
+    Examples: specdb schema > specdb.schema.json · specdb schema --kind checkpoints
     """
     import json
 
-    from spectraldb.spec import json_schema
+    from spectraldb.spec.schema import checkpoints_schema, json_schema
 
-    typer.echo(json.dumps(json_schema(), indent=2))
+    if kind not in ("sweep", "checkpoints"):
+        fail(f"--kind: expected sweep or checkpoints, got {kind!r}", 2)
+    typer.echo(json.dumps(json_schema() if kind == "sweep" else checkpoints_schema(), indent=2))
 
 
 def plot(kind: str = typer.Argument(..., help="scaling | dynamics | depth | renyi"),

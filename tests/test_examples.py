@@ -38,6 +38,15 @@ def test_a_checkpoints_spec_loads(name):
     spec, runs = load_checkpoints(ROOT / "examples" / name)
     assert len(runs) == CHECKPOINT_SPECS[name] == len({r.run_id for r in runs})
     assert all(r.source == "checkpoint" for r in runs)
+    import jsonschema
+    import yaml
+
+    result = CliRunner().invoke(app, ["schema", "--kind", "checkpoints"])
+    schema = __import__("json").loads(result.stdout)
+    jsonschema.validate(yaml.safe_load((ROOT / "examples" / name).read_text()), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"checkpoints": [{"path": "x", "optimizer": "AdamW", "colour": 1}]}, schema)
+    assert CliRunner().invoke(app, ["schema", "--kind", "nope"]).exit_code == 2
 
 
 @pytest.mark.slow

@@ -18,3 +18,12 @@ def json_schema() -> dict:
         "additionalProperties": {"type": "array", "minItems": 1},
     }
     return schema
+
+
+def checkpoints_schema() -> dict:
+    """JSON Schema of a checkpoints spec (`specdb measure SPEC`)."""
+    from spectraldb.spec.checkpoints import CheckpointsSpec
+
+    schema = CheckpointsSpec.model_json_schema()
+    schema["title"] = "specdb checkpoints spec"
+    return schema
