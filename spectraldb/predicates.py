@@ -53,6 +53,7 @@ def check_factors(names, declared=(), syntax_only: bool = False) -> tuple[str, .
 
 
 FACTOR_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+MAX_FACTORS = 64  # declared factors a run may have (spectraldb.spec.tracked) and a store is read for
 
 
 def declared_factors(con) -> dict[str, str]:
@@ -62,19 +63,20 @@ def declared_factors(con) -> dict[str, str]:
                           FROM (SELECT factors, unnest(json_keys(factors)) AS k FROM runs WHERE factors IS NOT NULL)
                           GROUP BY k""").fetchall()
     out = {}
-    for name, types in rows:
-        if not FACTOR_NAME.fullmatch(name) or name in FACTORS or name in RUN_COLUMNS:
-            continue  # a hand-edited store: such a key is never read
+    for name, types in sorted(rows):
+        if not FACTOR_NAME.fullmatch(name) or name in FACTORS or name in RUN_COLUMNS or len(out) == MAX_FACTORS:
+            continue  # a hand-edited store: such a key (or one past the bound) is never read
         kinds = set(types)
         out[name] = ("DOUBLE" if kinds <= {"BIGINT", "UBIGINT", "DOUBLE"} else
                      "BOOLEAN" if kinds == {"BOOLEAN"} else "VARCHAR")
     return out
 
 
-def runs_relation(con) -> str:
-    """`runs` with a typed column per declared factor, so predicates and groupings read them like
-    built-in columns (the names are checked identifiers, the values come through TRY_CAST)."""
-    extras = declared_factors(con)
+def runs_relation(con, declared: dict[str, str] | None = None) -> str:
+    """`runs` with a typed column per declared factor (`declared`: declared_factors(con), read
+    here when not given), so predicates and groupings read them like built-in columns (the names
+    are checked identifiers, the values come through TRY_CAST)."""
+    extras = declared_factors(con) if declared is None else declared
     if not extras:
         return "runs"
     cols = ", ".join(f"TRY_CAST(factors ->> '{k}' AS {t}) AS {k}" for k, t in sorted(extras.items()))

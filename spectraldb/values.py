@@ -72,7 +72,7 @@ def run_values(con, metrics, *, stratum="all", site="post", window=None, step=No
     declared = declared_factors(con)
     check_factors(factors, declared)
     factors = tuple(dict.fromkeys(("optimizer", "seed", *(f for f in factors if f in FACTORS or f in declared))))
-    runs = runs_relation(con)
+    runs = runs_relation(con, declared)
     fast = window is None and step is None and not by_layer
     if fast:  # the stored aggregates (run_points; step_points per step) answer directly
         table, step_col = ("step_points", "p.step, ") if by_step else ("run_points", "")
@@ -133,8 +133,9 @@ def width_means(con, metrics, by, *, strata, site="post", where=None, include_di
     where = check_where(con, where)
     strata, site = check_strata(strata), check_site(site)
     statuses = selected_statuses(include_diverged)
-    by = check_factors(by, declared_factors(con))
-    runs = runs_relation(con)
+    declared = declared_factors(con)
+    by = check_factors(by, declared)
+    runs = runs_relation(con, declared)
     sql = f"""
         WITH per_run AS (
             SELECT p.run_id, p.stratum, {", ".join(f"max(p.value) FILTER (WHERE p.metric = ?) AS m{i}"

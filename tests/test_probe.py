@@ -279,3 +279,17 @@ def test_the_reduction_across_two_gloo_ranks_equals_one_process(tmp_path):
     for rank in (0, 1):
         assert np.array_equal(np.load(tmp_path / f"table-global-{rank}.npy"), frequency_strata(counts[0] + counts[1]))
         assert np.array_equal(np.load(tmp_path / f"table-rank0_local-{rank}.npy"), frequency_strata(counts[0]))
+
+
+@pytest.mark.parametrize("table, message", [
+    (dict(token_counts=np.array([1.0, np.nan] * (V // 2))), "token counts: expected one finite count"),
+    (dict(token_counts=-np.ones(V)), "negative"),
+    (dict(token_counts=np.ones((2, V))), "shape"),
+    (dict(token_strata=np.full(V, 5)), "token strata: expected one stratum per token id"),
+    (dict(token_strata=np.zeros((2, V), dtype=np.int64)), "token strata"),
+])
+def test_a_hostile_token_table_is_one_line(table, message):
+    model = build("gpt2")
+    with pytest.raises(ProbeError, match=message) as err:
+        attach(model, **table)
+    assert "\n" not in str(err.value)

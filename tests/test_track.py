@@ -72,6 +72,9 @@ def test_the_same_declaration_is_the_same_run(tmp_path):
     (dict(ffn_width=None), "give ffn_width"),
     (dict(colour="red"), "track: unknown field 'colour'"),
     (dict(d_model=0), "model.d_model"),
+    (dict(tokens_seen=2**70), "tokens_seen"),
+    (dict(factors={"wd": 10**30}), "does not fit 64 bits"),
+    (dict(factors={f"f{i}": i for i in range(65)}), "factors"),
 ])
 def test_a_bad_declaration_is_one_line_and_writes_nothing(tmp_path, kw, message):
     db = tmp_path / "t.duckdb"
@@ -201,3 +204,22 @@ def test_under_data_parallelism_only_rank_0_writes(tmp_path, monkeypatch):
     assert tracked(db, D=64).outcome == "not written (rank 1)" and not db.exists()
     fake.get_rank = lambda: 0
     assert tracked(db, D=64).outcome == "committed"
+
+
+def test_a_hand_edited_store_with_hostile_factor_keys_still_answers(tmp_path):
+    """Keys that are not factor names, and keys past the bound, are never read."""
+    db = tmp_path / "t.duckdb"
+    for D in WIDTHS[:3]:
+        tracked(db, D=D, factors={"dataset": "web"})
+    hostile = {"x'); DROP TABLE runs; --": 1, "Upper": 2, **{f"k{i:03d}": i for i in range(100)}, "dataset": "web"}
+    con = duckdb.connect(str(db))
+    con.execute("UPDATE runs SET factors = ?", [json.dumps(hostile)])
+    con.close()
+    rows, _ = query(db, "beta", "--by", "optimizer,dataset")
+    assert rows[0]["dataset"] == "web" and rows[0]["n_widths"] == 3
+    from spectraldb.predicates import MAX_FACTORS, declared_factors
+    from spectraldb.store import connect
+
+    with connect(db, read_only=True) as con:
+        declared = declared_factors(con)
+    assert len(declared) == MAX_FACTORS and "Upper" not in declared and "dataset" in declared

@@ -41,7 +41,11 @@ def strata_table(counts=None, *, strata_of_ids=None, scope: str = "global", grou
         raise ProbeError(f"strata scope: expected one of {', '.join(STRATA_SCOPES)}, got {scope!r}")
     if strata_of_ids is not None:
         return torch.as_tensor(np.asarray(strata_of_ids), dtype=torch.int64)
-    counts = torch.tensor(np.asarray(counts, dtype=np.float64))  # a copy: the reduction must not touch the caller's table
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 1 or not counts.size or not np.isfinite(counts).all() or (counts < 0).any():
+        raise ProbeError(f"token counts: expected one finite count ≥ 0 per token id (got shape {counts.shape}, "
+                         f"{int((~np.isfinite(counts)).sum())} non-finite, {int((counts < 0).sum())} negative)")
+    counts = torch.tensor(counts)  # a copy: the reduction must not touch the caller's table
     if _world(group) > 1:
         import torch.distributed as dist
 
@@ -74,7 +78,10 @@ class Probe:
         self.model, self.sites, self.measure = model, list(sites), tuple(measure)
         self.strata, self.min_tokens, self.precision = tuple(strata), min_tokens, precision
         self.strata_scope, self.group = strata_scope, group
-        self.token_strata = None if token_strata is None else torch.as_tensor(token_strata, dtype=torch.int64)
+        self.token_strata = None if token_strata is None else torch.as_tensor(np.asarray(token_strata), dtype=torch.int64)
+        if self.token_strata is not None and (self.token_strata.ndim != 1 or not self.token_strata.numel() or
+                                              int(self.token_strata.min()) < 0 or int(self.token_strata.max()) > 2):
+            raise ProbeError("token strata: expected one stratum per token id, each 0 (head), 1 (mid) or 2 (tail)")
         self.acc: dict[tuple, StreamingCovariance] = {}
         self.order: torch.Tensor | None = None
         self.counts: list[int] = []

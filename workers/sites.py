@@ -65,7 +65,7 @@ CONFIG_NAMES = {"d_model": ("hidden_size", "n_embd", "d_model"), "n_layer": ("nu
                 "n_head": ("num_attention_heads", "n_head"), "context": ("max_position_embeddings", "n_positions")}
 
 
-def ffn_width(module: torch.nn.Module) -> int:
+def projection_width(module: torch.nn.Module) -> int:
     """Output width of an FFN's first projection: nn.Linear, HF's Conv1D, or a weight's shape."""
     for attr in ("out_features", "nf"):
         if isinstance(getattr(module, attr, None), int):
@@ -85,7 +85,7 @@ def model_shape(model: torch.nn.Module, probe) -> dict:
                 shape[key] = value
                 break
     modules = dict(model.named_modules())
-    shape["ffn_width"] = ffn_width(modules[probe.sites[0].pre])
+    shape["ffn_width"] = projection_width(modules[probe.sites[0].pre])
     shape.setdefault("n_layer", len(probe.sites))
     if "d_model" not in shape:
         raise ValueError("d_model: not in the model's config; pass d_model=")

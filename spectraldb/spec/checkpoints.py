@@ -24,7 +24,8 @@ from spectraldb.errors import SpecError
 from spectraldb.spec.models import INT32_MAX, MeasureSpec, Name, Section, Stratum
 from spectraldb.spec.source import _first_error, fmt_path, parse_yaml, read_spec_text
 from spectraldb.spec.sweep import read_source
-from spectraldb.spec.tracked import Scalar, TrackedSpec
+from spectraldb.predicates import MAX_FACTORS
+from spectraldb.spec.tracked import INT64_MAX, Scalar, TrackedSpec
 
 
 class CheckpointEntry(Section):
@@ -35,9 +36,9 @@ class CheckpointEntry(Section):
     optimizer_name: Name | None = None
     lr: float | None = Field(None, gt=0)
     step: int | None = Field(None, ge=0, le=INT32_MAX)
-    tokens_seen: int | None = Field(None, ge=0)
+    tokens_seen: int | None = Field(None, ge=0, le=INT64_MAX)
     seed: int = Field(0, ge=0, le=INT32_MAX)
-    factors: dict[str, Scalar] = Field(default_factory=dict)
+    factors: dict[str, Scalar] = Field(default_factory=dict, max_length=MAX_FACTORS)
 
     @model_validator(mode="after")
     def _one_source(self):

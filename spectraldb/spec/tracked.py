@@ -12,15 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from contract.vocabulary import FACTORS, PROTOCOL, STRATA_SCOPES
+from spectraldb.predicates import FACTOR_NAME, MAX_FACTORS
 from spectraldb.spec.models import INT32_MAX, MeasureSpec, Name, Section
 
-FACTOR_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+INT64_MAX = 2**63 - 1  # the store's BIGINT columns
 # columns of `runs` a declared factor may not shadow
 RESERVED = set(FACTORS) | {"run_id", "status", "error", "config", "source", "ffn_width", "factors", "step",
                            "tokens_seen", "gated", "strata_scope", "site_definition", "started_at", "finished_at"}
@@ -63,8 +63,8 @@ class TrackedSpec(Section):
     steps: int = Field(..., ge=0, le=INT32_MAX)
     batch_size: int | None = Field(None, ge=1, le=INT32_MAX)
     corpus: Name | None = None
-    tokens_seen: int | None = Field(None, ge=0)
-    factors: dict[str, Scalar] = Field(default_factory=dict)
+    tokens_seen: int | None = Field(None, ge=0, le=INT64_MAX)
+    factors: dict[str, Scalar] = Field(default_factory=dict, max_length=MAX_FACTORS)
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     strata_scope: Literal[STRATA_SCOPES] = "global"
 
@@ -73,13 +73,15 @@ class TrackedSpec(Section):
         if self.model is None and self.source != "checkpoint":
             raise ValueError("model: declare d_model, n_layer and ffn_width (or ffn_mult)")
         for key, value in self.factors.items():
-            if not FACTOR_NAME.fullmatch(key):
+            if not FACTOR_NAME.fullmatch(key):  # the predicates' rule: a name --by and --where can read
                 raise ValueError(f"factors: {key!r} is not a factor name (lower case letters, digits and _, "
                                  "starting with a letter, at most 40)")
             if key in RESERVED:
                 raise ValueError(f"factors: {key!r} is a built-in column of runs; declare it as a field instead")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"factors: {key} is {value}; a factor must be finite")
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+                raise ValueError(f"factors: {key} does not fit 64 bits")
             if isinstance(value, str) and len(value) > 200:
                 raise ValueError(f"factors: {key} is longer than 200 characters")
         return self
