@@ -11,13 +11,18 @@ into one fit silently (docs/design.md §5).
 2. The study's protocol: strata by frequency thresholds (equal counts share a stratum);
    `train_batch` measured before the update, capped at `measure.tokens`; LR decay on the
    0-based iteration; `last_k` 5, each layer's last K measured values.
+3. The study's timing and token counts: the step-s spectrum is of the weights after s updates
+   (on `train_batch`, the next batch, before update s+1; the last step after the last update),
+   beside the validation loss of the same weights; `all` has its own token count
+   (`measure.all_tokens`, every data-parallel rank's share) and is never skipped for want of
+   tokens (`min_stratum_tokens` applies to the strata only).
 """
 
 from __future__ import annotations
 
 import math
 
-PROTOCOL = 2
+PROTOCOL = 3
 
 DEFAULT_STORE = "specdb.duckdb"
 
@@ -60,6 +65,10 @@ SOURCES = ("specdb", "tracked", "checkpoint")
 SITE_DEFINITIONS = {False: "pre: first projection output; post: down-projection input",
                     True: "pre: gate_proj output; post: down_proj input (gated)"}
 STRATA_SCOPES = ("global", "rank0_local")
+# How a data-parallel run pools its measurement across ranks: `study` takes the strata from rank
+# 0's share of the batch alone (the study's rule), `global` lets them reach every rank's share;
+# `all` is always pooled over every rank (docs/design.md §2).
+REDUCTIONS = ("study", "global")
 
 # columns of `runs` a question may group by (--by) or compare across (delta --arch)
 FACTORS = ("optimizer", "optimizer_name", "lr", "d_model", "n_layer", "n_head", "context", "vocab_size",

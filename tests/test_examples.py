@@ -112,10 +112,13 @@ def test_a_paper_spec_planned_here_gets_runs_refusal(tmp_path, shards):
 
 @pytest.mark.parametrize("name", PAPER)
 def test_paper_specs_follow_the_studys_protocol(name):
-    """Dion with bf16 state, and the training batch measured as the study did: at most one
-    data-parallel rank's share (131,072 tokens) per step."""
+    """Dion with bf16 state, and the training batch measured as the study did: the strata on rank
+    0's share (131,072 tokens on 4 ranks at 160M, 65,536 on 8 at 350M), `all` on every rank's."""
     for r in load_spec(ROOT / "examples" / name)[0].runs:
-        assert r.measure.source == "train_batch" and r.measure.tokens == 131072 and r.measure.last_k == 5
+        share = 524288 // r.resources.workers
+        assert r.resources.workers == (8 if "350m" in name else 4)
+        assert r.measure.source == "train_batch" and r.measure.tokens == share and r.measure.last_k == 5
+        assert r.measure.pooled_tokens == 524288 and r.measure.reduction == "study"
         if r.optimizer.name == "dion":
             assert r.optimizer.state_dtype == "bf16"
 

@@ -46,42 +46,124 @@ def test_the_window_takes_each_series_last_k_measured_values(tmp_path):
     assert window == [(10, 2), (20, 1)] and layer == got and protocol == PROTOCOL
 
 
-def test_train_batch_is_measured_before_the_update_and_capped(tmp_path, corpus):
-    """Step 1's spectra equal those of the untrained model on the first batch's first
-    measure.tokens tokens: measured before the update, on at most that many tokens."""
-    spec = tmp_path / "t.yaml"
-    spec.write_text(tiny_spec(corpus, tmp_path / "t.duckdb", "", steps=3).replace(
-        "tokens: 1024", "tokens: 64, source: train_batch").replace("batch_size: 4", "batch_size: 8"))
-    run = load_spec(spec)[0].runs[0]
-    ds = prepare(run.data.model_dump())
-    res = train_run(run.config(), ds)
-    assert res.status == "done", res.error
-    step1 = [r for r in res.spectra if r.step == 1]
-    assert {r.n_tokens for r in step1 if r.stratum == "all"} == {64}  # 4 of the 8 sequences
+def by_hand(run, ds, *, until: int) -> dict:
+    """The loop written out: {s: spectra of the weights after s updates, measured on batch s+1's
+    first measure.tokens (strata) / measure.all_tokens (all) positions}, plus the final model."""
+    from workers.optim import build_optimizers, lr_multiplier, set_lr
+    from workers.train import is_measured
 
-    cfg, m = run.config(), run.model
+    cfg, m, T, B = run.config(), run.model, run.data.context, run.train.batch_size
     torch.manual_seed(run.train.seed)
     rng = np.random.default_rng(run.train.seed)
-    model = GPT(GPTConfig(vocab_size=ds.vocab_size, context=run.data.context, n_layer=m.n_layer,
-                          d_model=m.d_model, n_head=m.n_head, ffn_mult=m.ffn_mult))
-    T = run.data.context
-    starts = rng.integers(0, ds.train.size - T - 1, size=run.train.batch_size)
-    x = torch.from_numpy(ds.train[starts[:, None] + np.arange(T)].astype(np.int64))
-    expect = measure(model, x[:4], torch.from_numpy(ds.strata.astype(np.int64)), sites=cfg["measure"]["sites"],
-                     strata=cfg["measure"]["strata"], min_tokens=cfg["measure"]["min_stratum_tokens"])
-    for a, b in zip(step1, expect):
-        assert (a.layer, a.site, a.stratum) == (b.layer, b.site, b.stratum)
+    model = GPT(GPTConfig.from_run(cfg, ds.vocab_size))
+    optimizers = build_optimizers(model, cfg["optimizer"])
+    strata = torch.from_numpy(ds.strata.astype(np.int64))
+
+    def draw():
+        starts = rng.integers(0, ds.train.size - T - 1, size=B)
+        return torch.from_numpy(ds.train[starts[:, None] + np.arange(T + 1)].astype(np.int64))
+
+    def spectra(x):
+        ms = cfg["measure"]
+        return measure(model, x, strata, sites=ms["sites"], strata=ms["strata"], min_tokens=ms["min_stratum_tokens"],
+                       limit=ms["tokens"], all_limit=ms["all_tokens"] or ms["tokens"])
+
+    out, batch = {}, draw()
+    for s in range(1, until + 1):
+        set_lr(optimizers, lr_multiplier(s, run.train.steps, run.train.warmup, run.train.warmdown))
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        batch = draw()  # the batch of update s+1: what the study measures step s on
+        if is_measured(s, run.train.steps, run.measure.every):
+            out[s] = spectra(batch[:, :-1])
+    return {"spectra": out, "model": model}
+
+
+def assert_same_spectra(got, expect):
+    assert [(a.layer, a.site, a.stratum, a.n_tokens) for a in got] == \
+        [(b.layer, b.site, b.stratum, b.n_tokens) for b in expect]
+    for a, b in zip(got, expect):
+        assert (a.eigenvalues is None) == (b.eigenvalues is None)
         if b.eigenvalues is not None:
             assert np.allclose(a.eigenvalues, b.eigenvalues, rtol=1e-10, atol=1e-14)
+
+
+def protocol_run(tmp_path, corpus, steps=5, measure="tokens: 64, all_tokens: 96, source: train_batch"):
+    spec = tmp_path / "t.yaml"
+    spec.write_text(tiny_spec(corpus, tmp_path / "t.duckdb", "", steps=steps).replace(
+        "tokens: 1024", measure).replace("batch_size: 4", "batch_size: 8").replace("every: 3", "every: 2"))
+    run = load_spec(spec)[0].runs[0]
+    return run, prepare(run.data.model_dump())
+
+
+def test_the_step_s_spectrum_is_of_the_weights_after_s_updates(tmp_path, corpus):
+    """Protocol 3 on train_batch: step s (1, 2, 4 and the last, 5) equals a measurement taken by
+    hand after s updates on the batch update s+1 learns from; the last step's is of the final
+    weights, and its validation loss is of the same weights. `all` counts all_tokens positions,
+    the strata measure.tokens."""
+    from workers.train import evaluate
+    from workers.data import eval_batch
+
+    run, ds = protocol_run(tmp_path, corpus)
+    res = train_run(run.config(), ds)
+    assert res.status == "done", res.error
+    hand = by_hand(run, ds, until=run.train.steps)
+    assert sorted({r.step for r in res.spectra}) == sorted(hand["spectra"]) == [1, 2, 4, 5]
+    for s, expect in hand["spectra"].items():
+        assert_same_spectra([r for r in res.spectra if r.step == s], expect)
+    last = [r for r in res.spectra if r.step == 5]
+    assert {r.n_tokens for r in last if r.stratum == "all"} == {96}
+    assert all(sum(r.n_tokens for r in last if r.stratum != "all" and (r.layer, r.site) == key) == 64
+               for key in {(r.layer, r.site) for r in last})
+    windows = torch.from_numpy(eval_batch(ds, run.train.eval_tokens, run.data.context).astype(np.int64))
+    assert res.final.step == 5 and res.final.val_loss == pytest.approx(evaluate(hand["model"], windows, None),
+                                                                        rel=1e-12)
+
+
+def test_a_resumed_run_measures_the_step_it_saved_on_the_next_batch(tmp_path, corpus):
+    """A checkpoint at step 2 (a measured step) is taken before step 2's spectrum exists (it needs
+    batch 3): the resumed run measures it first, and ends with the uninterrupted run's spectra."""
+    from workers import train as train_module
+
+    run, ds = protocol_run(tmp_path, corpus)
+    cfg = {**run.config(), "checkpoint": {"every": 2, "dir": str(tmp_path), "keep": True}}
+    whole = train_run(run.config(), ds)
+    ckpt = tmp_path / "c.pt"
+    calls = []
+
+    def stop_after_2(step, steps):
+        calls.append(step)
+        if step == 3:
+            raise KeyboardInterrupt  # the process dies after the step-2 checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        train_module.run(cfg, ds, stop_after_2, checkpoint=ckpt)
+    resumed = train_run(cfg, ds, checkpoint=ckpt)
+    assert resumed.resumed_from == 2
+    key = lambda r: (r.step, r.layer, r.site, r.stratum)  # noqa: E731
+    assert_same_spectra(sorted(resumed.spectra, key=key), sorted(whole.spectra, key=key))
+
+
+def test_the_pooled_spectrum_is_never_skipped_for_want_of_tokens(tmp_path, corpus):
+    """min_stratum_tokens above every count: the strata are skipped (kept as records without
+    eigenvalues), the pooled spectrum is measured anyway."""
+    run, ds = protocol_run(tmp_path, corpus, measure="tokens: 64, source: train_batch")
+    run = run.model_copy(update={"measure": run.measure.model_copy(update={"min_stratum_tokens": 100000})})
+    res = train_run(run.config(), ds)
+    assert res.status == "done", res.error
+    assert {r.stratum for r in res.spectra if r.eigenvalues is not None} == {"all"}
+    assert {r.stratum for r in res.spectra if r.eigenvalues is None} == {"head", "mid", "tail"}
 
 
 def test_the_protocol_is_part_of_the_run_id(monkeypatch):
     from spectraldb.spec import models
 
     now = RunSpec.model_validate({})
-    assert PROTOCOL == 2 and now.measure.last_k == 5
+    assert PROTOCOL == 3 and now.measure.last_k == 5
     current = now.run_id
-    monkeypatch.setattr(models, "PROTOCOL", 3)
+    monkeypatch.setattr(models, "PROTOCOL", 4)
     assert now.run_id != current
 
 
@@ -119,9 +201,10 @@ def test_a_store_of_the_old_protocol_is_migrated_kept_and_never_pooled(tmp_path)
         put(old, mult=mult, rank_of=lambda D, step, layer: D / 8)
     result = runner.invoke(app, ["query", "beta", "--db", str(old), "--format", "json"])
     rows = json.loads(result.stdout)
-    assert [(r["optimizer"], r["protocol"]) for r in rows] == [("AdamW", 1), ("AdamW", 2)]
-    assert "runs of protocols 1, 2 are fitted separately" in result.stderr
-    only = runner.invoke(app, ["query", "beta", "--db", str(old), "--format", "json", "--where", "protocol = 2"])
+    assert [(r["optimizer"], r["protocol"]) for r in rows] == [("AdamW", 1), ("AdamW", PROTOCOL)]
+    assert f"runs of protocols 1, {PROTOCOL} are fitted separately" in result.stderr
+    only = runner.invoke(app, ["query", "beta", "--db", str(old), "--format", "json", "--where",
+                               f"protocol = {PROTOCOL}"])
     assert "protocol" not in json.loads(only.stdout)[0] and "fitted separately" not in only.stderr
     status = runner.invoke(app, ["status", "--db", str(old), "--format", "json"])
     assert "protocol 1" in status.stderr

@@ -133,9 +133,11 @@ def spectra_of(upper: list[torch.Tensor], dtype: torch.dtype = torch.float64) ->
 
 @torch.no_grad()
 def accumulate(model, tokens: torch.Tensor, token_strata: torch.Tensor, *, sites, strata, min_tokens: int,
-               chunk: int = 64, autocast_dtype=None, precision: str = "fp64") -> list[tuple[Spectrum, object]]:
+               chunk: int = 64, autocast_dtype=None, precision: str = "fp64", limit: int | None = None,
+               all_limit: int | None = None) -> list[tuple[Spectrum, object]]:
     """Run `tokens` (n, T) through specdb's GPT, `chunk` sequences at a time, measured by the one
-    probe (workers.probe): what `decompose` needs, as `Probe.select` gives it."""
+    probe (workers.probe): what `decompose` needs, as `Probe.select` gives it. The strata count
+    the first `limit` positions (row-major), `all` the first `all_limit` (both None: every one)."""
     from workers.probe import Probe, find_sites
 
     device = tokens.device
@@ -143,10 +145,14 @@ def accumulate(model, tokens: torch.Tensor, token_strata: torch.Tensor, *, sites
     model.eval()
     probe = Probe(model, find_sites(model), token_strata=token_strata, measure=sites, strata=strata,
                   min_tokens=min_tokens, precision=precision)
+    width = tokens.shape[1]
     try:
         for i in range(0, tokens.shape[0], chunk):
             idx = tokens[i:i + chunk]
-            with probe.measuring(idx), \
+            start = i * width  # the budgets are over the whole batch; each chunk gets what is left
+            left = None if limit is None else max(0, limit - start)
+            left_all = None if all_limit is None else max(0, all_limit - start)
+            with probe.measuring(idx, limit=left, all_limit=left_all), \
                     torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 model.hidden(idx)
     finally:
@@ -167,7 +173,9 @@ def decompose(selected: list[tuple[Spectrum, object]], precision: str = "fp64", 
 
 
 def measure(model, tokens: torch.Tensor, token_strata: torch.Tensor, *, sites, strata, min_tokens: int,
-            chunk: int = 64, autocast_dtype=None, precision: str = "fp64") -> list[Spectrum]:
+            chunk: int = 64, autocast_dtype=None, precision: str = "fp64", limit: int | None = None,
+            all_limit: int | None = None) -> list[Spectrum]:
     """Run `tokens` (n, T) through the model and return every requested spectrum (synchronous)."""
     return decompose(accumulate(model, tokens, token_strata, sites=sites, strata=strata, min_tokens=min_tokens,
-                                chunk=chunk, autocast_dtype=autocast_dtype, precision=precision), precision)
+                                chunk=chunk, autocast_dtype=autocast_dtype, precision=precision, limit=limit,
+                                all_limit=all_limit), precision)

@@ -9,7 +9,8 @@ One measurement path: specdb's own training loop measures through this probe too
 (`workers.extract.accumulate`). Where the sites are and how a gated FFN's are defined:
 workers/sites.py; every run stores which definition it used (`SITE_DEFINITIONS`).
 
-Padded positions (attention_mask 0) never enter a covariance. Forwards between `compute()` calls
+Padded positions (attention_mask 0) never enter a covariance; `min_tokens` is the strata's floor
+(the pooled `all` spectrum is never skipped, protocol 3). Forwards between `compute()` calls
 merge exactly. Under torch.distributed the accumulators are reduced across ranks exactly (count,
 mean, centred scatter, merged in rank order) before decomposition. Between measurements no hook
 is installed; inside one, an activation-checkpoint recomputation during backward is not counted.
@@ -31,6 +32,7 @@ from workers.sites import (SITE_FAMILIES, ProbeError, Site, find_sites, model_co
                            model_shape)
 
 MEASURED = ("head", "mid", "tail")  # stratum index 0, 1, 2 of a token-strata table
+REST = 3  # positions past the strata's budget that still count toward `all` (measuring's all_limit)
 
 
 def strata_table(counts=None, *, strata_of_ids=None, scope: str = "global", group=None) -> torch.Tensor:
@@ -99,11 +101,13 @@ class Probe:
 
     @contextlib.contextmanager
     def measuring(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                  limit: int | None = None):
+                  limit: int | None = None, all_limit: int | None = None):
         """The forwards inside this block are measured: their positions, in `input_ids` order
-        (batch × time), labelled by stratum; positions with attention_mask 0 are left out, and
-        with `limit` only the first `limit` others count (`self.counted` says how many did)."""
-        self._label(input_ids, attention_mask, limit)
+        (batch × time), labelled by stratum; positions with attention_mask 0 are left out. With
+        `limit` only the first `limit` others count; with `all_limit` (≥ `limit`) the positions
+        after those, up to `all_limit`, count toward `all` alone (`self.counted` says how many
+        positions counted at all)."""
+        self._label(input_ids, attention_mask, limit, all_limit)
         modules = dict(self.model.named_modules())
         try:
             for site in self.sites:
@@ -120,7 +124,8 @@ class Probe:
             self._handles.clear()
             self.order = None
 
-    def _label(self, input_ids: torch.Tensor, attention_mask, limit: int | None = None) -> None:
+    def _label(self, input_ids: torch.Tensor, attention_mask, limit: int | None = None,
+               all_limit: int | None = None) -> None:
         ids = torch.as_tensor(input_ids)
         if self.token_strata is None:
             labels = torch.zeros(ids.numel(), dtype=torch.int64, device=ids.device)
@@ -136,16 +141,20 @@ class Probe:
             if mask.numel() != labels.numel():
                 raise ProbeError(f"attention_mask: {mask.numel()} positions, input_ids {labels.numel()}")
             labels = torch.where(mask.bool(), labels, torch.full_like(labels, -1))
-        if limit is not None:  # a token budget: the first `limit` unpadded positions
+        if all_limit is not None and (limit is None or all_limit < limit):
+            raise ProbeError(f"all_limit: {all_limit} needs a limit no larger than it (limit {limit})")
+        if limit is not None:  # token budgets: the strata's first `limit` unpadded positions, then `all`'s
             valid = labels >= 0
-            labels = torch.where(valid & (torch.cumsum(valid.long(), 0) > max(0, limit)), -1, labels)
+            seen = torch.cumsum(valid.long(), 0)
+            labels = torch.where(valid & (seen > max(0, limit)), REST, labels)
+            labels = torch.where(valid & (seen > max(0, limit if all_limit is None else all_limit)), -1, labels)
         if attention_mask is not None or limit is not None:
             self.n_pad = int((labels < 0).sum())
             kept = labels[labels >= 0]
         else:
             self.n_pad, kept = 0, labels
         self.order = torch.argsort(labels, stable=True)[self.n_pad:]  # padded positions (−1) sort first
-        self.counts = torch.bincount(kept, minlength=3).tolist()
+        self.counts = torch.bincount(kept, minlength=REST + 1).tolist()
         self.positions, self.counted = labels.numel(), sum(self.counts)
 
     def _fold(self, layer: int, site: str, act: torch.Tensor) -> None:
@@ -157,7 +166,7 @@ class Probe:
                              f"the input ids {self.positions}")
         accumulate = PRECISIONS[self.precision].accumulate
         if (layer, site, 0) not in self.acc:
-            for s in range(3):
+            for s in range(REST + 1):
                 self.acc[(layer, site, s)] = StreamingCovariance(dim, accumulate, act.device)
         # hooks run inside the forward's autocast region, which would turn a float32 product into
         # a bfloat16 one on a GPU: the products keep the precision policy's dtype
@@ -183,15 +192,16 @@ class Probe:
         out = []
         for site in self.sites:
             for name in self.measure:
-                parts = [acc[(site.layer, name, s)] for s in range(3)]
+                parts = [acc[(site.layer, name, s)] for s in range(REST + 1)]
                 for stratum in self.strata:
                     if stratum == "all":
                         cov = StreamingCovariance(parts[0].dim, parts[0].accumulate, parts[0].device)
                         for p in parts:
                             cov.merge(p)
+                        floor = 2  # the pooled spectrum is never skipped for want of tokens (protocol 3)
                     else:
                         cov = parts[MEASURED.index(stratum)]
-                    floor = max(self.min_tokens, math.ceil(cov.dim / 4), 2)
+                        floor = max(self.min_tokens, math.ceil(cov.dim / 4), 2)
                     rec = Spectrum.skipped(step=0, layer=site.layer, site=name, stratum=stratum, n_tokens=cov.n,
                                            n_dim=cov.dim)
                     out.append((rec, cov if cov.n >= floor else None))

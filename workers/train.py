@@ -1,7 +1,13 @@
 """One run: train the model and measure its FFN spectra on the schedule (docs/design.md §1–2).
 
 `run(config, dataset)` takes a resolved run spec as a plain dict and returns plain results;
-it never touches the database (only the driver writes) and never imports ray.
+it never touches the database (only the driver writes) and never imports ray. With
+`distributed=True` it is one rank of a data-parallel run (workers.ranks); rank 0's result holds
+the run's measurements.
+
+Protocol 3's timing: the step-s spectrum and validation loss are of the weights after s updates.
+On `train_batch` the spectrum is of the next batch, before update s+1, as the study measured;
+the last step's is of one more batch drawn after the last update.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from workers.data import Dataset, eval_batch, measurement_batch
 from workers.extract import NonFiniteActivations, accumulate, decompose
 from workers.model import GPT, GPTConfig
 from workers.optim import build_optimizers, lr_multiplier, set_lr
+from workers.ranks import Ranks
 
 Progress = Callable[[int, int], None]
 
@@ -41,7 +48,8 @@ def is_measured(step: int, steps: int, every: int) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model, windows: torch.Tensor, autocast_dtype, chunk: int = 64) -> float:
+def evaluate(model, windows: torch.Tensor, autocast_dtype, chunk: int = 64, ranks: Ranks | None = None) -> float:
+    """Mean loss over `windows`; with `ranks`, over every rank's windows."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, windows.shape[0], chunk):
@@ -51,17 +59,21 @@ def evaluate(model, windows: torch.Tensor, autocast_dtype, chunk: int = 64) -> f
         total += loss.item() * w.shape[0]
         count += w.shape[0]
     model.train()
+    if ranks is not None:
+        total, count = ranks.sum(total, count)
     return total / count
 
 
 def run(config: dict, ds: Dataset, progress: Progress | None = None, threads: int | None = None,
-        checkpoint: str | Path | None = None, overlap: bool = True) -> RunResult:
+        checkpoint: str | Path | None = None, overlap: bool = True, distributed: bool = False) -> RunResult:
     """Train and measure one run; failures come back as status 'failed' with what was measured.
 
     With `checkpoint` (a file path) and `config["checkpoint"]["every"]`, the run saves its whole
     state there every N steps and, if the file exists when it starts, resumes from it: a resumed
     run ends with exactly the measurements of an uninterrupted one (bitwise on CPU).
-    `overlap` False decomposes each measured step inline (the same numbers, later).
+    `overlap` False decomposes each measured step inline (the same numbers, later). With
+    `distributed` this process is one rank of the torch.distributed process group; rank 0 writes
+    the checkpoint and holds the measurements, every rank reads the checkpoint on resume.
     """
     result = RunResult()
     try:
@@ -69,7 +81,8 @@ def run(config: dict, ds: Dataset, progress: Progress | None = None, threads: in
             if threads:  # scipy's BLAS (the covariance products) shares the run's cores too
                 stack.enter_context(threadpool_limits(threads, user_api="blas"))
             background = stack.enter_context(Decompositions(result, threads, overlap))
-            _run(config, ds, result, progress, threads, Path(checkpoint) if checkpoint else None, background)
+            _run(config, ds, result, progress, threads, Path(checkpoint) if checkpoint else None, background,
+                 distributed)
     except Exception:  # noqa: BLE001 - the driver records the failure, the sweep goes on
         return result.finish("failed", traceback.format_exc(limit=8))
     return result.finish()
@@ -137,10 +150,11 @@ class Decompositions:
 
 
 def _run(config: dict, ds: Dataset, result: RunResult, progress: Progress | None, threads: int | None,
-         ckpt_path: Path | None, background: Decompositions) -> None:
+         ckpt_path: Path | None, background: Decompositions, distributed: bool) -> None:
     tr, ms = config["train"], config["measure"]
     device = pick_device(tr["device"])
     result.device = str(device)
+    ranks = Ranks(distributed, device)
     if threads and device.type == "cpu":
         torch.set_num_threads(threads)
     torch.manual_seed(tr["seed"])
@@ -149,49 +163,74 @@ def _run(config: dict, ds: Dataset, result: RunResult, progress: Progress | None
     precision = ms["precision"]
 
     cfg = GPTConfig.from_run(config, ds.vocab_size)
-    model = GPT(cfg).to(device)
+    model = GPT(cfg).to(device)  # the same seed on every rank: the same initial weights
     optimizers = build_optimizers(model, config["optimizer"])
     T, B, steps = cfg.context, tr["batch_size"], tr["steps"]
+    mine = ranks.rows(B)
     train = ds.train  # numpy (uint16 shards or int32): gather each batch, never copy the corpus
     if train.size < T + 2:
         raise ValueError("the training split is shorter than one context window")
-    evals = torch.from_numpy(eval_batch(ds, tr["eval_tokens"], T).astype(np.int64)).to(device)
+    windows = eval_batch(ds, tr["eval_tokens"], T)
+    windows = np.array_split(windows, ranks.world)[ranks.rank]
+    evals = torch.from_numpy(windows.astype(np.int64)).to(device)
     token_strata = torch.from_numpy(ds.strata.astype(np.int64)).to(device)
-    fixed = torch.from_numpy(measurement_batch(ds, ms["tokens"], T).astype(np.int64)).to(device) \
+    # budgets in positions of the whole measurement batch, whole sequences: the strata's first, then `all`'s
+    strata_budget = ms["tokens"] // T * T
+    all_budget = max(strata_budget, (ms["all_tokens"] or ms["tokens"]) // T * T)
+    fixed = torch.from_numpy(measurement_batch(ds, all_budget, T).astype(np.int64)).to(device) \
         if ms["source"] == "heldout" else None
     every = (config.get("checkpoint") or {}).get("every") if ckpt_path else None
     first = 1
     if every and ckpt_path.exists():
         first = _restore(ckpt_path, model, optimizers, rng, result, device) + 1
 
-    def take(tokens):  # the forward passes run now (they need this step's weights); the rest overlaps
+    def draw() -> torch.Tensor:  # the global batch's starts on every rank; this rank's rows of it
+        starts = rng.integers(0, train.size - T - 1, size=B)[mine]
+        return torch.from_numpy(train[starts[:, None] + np.arange(T + 1)].astype(np.int64)).to(device)
+
+    def measure(step: int, rows: torch.Tensor, offset: int) -> bool:
+        """Spectra of the current weights, labelled `step`, on `rows` that start `offset` positions
+        into the measurement batch; the reduction across ranks happens inside (every rank calls
+        this). False when the activations are non-finite (the run has diverged)."""
         background.join()
-        return accumulate(model, tokens, token_strata, sites=ms["sites"], strata=ms["strata"],
-                          min_tokens=ms["min_stratum_tokens"], autocast_dtype=autocast, precision=precision)
+        span = rows.shape[0] * T
+        limit = min(max(0, strata_budget - offset), span)
+        all_limit = min(max(0, all_budget - offset), span)
+        used = rows[: max(1, -(-all_limit // T))]  # a rank with nothing to count still joins the reduction
+        try:
+            records = accumulate(model, used, token_strata, sites=ms["sites"], strata=ms["strata"],
+                                 min_tokens=ms["min_stratum_tokens"], autocast_dtype=autocast, precision=precision,
+                                 limit=limit, all_limit=all_limit)
+        except NonFiniteActivations as exc:
+            _diverged(result, f"diverged at step {step} (rule: non-finite activations): {exc}")
+            return False
+        if ranks.leader:
+            background.submit(step, records, precision)
+        return True
+
+    def measure_batch(step: int, batch: torch.Tensor) -> bool:
+        return measure(step, batch[:, :-1], mine.start * T)
 
     for step in range(first, steps + 1):
-        starts = rng.integers(0, train.size - T - 1, size=B)
-        batch = torch.from_numpy(train[starts[:, None] + np.arange(T + 1)].astype(np.int64)).to(device)
+        batch = draw()
+        if fixed is None and step > 1 and is_measured(step - 1, steps, ms["every"]):
+            # the study's timing: spectrum s-1 is of the batch update s is about to learn from
+            if not measure_batch(step - 1, batch):
+                return
         x, y = batch[:, :-1], batch[:, 1:]
         set_lr(optimizers, lr_multiplier(step, steps, tr["warmup"], tr["warmdown"]))
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             _, loss = model(x, y)
         loss.backward()
-        train_loss = loss.item()
-        measured = is_measured(step, steps, ms["every"])
-        records = None
-        if measured and fixed is None and math.isfinite(train_loss):
-            # the study measures the batch it is about to learn from, before the update, and at
-            # most `measure.tokens` of it (one data-parallel rank's share at paper scale)
-            try:
-                records = take(x[: max(1, ms["tokens"] // T)])
-            except NonFiniteActivations as exc:
-                return _diverged(result, f"diverged at step {step} (rule: non-finite activations): {exc}")
-        for opt in optimizers:
-            opt.step()
+        ranks.average_gradients(model)
+        train_loss, = ranks.sum(loss.item() / ranks.world)  # the global batch's loss: every rank decides alike
+        if math.isfinite(train_loss):
+            for opt in optimizers:
+                opt.step()
         model.zero_grad(set_to_none=True)
+        measured = is_measured(step, steps, ms["every"])
         if measured or not math.isfinite(train_loss):
-            val_loss = evaluate(model, evals, autocast) if math.isfinite(train_loss) else math.nan
+            val_loss = evaluate(model, evals, autocast, ranks=ranks) if math.isfinite(train_loss) else math.nan
             val_ppl = math.exp(val_loss) if math.isfinite(val_loss) and val_loss < 700 else math.inf
             result.evals.append(Evaluation(step, train_loss, val_loss, val_ppl))
             # a non-finite loss stops the run at once; the perplexity rule is the study's, applied to
@@ -199,15 +238,15 @@ def _run(config: dict, ds: Dataset, result: RunResult, progress: Progress | None
             if not math.isfinite(val_loss):
                 return _diverged(result, f"diverged at step {step} (rule: non-finite loss): train loss "
                                          f"{train_loss}, val loss {val_loss}")
-            if records is None:
-                try:
-                    records = take(fixed)
-                except NonFiniteActivations as exc:
-                    return _diverged(result, f"diverged at step {step} (rule: non-finite activations): {exc}")
-            background.submit(step, records, precision)
+            if fixed is not None:
+                if not measure(step, fixed if ranks.leader else fixed[:1], 0 if ranks.leader else all_budget):
+                    return
+            elif step == steps and not measure_batch(step, draw()):  # after the last update
+                return
         if every and step % every == 0 and step < steps:
             background.join()
-            _save(ckpt_path, step, model, optimizers, rng, result)
+            if ranks.leader:
+                _save(ckpt_path, step, model, optimizers, rng, result)
         if progress is not None:
             progress(step, steps)
     background.join()

@@ -1,7 +1,8 @@
 """Where runs train: in this process (`inline`) or as Ray tasks (`ray`).
 
-The only module of spectraldb that imports worker code (`workers.data`, `workers.train`) and
-Ray, both lazily: planning and querying need neither torch nor ray. Workers receive a plain
+With spectraldb.run.parallel (data-parallel runs on Ray Train), the only modules of spectraldb
+that import worker code (`workers.data`, `workers.train`) and Ray, both lazily: planning and
+querying need neither torch nor ray. Workers receive a plain
 config dict and the prepared dataset and return a `contract.records.RunResult` (as a dict across
 Ray); the sink (spectraldb.run.sink) stores it, with the dataset's vocabulary size, which the
 driver knows.
@@ -43,9 +44,10 @@ def prepare_data(runs: list[RunSpec], cache_dir=None) -> dict[str, object]:
         if ds.train.size < r.data.context + 2:
             raise SpecError(f"data.context: the training split of {r.data.corpus} holds {ds.train.size} tokens, "
                             f"fewer than one window of {r.data.context} + 2; use a larger corpus or a smaller context")
-        need = (r.measure.tokens // r.data.context) * r.data.context
+        need = (r.measure.pooled_tokens // r.data.context) * r.data.context
         if r.measure.source == "heldout" and need > ds.heldout.size:
-            raise SpecError(f"measure.tokens: {r.measure.tokens} exceeds the {ds.heldout.size} held-out "
+            field = "measure.all_tokens" if r.measure.pooled_tokens > r.measure.tokens else "measure.tokens"
+            raise SpecError(f"{field}: {r.measure.pooled_tokens} exceeds the {ds.heldout.size} held-out "
                             "tokens of the corpus; lower it or raise data.heldout_fraction")
     return out
 
@@ -114,10 +116,15 @@ def run_ray(runs, datasets, sink, address, max_in_flight=None) -> None:
         def submit():
             while queue and len(pending) < cap:
                 r = queue.pop(0)
-                task = _ray_task.options(num_cpus=r.resources.cpus, num_gpus=r.resources.gpus,
-                                         max_retries=r.resources.max_retries)
-                ref = task.remote(r.config(), data_refs[data_key(r)], board, r.run_id, max(1, int(r.resources.cpus)),
-                                  checkpoint_path(r), TRAIN)
+                if r.resources.workers > 1:
+                    from spectraldb.run import parallel
+
+                    ref = parallel.submit(r, data_refs[data_key(r)], board, checkpoint_path(r), TRAIN)
+                else:
+                    task = _ray_task.options(num_cpus=r.resources.cpus, num_gpus=r.resources.gpus,
+                                             max_retries=r.resources.max_retries)
+                    ref = task.remote(r.config(), data_refs[data_key(r)], board, r.run_id,
+                                      max(1, int(r.resources.cpus)), checkpoint_path(r), TRAIN)
                 pending[ref] = r
 
         submit()
@@ -162,14 +169,22 @@ def _make_board():
 
     @ray.remote
     class Board:
+        """Progress of every run, and the results rank 0 of a data-parallel run hands over."""
+
         def __init__(self):
-            self.steps = {}
+            self.steps, self.results = {}, {}
 
         def report(self, run_id, step, steps):
             self.steps[run_id] = (step, steps)
 
         def snapshot(self):
             return dict(self.steps)
+
+        def deliver(self, run_id, result):  # a retried attempt's result replaces the failed one's
+            self.results[run_id] = result
+
+        def collect(self, run_id):
+            return self.results.pop(run_id, None)
 
     return Board
 
@@ -190,8 +205,6 @@ def _make_task():
         return (train or workers_train_run)(config, ds, progress, threads, checkpoint=checkpoint).to_dict()
 
     return task
-
-
 
 
 _Board = LazyRemote(_make_board)

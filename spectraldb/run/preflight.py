@@ -61,6 +61,15 @@ def preflight(runs, executor: str, address: str | None) -> None:
         if local and need > mem:
             raise SpecError(f"model: {_name(r)} needs an estimated {need / GiB:,.1f} GiB of memory; this "
                             f"machine has {mem / GiB:,.1f} GiB (see `specdb plan` for every run's estimate)")
+        if r.resources.workers > 1 and executor != "ray":
+            raise SpecError(f"resources.workers: {r.resources.workers} ranks need --executor ray (a data-parallel run "
+                            f"trains on Ray Train); --executor {executor} trains one process per run")
+        if local and executor == "ray" and r.resources.workers > 1 and r.resources.workers * r.resources.cpus > cpus:
+            raise SpecError(f"resources.workers: {r.resources.workers} workers × {r.resources.cpus:g} CPUs exceed the "
+                            f"{cpus} CPUs of this machine (the run could never start)")
+        if local and executor == "ray" and r.resources.workers > 1 and r.resources.workers * r.resources.gpus > _local_gpus() > 0:
+            raise SpecError(f"resources.workers: {r.resources.workers} workers × {r.resources.gpus:g} GPUs exceed the "
+                            f"{_local_gpus()} GPUs of this machine (the run could never start)")
         if local and executor == "ray" and r.resources.cpus > cpus:
             raise SpecError(f"resources.cpus: {r.resources.cpus:g} exceeds the {cpus} CPUs of this machine "
                             "(Ray would wait for them forever)")
@@ -96,13 +105,20 @@ def check_folder_writable(folder, field: str) -> None:
 
 
 def check_cluster(runs, nodes: list[dict]) -> None:
-    """Against a Ray cluster: every run must fit on at least one live node."""
+    """Against a Ray cluster: every worker of a run must fit on a live node, and all of a run's
+    workers on the cluster at once (a data-parallel run starts only when all are placed)."""
     alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
     for r in runs:
-        if not any(res.get("CPU", 0) >= r.resources.cpus and res.get("GPU", 0) >= r.resources.gpus
-                   for res in alive):
-            raise SpecError(f"resources: {_name(r)} asks for {r.resources.cpus:g} CPUs and "
-                            f"{r.resources.gpus:g} GPUs; no node of the Ray cluster has that much")
+        res = r.resources
+        if not any(node.get("CPU", 0) >= res.cpus and node.get("GPU", 0) >= res.gpus for node in alive):
+            raise SpecError(f"resources: {_name(r)} asks for {res.cpus:g} CPUs and "
+                            f"{res.gpus:g} GPUs per worker; no node of the Ray cluster has that much")
+        # how many of the run's workers each node can hold at once
+        fits = sum(min(int(node.get("CPU", 0) // res.cpus), int(node.get("GPU", 0) // res.gpus) if res.gpus else
+                       10**9) for node in alive)
+        if fits < res.workers:
+            raise SpecError(f"resources.workers: {_name(r)} needs {res.workers} workers of {res.cpus:g} CPUs and "
+                            f"{res.gpus:g} GPUs at once; the Ray cluster can ever hold {fits}")
 
 
 def _local_gpus() -> int:

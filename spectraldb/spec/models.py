@@ -17,7 +17,7 @@ import unicodedata
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from contract.sizes import ffn_width, n_post_norm
-from contract.vocabulary import BASELINE_ARCHITECTURE, PROTOCOL, SITES, STRATA
+from contract.vocabulary import BASELINE_ARCHITECTURE, PROTOCOL, REDUCTIONS, SITES, STRATA
 
 
 def visible(text: str) -> str:
@@ -38,11 +38,13 @@ INT32_MAX = 2**31 - 1  # the store's INTEGER columns
 OPTIMIZER_NAMES = ("adamw", "muon", "normuon", "dion")
 ALIASES = {"ffn_mult": "model.ffn_mult", "seed": "train.seed"}
 # Fields that change how or where a run executes, not what it computes.
-NOT_HASHED = ("name", "store", "resources", "checkpoint", "train.device", "optimizer.label")
+# `measure.reduction` is one of them: a count names the same tokens of the global batch under
+# either reduction, with one worker or many (docs/design.md §2).
+NOT_HASHED = ("name", "store", "resources", "checkpoint", "train.device", "optimizer.label", "measure.reduction")
 # Fields added after run ids were first issued: left out of the hash while they hold the
 # value that reproduces the earlier behaviour, so existing stores keep their run ids.
 HASHED_UNLESS_DEFAULT = {**{f"model.{k}": v for k, v in BASELINE_ARCHITECTURE.items()},
-                         "measure.keep_eigenvalues": "all",
+                         "measure.keep_eigenvalues": "all", "measure.all_tokens": None,
                          "measure.precision": "fp64", "train.diverged_ppl": 1000.0}
 
 
@@ -189,7 +191,9 @@ class MeasureSpec(Section):
     last_k: int = Field(5, ge=1, le=INT32_MAX)
     sites: list[Site] = Field(default_factory=lambda: ["pre", "post"], min_length=1)
     strata: list[Stratum] = Field(default_factory=lambda: list(STRATA), min_length=1)
-    tokens: int = Field(32768, ge=64, le=INT32_MAX)
+    tokens: int = Field(32768, ge=64, le=INT32_MAX)       # the strata's tokens
+    all_tokens: int | None = Field(None, ge=64, le=INT32_MAX)  # the pooled spectrum's (None: `tokens`)
+    reduction: Literal[REDUCTIONS] = "study"
     source: Literal["heldout", "train_batch"] = "heldout"
     min_stratum_tokens: int = Field(1000, ge=2, le=INT32_MAX)
     keep_eigenvalues: Literal["all", "last_k"] = "all"  # ranks are always kept
@@ -205,11 +209,19 @@ class MeasureSpec(Section):
                 raise ValueError(f"{name} lists a value twice: {values}")
         return self
 
+    @property
+    def pooled_tokens(self) -> int:
+        """How many tokens the pooled spectrum (`all`) is measured on."""
+        return self.tokens if self.all_tokens is None else self.all_tokens
+
 
 class ResourcesSpec(Section):
-    cpus: float = Field(1, gt=0)
-    gpus: float = Field(0, ge=0)  # fractional: several small runs share one GPU
+    cpus: float = Field(1, gt=0)  # per worker
+    gpus: float = Field(0, ge=0)  # per worker; fractional: several small runs share one GPU
     max_retries: int = Field(2, ge=0, le=100)  # re-runs of a run whose worker process died
+    workers: int = Field(1, ge=1, le=1024)  # data-parallel ranks of one run (Ray Train; gloo, or NCCL with GPUs)
+    # how long a rank waits in a collective for a peer that died before the run fails (and is retried)
+    collective_timeout_s: int = Field(300, ge=10, le=86400)
 
 
 class CheckpointSpec(Section):
@@ -268,4 +280,16 @@ def cross_checks(run: RunSpec) -> tuple[tuple, str] | None:
         return ("model", "ffn_mult"), f"ffn_mult {m.ffn_mult} × d_model {m.d_model} is not a whole width"
     if run.measure.every > run.train.steps:
         return ("measure", "every"), f"{run.measure.every} exceeds train.steps ({run.train.steps})"
+    ms, T, B, W = run.measure, run.data.context, run.train.batch_size, run.resources.workers
+    if ms.pooled_tokens < ms.tokens:
+        return ("measure", "all_tokens"), (f"{ms.all_tokens} is fewer than measure.tokens ({ms.tokens}); the pooled "
+                                           "spectrum sees at least the strata's tokens")
+    if B % W:
+        return ("train", "batch_size"), (f"{B} is not divisible by resources.workers ({W}); each rank takes a whole "
+                                         "share of the batch")
+    share = B // W * T  # rank 0's tokens of each training batch
+    if W > 1 and ms.source == "train_batch" and ms.reduction == "study" and ms.tokens // T * T > share:
+        return ("measure", "tokens"), (f"{ms.tokens} exceeds rank 0's share of the batch ({share} tokens = "
+                                       f"batch_size/workers × context); reduction study measures the strata on rank "
+                                       "0's tokens: lower it, or set measure.reduction: global")
     return None

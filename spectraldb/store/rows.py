@@ -51,7 +51,8 @@ def _specdb_columns(run) -> dict:
             "last_k": run.measure.last_k, "pos": m.pos, "norm": m.norm, "postln_frac": m.n_post_norm / m.n_layer,
             "activation": m.activation, "keep_eigenvalues": run.measure.keep_eigenvalues, "source": "specdb",
             "gated": False, "site_definition": SITE_DEFINITIONS[False], "strata_scope": "global",
-            "tokens_seen": run.train.steps * run.train.batch_size * run.data.context, "factors": None}
+            "tokens_seen": run.train.steps * run.train.batch_size * run.data.context, "factors": None,
+            "workers": run.resources.workers, "reduction": run.measure.reduction}
 
 
 def _tracked_columns(run) -> dict:
@@ -63,7 +64,8 @@ def _tracked_columns(run) -> dict:
             "batch_size": run.batch_size, "measure_source": run.source, "last_k": run.measure.last_k,
             "keep_eigenvalues": run.measure.keep_eigenvalues, "source": run.source,
             "site_definition": SITE_DEFINITIONS[m.gated] if m else None, "strata_scope": run.strata_scope,
-            "tokens_seen": run.tokens_seen, "factors": json.dumps(run.factors, sort_keys=True) if run.factors else None}
+            "tokens_seen": run.tokens_seen, "factors": json.dumps(run.factors, sort_keys=True) if run.factors else None,
+            "workers": None, "reduction": None}
 
 
 def eval_rows(run_id: str, result: RunResult) -> list[dict]:

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 import spectraldb
+from contract.vocabulary import PROTOCOL
 from cli.main import app
 from spectraldb import catalog, plots, queries, store
 from spectraldb.errors import QueryError, StoreError
@@ -129,7 +130,7 @@ def test_the_catalog_is_what_status_and_the_service_read(db):
     with store.connect(db, read_only=True) as con:
         assert catalog.status_counts(con) == {"done": 16}
         assert catalog.count_runs(con, where="seed = 1") == 8
-        assert catalog.protocols(con) == {2: 16}
+        assert catalog.protocols(con) == {PROTOCOL: 16}
         assert catalog.unfinished(con) == []
         assert catalog.status_summary(con).columns == ["status", "runs", "optimizers", "eigenvalue_mib", "mib_per_run"]
 

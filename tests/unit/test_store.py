@@ -19,7 +19,7 @@ COLUMNS = {
              "measure_source", "last_k", "status", "error", "final_val_loss", "final_val_ppl", "config",
              "git_commit", "versions", "host", "device", "started_at", "finished_at", "duration_s",
              "pos", "norm", "postln_frac", "activation", "keep_eigenvalues", "protocol", "source", "gated",
-             "site_definition", "strata_scope", "tokens_seen", "factors"],
+             "site_definition", "strata_scope", "tokens_seen", "factors", "workers", "reduction"],
     "evals": ["run_id", "step", "train_loss", "val_loss", "val_ppl"],
     "spectra": ["run_id", "step", "layer", "site", "stratum", "n_tokens", "n_dim", "skipped",
                 "min_eigenvalue", "eigenvalues"],
