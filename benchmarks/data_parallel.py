@@ -159,8 +159,9 @@ def main() -> None:
 
     print(f"\nwall: 2 ranks {ranks['wall']:.2f} s, 1 process {single['wall']:.2f} s, "
           f"ratio {ranks['wall'] / single['wall']:.2f}")
+    backend = "NCCL" if args.device == "cuda" else "gloo"
     print(f"rank 0: measuring {ranks['measuring']:.2f} s ({ranks['measuring'] / ranks['wall']:.1%} of its wall), "
-          f"of which reducing moments across ranks ({'NCCL' if args.device == 'cuda' else 'gloo'}) "
+          f"of which in the reduction across ranks ({backend}, waiting for the slower rank included) "
           f"{ranks['reducing'] * 1000:.1f} ms")
 
 

@@ -170,3 +170,13 @@ def test_the_cpu_reproduction_and_the_default_share_runs():
     assert len(default) == 8 and default <= {r.run_id for r in repro}
     long = [r for r in repro if r.train.steps == 2000]
     assert len(long) == 8 and {r.label for r in long} == {"AdamW"} and {r.measure.every for r in long} == {400}
+
+
+@pytest.mark.parametrize("name, runs", [("timing.yaml", 8), ("counts.yaml", 24), ("dion.yaml", 8)])
+def test_the_fidelity_specs_plan(name, runs):
+    """docs/fidelity.md measures every remaining difference with these specs."""
+    plan = load_spec(ROOT / "examples" / "fidelity" / name)[0]
+    assert len(plan.runs) == runs and len({r.run_id for r in plan.runs}) == runs
+    if name == "counts.yaml":
+        assert sorted({(r.measure.tokens, r.measure.pooled_tokens) for r in plan.runs}) == \
+            [(512, 4096), (1024, 1024), (1024, 4096)]

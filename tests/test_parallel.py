@@ -187,3 +187,26 @@ def test_the_paper_specs_plan_with_the_studys_token_counts():
             assert ms.pooled_tokens == B * T == 524_288, path.name
             assert ms.tokens == B * T // ranks == (65_536 if ranks == 8 else 131_072), path.name
             assert ms.min_stratum_tokens == 1000
+
+
+@pytest.mark.slow
+def test_the_data_parallel_benchmark_runs_and_meets_its_goal(tmp_path):
+    """The GPU command's CPU form (gloo, 2 ranks): it prints the losses, the spectra's agreement
+    on the same weights and tokens (≤ 1e-9), the wall ratio, the measurement share and the
+    reduction time."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SPECDB_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "benchmarks/data_parallel.py", "--quick"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    gap = float(re.search(r"same weights, same tokens \(lr 1e-30\): largest relative eigenvalue difference (\S+)",
+                          out.stdout).group(1))
+    loss = float(re.search(r"largest relative loss difference: (\S+)", out.stdout).group(1))
+    assert gap <= 1e-9 and loss <= 1e-5
+    assert re.search(r"wall: 2 ranks [\d.]+ s, 1 process [\d.]+ s, ratio [\d.]+", out.stdout)
+    assert re.search(r"rank 0: measuring [\d.]+ s \([\d.]+% of its wall\), of which in the reduction across "
+                     r"ranks \(gloo, waiting for the slower rank included\) [\d.]+ ms", out.stdout)

@@ -188,7 +188,7 @@ class Probe:
             raise ProbeError("nothing measured: run the model inside `with probe.measuring(input_ids):` first")
         acc, self.acc = self.acc, {}
         if _world(self.group) > 1:
-            acc = {key: reduce_across_ranks(cov, self.group) for key, cov in sorted(acc.items())}
+            acc = reduce_across_ranks(acc, self.group)
         out = []
         for site in self.sites:
             for name in self.measure:
@@ -226,23 +226,59 @@ class Probe:
         self.close()
 
 
-def reduce_across_ranks(cov: StreamingCovariance, group=None) -> StreamingCovariance:
-    """The exact pooled accumulator of every rank's (count, mean, centred scatter), merged in rank
-    order, so every rank holds the same result."""
+GATHER_BYTES = 1 << 28  # the most one all_gather sends per rank: bounds the gathered copies' memory
+
+
+def reduce_across_ranks(accumulators, group=None):
+    """The exact pooled accumulators of every rank's (count, mean, centred scatter), merged in rank
+    order, so every rank holds the same result. Takes one StreamingCovariance or a dict of them
+    (the same keys on every rank); a dict's moments travel in as few all_gathers as GATHER_BYTES
+    allows (one per measured step at small widths; per-call latency dominated before)."""
     import torch.distributed as dist
 
+    if isinstance(accumulators, StreamingCovariance):
+        return reduce_across_ranks({0: accumulators}, group)[0]
     world = dist.get_world_size(group)
-    n = torch.tensor([float(cov.n)], dtype=torch.float64, device=cov.mean.device)
-    ns, means, m2s = ([torch.zeros_like(t) for _ in range(world)] for t in (n, cov.mean, cov.m2))
-    dist.all_gather(ns, n, group=group)
-    dist.all_gather(means, cov.mean, group=group)
-    dist.all_gather(m2s, cov.m2.contiguous(), group=group)
-    pooled = StreamingCovariance(cov.dim, cov.accumulate, cov.device)
-    for count, mean, m2 in zip(ns, means, m2s):
-        part = StreamingCovariance(cov.dim, cov.accumulate, cov.device)
-        part.n, part.mean, part.m2 = int(count.item()), mean, m2
-        pooled.merge(part)
-    return pooled
+    keys = sorted(accumulators)
+    out, batch, size = {}, [], 0
+    for key in keys:
+        dim = accumulators[key].dim
+        batch.append(key)
+        size += 8 * (1 + dim + dim * dim)
+        if size >= GATHER_BYTES:
+            out.update(_gather_merge(accumulators, batch, world, group))
+            batch, size = [], 0
+    if batch:
+        out.update(_gather_merge(accumulators, batch, world, group))
+    return out
+
+
+def _gather_merge(accumulators: dict, keys: list, world: int, group) -> dict:
+    import torch.distributed as dist
+
+    parts = []
+    for key in keys:
+        cov = accumulators[key]
+        parts += [torch.tensor([float(cov.n)], dtype=torch.float64, device=cov.mean.device), cov.mean,
+                  cov.m2.reshape(-1)]
+    flat = torch.cat(parts)
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat, group=group)
+    out = {}
+    for key in keys:
+        cov = accumulators[key]
+        out[key] = StreamingCovariance(cov.dim, cov.accumulate, cov.device)
+    for theirs in gathered:  # rank order
+        offset = 0
+        for key in keys:
+            dim = out[key].dim
+            part = StreamingCovariance(dim, out[key].accumulate, out[key].device)
+            part.n = int(theirs[offset].item())
+            part.mean = theirs[offset + 1:offset + 1 + dim]
+            part.m2 = theirs[offset + 1 + dim:offset + 1 + dim + dim * dim].view(dim, dim)
+            offset += 1 + dim + dim * dim
+            out[key].merge(part)
+    return out
 
 
 def attach(model: torch.nn.Module, *, patterns: tuple[str, str] | None = None, token_strata=None,

@@ -18,7 +18,8 @@ GiB = 1024**3
 
 
 def estimate_memory(run) -> int:
-    """Bytes one run needs at its peak (an estimate, not a measurement).
+    """Bytes one run (one rank of a data-parallel run: its share of the batch) needs at its peak
+    (an estimate, not a measurement).
 
     params P = 2·V·d + L·(4·d² + 2·d·D) (+ T·d learned positions); weights, gradients and up to
     two optimizer states are 4 bytes each (16·P); activations kept for backward ≈
@@ -26,7 +27,7 @@ def estimate_memory(run) -> int:
     covariances for every layer × site × stratum (8·D² each) plus one chunk of activations.
     """
     m, d, t = run.model, run.data, run.train
-    V, dm, L, T, B = d.vocab_size, m.d_model, m.n_layer, d.context, t.batch_size
+    V, dm, L, T, B = d.vocab_size, m.d_model, m.n_layer, d.context, t.batch_size // run.resources.workers
     D = m.ffn_width
     params = 2 * V * dm + L * (4 * dm * dm + 2 * dm * D) + (T * dm if m.pos == "learned" else 0)
     training = 16 * params + 4 * B * T * (L * (16 * dm + 3 * D) + 3 * V)

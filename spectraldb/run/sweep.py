@@ -25,12 +25,13 @@ EXECUTORS = ("ray", "inline")
 
 def plan_rows(plan: Plan, db: str | Path) -> list[dict]:
     """Every run of the plan with its status in the store: new, done, diverged, failed, or spooled
-    (finished, its verified result waiting in the spool to be committed)."""
+    (finished, its verified result waiting in the spool to be committed); `est_mem_gib` is per
+    worker (rank) of a data-parallel run."""
     known = catalog.statuses(db)
     spooled = Spool(db).run_ids()
     return [{"run_id": r.run_id, "optimizer": r.label, "ffn_mult": r.model.ffn_mult,
              "ffn_width": r.model.ffn_width, "seed": r.train.seed, "steps": r.train.steps,
-             "est_mem_gib": round(estimate_memory(r) / 2**30, 3),
+             "workers": r.resources.workers, "est_mem_gib": round(estimate_memory(r) / 2**30, 3),
              "status": "spooled" if r.run_id in spooled else known.get(r.run_id, "new")} for r in plan.runs]
 
 
