@@ -6,6 +6,7 @@ import contextlib
 import textwrap
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pytest
 
@@ -204,3 +205,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if UNIT in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.unit)
+
+
+def rows(db, sql: str) -> list[tuple]:
+    """The rows of one query on a store, read-only (a raw DuckDB connection: what a user's own
+    tools would see)."""
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()

@@ -2,12 +2,11 @@
 
 import json
 
-import duckdb
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import query
+from tests.conftest import query, rows
 
 pytestmark = pytest.mark.slow  # each trains a tiny model through its framework
 
@@ -40,13 +39,6 @@ class Tokens(torch.utils.data.Dataset):
         labels = self.ids[i].masked_fill(self.mask[i] == 0, -100)
         return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": labels}
 
-
-def rows(db, sql):
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
 
 
 def test_the_hf_trainer_callback_writes_runs_the_verbs_answer(tmp_path):

@@ -7,14 +7,13 @@ import os
 import sys
 import threading
 
-import duckdb
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
 from spectraldb.run import executors
-from tests.conftest import tiny_spec
+from tests.conftest import rows, tiny_spec
 
 runner = CliRunner()
 
@@ -29,13 +28,6 @@ def parallel_spec(tmp_path, corpus, name, *, workers=2, extra="", sweep="", lr="
     spec.write_text(text)
     return spec, tmp_path / f"{name}.duckdb"
 
-
-def rows(db, sql):
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
 
 
 @pytest.mark.slow
@@ -145,6 +137,14 @@ def test_one_and_two_worker_runs_share_two_cpus_without_deadlock(tmp_path, corpu
     ("measure: {reduction: globl}", "measure.reduction"),
     ("measure: {tokens: 128, source: train_batch}", "measure.tokens"),   # past rank 0's 64 under `study`
     ("measure: {tokens: 128, all_tokens: 64}", "measure.all_tokens"),
+    ("resources: {workers: 0, cpus: 1}", "resources.workers"),
+    ("resources: {workers: .nan, cpus: 1}", "resources.workers"),
+    ("resources: {workers: 1.5, cpus: 1}", "resources.workers"),
+    ("resources: {workers: 2, cpus: 1, collective_timeout_s: 0}", "resources.collective_timeout_s"),
+    ("measure: {all_tokens: .inf}", "measure.all_tokens"),
+    ("measure: {all_tokens: 99999999999999}", "measure.all_tokens"),
+    ("measure: {reduction: ''}", "measure.reduction"),
+    ("measure: {reduction: [study]}", "measure.reduction"),
 ])
 def test_bad_parallel_specs_stop_before_anything_trains(tmp_path, corpus, change, field):
     spec = tmp_path / "bad.yaml"
@@ -162,6 +162,24 @@ def test_bad_parallel_specs_stop_before_anything_trains(tmp_path, corpus, change
     assert result.exit_code == 2, result.output
     assert field in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not db.exists()
+
+
+def test_a_cluster_that_can_never_hold_every_worker_is_refused():
+    """Against a Ray cluster's nodes: 3 one-CPU workers fit two 2-CPU nodes, 5 do not; GPU workers
+    count the GPUs; a node that is not alive holds nothing."""
+    from spectraldb.errors import SpecError
+    from spectraldb.run.preflight import check_cluster
+    from spectraldb.spec import RunSpec
+
+    def run(**resources):
+        return RunSpec.model_validate({"resources": resources, "train": {"batch_size": 60}})
+
+    nodes = [{"Resources": {"CPU": 2.0}}, {"Resources": {"CPU": 2.0, "GPU": 1.0}},
+             {"Resources": {"CPU": 64.0, "GPU": 8.0}, "Alive": False}]
+    check_cluster([run(workers=3, cpus=1), run(workers=4, cpus=1)], nodes)
+    for bad in (run(workers=5, cpus=1), run(workers=2, cpus=1, gpus=1), run(workers=3, cpus=2)):
+        with pytest.raises(SpecError, match="resources.workers"):
+            check_cluster([bad], nodes)
 
 
 def test_workers_need_the_ray_executor(tmp_path, corpus):

@@ -12,7 +12,7 @@ from spectraldb.run.lock import WriterLock
 from spectraldb.run.spool import Spool
 from spectraldb.track import track
 from tests.builders import spectrum
-from tests.conftest import flat, query, start_sweep
+from tests.conftest import flat, query, rows, start_sweep
 
 runner = CliRunner()
 WIDTHS = (64, 128, 256, 512)
@@ -31,13 +31,6 @@ def tracked(db, *, optimizer="AdamW", D=64, beta=0.5, factors=None, seed=0, step
     return run
 
 
-def rows_of(db, sql):
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
-
 
 def test_tracked_runs_answer_the_verbs_with_their_own_factors(tmp_path):
     db = tmp_path / "t.duckdb"
@@ -45,12 +38,12 @@ def test_tracked_runs_answer_the_verbs_with_their_own_factors(tmp_path):
         for D in WIDTHS:
             assert tracked(db, D=D, beta=beta, factors={"dataset": dataset, "wd": 0.1 if dataset == "web" else 0.0},
                            lr=3e-4).outcome == "committed"
-    rows, _ = query(db, "beta", "--by", "optimizer,dataset")
-    got = {r["dataset"]: r["beta_hard"] for r in rows}
+    found, _ = query(db, "beta", "--by", "optimizer,dataset")
+    got = {r["dataset"]: r["beta_hard"] for r in found}
     assert got == {"code": pytest.approx(0.8, abs=2e-3), "web": pytest.approx(0.5, abs=2e-3)}
-    rows, _ = query(db, "beta", "--where", "dataset = 'web' AND wd > 0.05 AND lr = 3e-4")
-    assert len(rows) == 1 and rows[0]["beta_hard"] == pytest.approx(0.5, abs=2e-3) and rows[0]["n_widths"] == 4
-    assert rows_of(db, "SELECT DISTINCT source, gated, measure_source FROM runs") == [("tracked", False, "tracked")]
+    found, _ = query(db, "beta", "--where", "dataset = 'web' AND wd > 0.05 AND lr = 3e-4")
+    assert len(found) == 1 and found[0]["beta_hard"] == pytest.approx(0.5, abs=2e-3) and found[0]["n_widths"] == 4
+    assert rows(db, "SELECT DISTINCT source, gated, measure_source FROM runs") == [("tracked", False, "tracked")]
     _, err = query(db, "beta", "--by", "colour", code=2)
     assert err.startswith("--by: unknown factor 'colour'") and "dataset" in err and "wd" in err
     status = runner.invoke(app, ["status", "--db", str(db), "--format", "json"])
@@ -62,7 +55,7 @@ def test_the_same_declaration_is_the_same_run(tmp_path):
     first, again = tracked(db, D=64), tracked(db, D=64)
     other = tracked(db, D=64, seed=1)
     assert first.run_id == again.run_id != other.run_id
-    assert rows_of(db, "SELECT count(*) FROM runs") == [(2,)]
+    assert rows(db, "SELECT count(*) FROM runs") == [(2,)]
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -100,9 +93,9 @@ def test_non_finite_activations_store_a_diverged_run_with_what_it_had(tmp_path):
     with track(db, optimizer="AdamW", d_model=32, n_layer=2, ffn_width=64, steps=300) as run:
         for step in (100, 200, 300):
             run.log(step, probe=Exploding(), train_loss=3.0, val_loss=3.0)
-    (status, error), = rows_of(db, "SELECT status, error FROM runs")
+    (status, error), = rows(db, "SELECT status, error FROM runs")
     assert status == "diverged" and "step 200" in error
-    assert rows_of(db, "SELECT DISTINCT step FROM spectra") == [(100,)]
+    assert rows(db, "SELECT DISTINCT step FROM spectra") == [(100,)]
 
 
 def test_a_failing_loop_stores_a_failed_run_with_its_traceback(tmp_path):
@@ -111,7 +104,7 @@ def test_a_failing_loop_stores_a_failed_run_with_its_traceback(tmp_path):
         with track(db, optimizer="AdamW", d_model=32, n_layer=2, ffn_width=64, steps=10) as run:
             run.log(5, spectra_at(5, 64, 8))
             raise RuntimeError("CUDA out of memory")
-    (status, error), = rows_of(db, "SELECT status, error FROM runs")
+    (status, error), = rows(db, "SELECT status, error FROM runs")
     assert status == "failed" and "CUDA out of memory" in error and "Traceback" in error
 
 
@@ -124,7 +117,7 @@ def test_a_run_tracked_while_a_writer_holds_the_store_is_spooled_then_ingested_o
     for expected in (1, 0):
         result = runner.invoke(app, ["ingest", "--db", str(db)])
         assert result.exit_code == 0 and f"committed {expected} finished run(s)" in result.stderr
-    assert rows_of(db, "SELECT count(*), count(DISTINCT run_id) FROM runs") == [(2, 2)]
+    assert rows(db, "SELECT count(*), count(DISTINCT run_id) FROM runs") == [(2, 2)]
     assert not Spool(db).pending()
 
 
@@ -138,8 +131,8 @@ def test_a_run_tracked_during_a_sweep_is_committed_by_that_sweep_exactly_once(tm
     finally:
         proc.kill()
     assert proc.returncode == 0, err
-    assert rows_of(db, f"SELECT count(*) FROM runs WHERE run_id = '{run.run_id}'") == [(1,)]
-    assert rows_of(db, "SELECT source, count(*) FROM runs GROUP BY ALL ORDER BY 1") == [("specdb", 3), ("tracked", 1)]
+    assert rows(db, f"SELECT count(*) FROM runs WHERE run_id = '{run.run_id}'") == [(1,)]
+    assert rows(db, "SELECT source, count(*) FROM runs GROUP BY ALL ORDER BY 1") == [("specdb", 3), ("tracked", 1)]
     assert not Spool(db).pending()
 
 
@@ -191,7 +184,7 @@ def test_the_service_and_the_views_answer_tracked_runs(tmp_path):
     series = client.get("/api/scaling").json()["series"]["hard"]
     assert series[0]["beta"] == pytest.approx(0.5, abs=2e-3) and series[0]["line"] is not None
     assert client.get("/api/status").json()["runs"] == {"done": 3}
-    assert rows_of(db, "SELECT count(*) FROM betas WHERE metric = 'hard' AND stratum = 'all' AND site = 'post'") == [(1,)]
+    assert rows(db, "SELECT count(*) FROM betas WHERE metric = 'hard' AND stratum = 'all' AND site = 'post'") == [(1,)]
 
 
 def test_under_data_parallelism_only_rank_0_writes(tmp_path, monkeypatch):
@@ -215,8 +208,8 @@ def test_a_hand_edited_store_with_hostile_factor_keys_still_answers(tmp_path):
     con = duckdb.connect(str(db))
     con.execute("UPDATE runs SET factors = ?", [json.dumps(hostile)])
     con.close()
-    rows, _ = query(db, "beta", "--by", "optimizer,dataset")
-    assert rows[0]["dataset"] == "web" and rows[0]["n_widths"] == 3
+    found, _ = query(db, "beta", "--by", "optimizer,dataset")
+    assert found[0]["dataset"] == "web" and found[0]["n_widths"] == 3
     from spectraldb.predicates import MAX_FACTORS, declared_factors
     from spectraldb.store import connect
 
