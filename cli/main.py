@@ -1,6 +1,6 @@
 """specdb command line: a thin layer over spectraldb (docs/design.md §5). The commands live in
 cli/sweep.py (run, plan, status), cli/query.py (query …) and cli/reads.py (sql, export, schema,
-plot, serve); errors become one line and an exit code through spectraldb.errors' table.
+plot, report, serve); errors become one line and an exit code through spectraldb.errors' table.
 
 Exit codes: 0 ok, 1 runtime error, 2 bad input, 3 sweep finished with failed/diverged runs.
 """
@@ -36,7 +36,8 @@ def root(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 
 # in the order `specdb --help` lists them
-for command in (sweep.run, sweep.plan, sweep.status, sweep.measure, sweep.ingest, reads.sql, reads.export, reads.schema, reads.plot, reads.serve):
+for command in (sweep.run, sweep.plan, sweep.status, sweep.measure, sweep.ingest, reads.sql, reads.export, reads.schema, reads.plot, reads.report,
+                reads.serve):
     app.command()(command)
 
 

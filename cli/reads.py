@@ -1,4 +1,4 @@
-"""`specdb sql`, `export`, `schema`, `plot` and `serve`: the store read in other ways."""
+"""`specdb sql`, `export`, `schema`, `plot`, `report` and `serve`: the store read in other ways."""
 
 from __future__ import annotations
 
@@ -124,6 +124,45 @@ def plot(kind: str = typer.Argument(..., help="scaling | dynamics | depth | reny
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=130)
     typer.echo(f"wrote {output}", err=True)
+
+
+def report(output: Path = typer.Option(..., "-o", "--output", help="FILE.html (one self-contained page) or a "
+                                                                  "FOLDER for Markdown with PNG and CSV files"),
+           include_diverged: bool = DivergedOpt, where: Optional[str] = WhereOpt, db: Optional[str] = DbOpt):
+    """The study assembled from the store: β per stratum, rank against width, matched loss, β over
+    training, Dion's rank fraction, optimizer gain against architecture shift, the Rényi family,
+    β by layer and trainability — each from the same calls as `specdb query`/`plot`; a section
+    the store cannot answer says which spec or factor would. The page needs no network.
+
+    Examples:
+
+      specdb report -o report.html
+
+      specdb report -o report/ --where "steps = 1000"
+    """
+    from spectraldb import report as study
+    from spectraldb.selection import Selection
+    from spectraldb.store import connect
+
+    html = output.suffix.lower() in (".html", ".htm")
+    parent = output.parent if html else output.absolute().parent
+    if not parent.is_dir():
+        fail(f"-o: {output}: folder {parent} does not exist", 2)
+    if html and output.is_dir():
+        fail(f"-o: {output} is a folder; name an .html file, or a folder without the .html suffix", 2)
+    if not html and output.exists() and not output.is_dir():
+        fail(f"-o: {output} is a file; name an .html file or a folder for Markdown", 2)
+    path = db or DEFAULT_DB
+    with translated(where):
+        sel = Selection(where=where, include_diverged=include_diverged)
+        with connect(path, read_only=True, time_limit_s=cli_time_limit()) as con:
+            built = study.build(con, sel, store=str(path))
+    if html:
+        study.write_html(built, output)
+    else:
+        study.write_markdown(built, output)
+    missing = sum(1 for s in built.sections if s.missing)
+    typer.echo(f"wrote {output}: {len(built.sections)} sections ({missing} need runs this store lacks)", err=True)
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

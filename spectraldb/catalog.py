@@ -87,6 +87,23 @@ def count_runs(con, *, status: str | None = None, optimizer: str | None = None, 
     return con.execute(f"SELECT count(*) FROM runs WHERE {clause}", params).fetchone()[0]
 
 
+def trainability(con, factors, *, where: str | None = None) -> Answer:
+    """Per architecture (`factors`: names from contract.vocabulary.ARCHITECTURE_FACTORS) × width ×
+    optimizer: how many runs finished, how many diverged, and the mean final validation perplexity
+    of those that did not (None when every one diverged)."""
+    from contract.vocabulary import ARCHITECTURE_FACTORS
+
+    unknown = [f for f in factors if f not in ARCHITECTURE_FACTORS]
+    if unknown or not factors:
+        raise ValueError(f"not architecture factors: {unknown or factors}")
+    cols = ", ".join(factors)
+    return _answer(con.execute(
+        f"""SELECT {cols}, ffn_mult, optimizer, count(*) AS runs, count(*) FILTER (status = 'diverged') AS diverged,
+                   avg(final_val_ppl) FILTER (status = 'done') AS val_ppl
+            FROM runs WHERE status IN ('done', 'diverged') AND {check_where(con, where)}
+            GROUP BY ALL ORDER BY ALL"""))
+
+
 def has_run(con, run_id: str) -> bool:
     return con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchone()[0] > 0
 
