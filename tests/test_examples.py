@@ -19,6 +19,8 @@ EXAMPLES = {
                                     "Dion (1/16)"}),
     "paper_160m_nope.yaml": (80, {"AdamW", "Muon", "NorMuon", "Dion (1/2)", "Dion (1/16)"}),
     "cpu_reproduction.yaml": (56, {"AdamW", "Muon", "NorMuon", "Dion (1/2)", "Dion (1/4)", "Dion (1/16)"}),
+    "cpu_full_study.yaml": (92, {"AdamW", "AdamW (lr 1e-2)", "Muon", "NorMuon", "Dion (1/2)", "Dion (1/4)",
+                                 "Dion (1/16)"}),
 }
 PAPER = sorted(name for name in EXAMPLES if name.startswith("paper_"))
 
@@ -180,3 +182,17 @@ def test_the_fidelity_specs_plan(name, runs):
     if name == "counts.yaml":
         assert sorted({(r.measure.tokens, r.measure.pooled_tokens) for r in plan.runs}) == \
             [(512, 4096), (1024, 1024), (1024, 4096)]
+
+
+def test_the_full_study_holds_the_default_and_the_reproduction_and_each_finding():
+    """Every run of experiments.yaml and cpu_reproduction.yaml is a run of cpu_full_study.yaml
+    (shared run ids: a store that holds them is not trained again); its other 36 runs are the
+    architecture, NoPE, post-LN and 4×-steps blocks."""
+    full = {r.run_id: r for r in load_spec(ROOT / "examples" / "cpu_full_study.yaml")[0].runs}
+    default = {r.run_id for r in load_spec(ROOT / "experiments.yaml")[0].runs}
+    repro = {r.run_id for r in load_spec(ROOT / "examples" / "cpu_reproduction.yaml")[0].runs}
+    assert default <= repro <= set(full) and len(full) - len(repro) == 36
+    extra = [full[i] for i in set(full) - repro]
+    count = lambda pred: sum(1 for r in extra if pred(r))  # noqa: E731
+    assert count(lambda r: r.model.n_head == 2) == 8 and count(lambda r: r.model.pos == "nope") == 8
+    assert count(lambda r: r.model.norm == "post") == 16 and count(lambda r: r.train.steps == 4000) == 4

@@ -9,7 +9,7 @@ def json_schema() -> dict:
     """JSON Schema of a spec file: every RunSpec field plus `sweep`."""
     schema = RunSpec.model_json_schema()
     schema["title"] = "specdb experiment spec"
-    schema["properties"]["sweep"] = {
+    block = {
         "type": "object",
         "description": "Axes: a dotted field path (or optimizer, ffn_mult, seed) mapped to a list of "
                        "values; axes multiply. `zip` holds groups of axes that move together.",
@@ -17,6 +17,9 @@ def json_schema() -> dict:
                                                            "additionalProperties": {"type": "array"}}}},
         "additionalProperties": {"type": "array", "minItems": 1},
     }
+    schema["properties"]["sweep"] = {
+        "description": "One sweep block, or a list of blocks whose runs are united.",
+        "oneOf": [block, {"type": "array", "minItems": 1, "items": block}]}
     return schema
 
 

@@ -64,13 +64,15 @@ class Axis:
     where: list[list[tuple]]      # YAML path of each value, for errors
 
 
-def _parse_axes(sweep: Any, src: Source, present: bool = True) -> list[Axis]:
+def _parse_axes(sweep: Any, src: Source, present: bool = True, at: tuple = ("sweep",)) -> list[Axis]:
+    """The axes of one sweep mapping (`at`: its place in the spec, for errors)."""
     if not present:
         return []
     if sweep is None or sweep == {}:
-        raise SpecError(f"{src.where(('sweep',))} sweep: no axes (list some, or remove `sweep:` for one run)")
+        raise SpecError(f"{src.where(at)} {fmt_path(at)}: no axes (list some, or remove `sweep:` for one run)")
     if not isinstance(sweep, dict):
-        raise SpecError(f"{src.where(('sweep',))} sweep: expected a mapping of axis: [values]")
+        raise SpecError(f"{src.where(at)} {fmt_path(at)}: expected a mapping of axis: [values], or a list of such "
+                        "mappings (sweep blocks, whose runs are united)")
     axes = []
 
     def check_list(key, values, ypath):
@@ -88,7 +90,7 @@ def _parse_axes(sweep: Any, src: Source, present: bool = True) -> list[Axis]:
         if key == "zip":
             groups = values if isinstance(values, list) else [values]
             for gi, group in enumerate(groups):
-                gpath = ("sweep", "zip", gi) if isinstance(values, list) else ("sweep", "zip")
+                gpath = at + ("zip", gi) if isinstance(values, list) else at + ("zip",)
                 if not isinstance(group, dict) or not group:
                     raise SpecError(f"{src.where(gpath)} {fmt_path(gpath)}: a zip group maps axes to lists")
                 lengths = set()
@@ -103,7 +105,7 @@ def _parse_axes(sweep: Any, src: Source, present: bool = True) -> list[Axis]:
                                  [tuple(group[k][i] for k in group) for i in range(n)],
                                  [[gpath + (k, i) for k in group] for i in range(n)]))
         else:
-            ypath = ("sweep", key)
+            ypath = at + (key,)
             check_list(key, values, ypath)
             path = resolve(key, ypath)
             items = [(v, i) for i, v in enumerate(values)]
@@ -118,7 +120,8 @@ def _parse_axes(sweep: Any, src: Source, present: bool = True) -> list[Axis]:
     for ax in axes:
         for k, name in zip(ax.keys, ax.names):
             if k in seen:
-                raise SpecError(f"{src.where(('sweep', name))} sweep.{name}: the same field as sweep.{seen[k]}")
+                raise SpecError(f"{src.where(at + (name,))} {fmt_path(at + (name,))}: the same field as "
+                                f"{fmt_path(at + (seen[k],))}")
             seen[k] = name
     return axes
 
@@ -132,11 +135,31 @@ class Plan:
 
 
 def expand(src: Source) -> Plan:
+    """Every run of a spec. `sweep:` is a mapping of axes (they multiply), or a list of such
+    mappings, sweep blocks, whose runs are united: a run two blocks declare is one run."""
     doc = dict(src.doc)
     present = "sweep" in doc
     sweep = doc.pop("sweep", None)
     base = validate_run(doc, src)
-    axes = _parse_axes(sweep, src, present)
+    if isinstance(sweep, list):
+        if not sweep:
+            raise SpecError(f"{src.where(('sweep',))} sweep: an empty list of sweep blocks (no run to plan)")
+        runs, axes, seen = [], [], set()
+        for i, block in enumerate(sweep):
+            block_axes = _parse_axes(block, src, True, ("sweep", i))
+            for run in _expand_block(doc, block_axes, src, ("sweep", i)):
+                if run.run_id not in seen:
+                    seen.add(run.run_id)
+                    runs.append(run)
+            axes += block_axes
+    else:
+        axes = _parse_axes(sweep, src, present)
+        runs = _expand_block(doc, axes, src, ("sweep",))
+    disambiguate_labels(runs)
+    return Plan(base.name, base.store, runs, axes)
+
+
+def _expand_block(doc: dict, axes: list[Axis], src: Source, at: tuple) -> list[RunSpec]:
     # Validate each axis value on its own first, so the error points at the value's line.
     for ax in axes:
         for vals, where in zip(ax.values, ax.where):
@@ -157,14 +180,13 @@ def expand(src: Source) -> Plan:
             loc, msg = problem
             desc = ", ".join(f"{n}={json.dumps(ax.values[i][j])}" for ax, i in zip(axes, combo)
                              for j, n in enumerate(ax.names))
-            raise SpecError(f"{src.where(('sweep',))} sweep: run {len(runs) + 1} ({desc}) {fmt_path(loc)}: {msg}")
+            raise SpecError(f"{src.where(at)} {fmt_path(at)}: run {len(runs) + 1} ({desc}) {fmt_path(loc)}: {msg}")
         if run.run_id in ids:
-            raise SpecError(f"{src.where(('sweep',))} sweep: runs {ids[run.run_id] + 1} and {len(runs) + 1} "
+            raise SpecError(f"{src.where(at)} {fmt_path(at)}: runs {ids[run.run_id] + 1} and {len(runs) + 1} "
                             "are identical (a repeated value in an axis or zip group)")
         ids[run.run_id] = len(runs)
         runs.append(run)
-    disambiguate_labels(runs)
-    return Plan(base.name, base.store, runs, axes)
+    return runs
 
 
 def disambiguate_labels(runs: list[RunSpec]) -> None:
@@ -203,6 +225,8 @@ def apply_override(doc: dict, text: str) -> tuple[dict, str, str]:
             target = resolve_axis(axis)
         except KeyError as e:
             raise SpecError(f"-S {text}: unknown field {e.args[0]!r}") from None
+        if isinstance(doc.get("sweep"), list):
+            raise SpecError(f"-S {text}: this spec's sweep is a list of blocks; set the axis in a block of the file")
         sweep = dict(doc.get("sweep") or {})
         for k in [k for k in sweep if k != "zip" and _safe_resolve(k) == target]:
             del sweep[k]

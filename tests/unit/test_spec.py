@@ -123,3 +123,37 @@ def test_version_names_the_stack():
     assert result.exit_code == 0
     for name in ("specdb", "torch", "duckdb", "ray"):
         assert name in result.output
+
+
+def test_sweep_blocks_are_united_and_a_run_two_blocks_declare_is_one_run(tmp_path):
+    """`sweep:` as a list: block 0 is AdamW and Muon × 1, 2; block 1 re-declares AdamW × 2 and adds
+    n_head 8 for AdamW × 1, 2 — 6 runs, not 7."""
+    path = write(tmp_path, """
+        sweep:
+          - optimizer: [adamw, muon]
+            ffn_mult: [1, 2]
+          - model.n_head: [4, 8]
+            ffn_mult: [2]
+          - model.n_head: [8]
+            ffn_mult: [1]
+        """)
+    runs = load_spec(path)[0].runs
+    assert sorted((r.label, r.model.ffn_mult, r.model.n_head) for r in runs) == [
+        ("AdamW", 1, 4), ("AdamW", 1, 8), ("AdamW", 2, 4), ("AdamW", 2, 8), ("Muon", 1, 4), ("Muon", 2, 4)]
+
+
+@pytest.mark.parametrize("sweep, where", [
+    ("sweep: []", "sweep: an empty list"),
+    ("sweep:\n  - ffn_mult: [1]\n  - ffn_mult: [0]", "sweep[1].ffn_mult[0]"),
+    ("sweep:\n  - ffn_mult: [1]\n  - 3", "sweep[1]: expected a mapping"),
+    ("sweep:\n  - {}\n", "sweep[0]: no axes"),
+    ("sweep:\n  - zip: [{seed: [1, 2], ffn_mult: [1]}]", "sweep[0].zip[0]: zipped lists differ"),
+])
+def test_bad_sweep_blocks_name_their_block(tmp_path, sweep, where):
+    path = write(tmp_path, sweep + "\n")
+    result = runner.invoke(app, ["plan", str(path)])
+    assert result.exit_code == 2 and where in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    override = runner.invoke(app, ["plan", str(write(tmp_path, "sweep:\n  - ffn_mult: [1, 2]\n", "b.yaml")),
+                                   "-S", "sweep.seed=[1, 2]"])
+    assert override.exit_code == 2 and "list of blocks" in override.stderr
