@@ -74,6 +74,19 @@ def query_dynamics(stratum: str = StratumOpt, site: str = SiteOpt, include_diver
     _ask(dynamics, fmt, db, dict(strata=stratum, site=site, where=where, include_diverged=include_diverged))
 
 
+@query_app.command("trajectories")
+def query_trajectories(stratum: str = StratumOpt, site: str = SiteOpt, include_diverged: bool = DivergedOpt,
+                       where: Optional[str] = WhereOpt, db: Optional[str] = DbOpt, fmt: str = FormatOpt):
+    """Hard and soft rank at every measured step, per optimizer × training length × width (seed
+    means): the rank dynamics behind β over training.
+
+    Example: specdb query trajectories --where "optimizer = 'AdamW'" --format csv
+    """
+    from spectraldb.queries import trajectories
+
+    _ask(trajectories, fmt, db, dict(strata=stratum, site=site, where=where, include_diverged=include_diverged))
+
+
 @query_app.command("depth")
 def query_depth(stratum: str = StratumOpt, site: str = SiteOpt, include_diverged: bool = DivergedOpt,
                 where: Optional[str] = WhereOpt, db: Optional[str] = DbOpt, fmt: str = FormatOpt):

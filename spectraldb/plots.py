@@ -130,3 +130,29 @@ def renyi(con, sel: Selection = Selection(), *, ffn_mult: float):
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def trajectories(con, sel: Selection = Selection()):
+    """Hard rank over training, one panel per optimizer × training length, one line per width."""
+    rows = queries.trajectories(con, sel).rows
+    by = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        by[(r["optimizer"], r["steps"])][r["ffn_mult"]].append((r["step"], r["hard"]))
+    keys = sorted(by, key=lambda k: natural(k))
+    cols = min(3, max(1, len(keys)))
+    fig, axes = _figure((len(keys) + cols - 1) // cols, cols)
+    for i, key in enumerate(keys):
+        ax = axes[i // cols][i % cols]
+        for j, (mult, pts) in enumerate(sorted(by[key].items())):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{j}", label=f"ffn_mult {mult:g}")
+        ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("hard rank")
+        ax.set_title(f"{key[0]}, {key[1]} steps ({sel.stratum}, {sel.site})")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    for k in range(len(keys), len(axes) * cols):
+        axes[k // cols][k % cols].set_visible(False)
+    fig.tight_layout()
+    return fig

@@ -73,6 +73,21 @@ def dynamics(con, sel: Selection = Selection()) -> Answer:
     return answered(con, sel, rows(groups), notes, groups)
 
 
+def trajectories(con, sel: Selection = Selection()) -> Answer:
+    """Rank at every measured step per optimizer × training length × width (each run's point:
+    median over layers; seeds averaged): how hard and soft rank move as training goes on."""
+    vals = run_values(con, ("hard", "soft"), factors=("optimizer", "steps", "ffn_mult"), stratum=sel.stratum,
+                      site=sel.site, by_step=True, where=sel.where, include_diverged=sel.include_diverged)
+    groups: dict[tuple, list] = defaultdict(list)
+    for v in vals:
+        groups[(v.factors["optimizer"], v.factors["steps"], v.factors["ffn_mult"], v.step)].append(v.values)
+    out = [{"optimizer": o, "steps": steps, "ffn_mult": mult, "step": step, "runs": len(vs),
+            "hard": float(np.mean([x["hard"] for x in vs])), "soft": float(np.mean([x["soft"] for x in vs]))}
+           for (o, steps, mult, step), vs in sorted(groups.items(), key=lambda kv: tuple(str(k) for k in kv[0][:2])
+                                                    + kv[0][2:])]
+    return answered(con, sel, out, [])
+
+
 def depth(con, sel: Selection = Selection()) -> Answer:
     """β per layer (each run's layer value: median over its last K measured steps)."""
     return beta(con, sel.but(layer="each"))

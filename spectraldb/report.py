@@ -227,6 +227,20 @@ def depth_section(con, sel: Selection) -> Section:
     return s
 
 
+def trajectories_section(con, sel: Selection) -> Section:
+    s = Section("Hard-rank dynamics per width", "Hard rank at every measured step per width "
+                "(`specdb query trajectories`); the study finds AdamW's rank at large widths falling back "
+                "under extended training, so its β_hard shrinks.")
+    answer = queries.trajectories(con, sel)
+    s.tables.append(_table("trajectories", "rank per optimizer × steps × width × measured step (all tokens)", answer))
+    if len({r["step"] for r in answer.rows}) < 2:
+        s.missing = "fewer than two measured steps: measure more often (`measure.every`)"
+    else:
+        s.figures.append(Figure("trajectories", "Hard rank over training, one line per width",
+                                _png(plots.trajectories(con, sel))))
+    return s
+
+
 def trainability_section(con, sel: Selection) -> Section:
     s = Section("Trainability", "Final validation perplexity per architecture × optimizer; × marks a diverged "
                                 "run (the study's post-LN table).")
@@ -240,8 +254,8 @@ def trainability_section(con, sel: Selection) -> Section:
     return s
 
 
-SECTIONS = (beta_section, matched_section, dynamics_section, rank_fraction_section, architecture_section,
-            renyi_section, depth_section, trainability_section)
+SECTIONS = (beta_section, matched_section, dynamics_section, trajectories_section, rank_fraction_section,
+            architecture_section, renyi_section, depth_section, trainability_section)
 
 
 def build(con, sel: Selection = Selection(), *, store: str) -> Report:

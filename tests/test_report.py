@@ -153,7 +153,7 @@ def test_the_page_opens_offline_in_a_browser_without_errors(page, tmp_path):
     try:
         browser.get(page.as_uri())
         sections = browser.find_elements(By.TAG_NAME, "h2")
-        assert len(sections) == 8
+        assert len(sections) == 9
         images = browser.find_elements(By.TAG_NAME, "img")
         assert len(images) >= 4 and all(browser.execute_script("return arguments[0].naturalWidth", i) > 100
                                         for i in images)
@@ -180,7 +180,7 @@ def test_the_markdown_tables_equal_the_pages(page, study, tmp_path):
         assert rows == [[text for text, _ in row] for row in html[name]["rows"]], name
         assert (folder / "tables" / f"{name}.csv").read_text().splitlines()[0].split(",") == header
     assert {p.name for p in (folder / "figures").iterdir()} == {"scaling.png", "dynamics.png", "renyi.png",
-                                                                 "depth.png"}
+                                                                 "depth.png", "trajectories.png"}
 
 
 @pytest.mark.slow
@@ -188,7 +188,8 @@ def test_every_section_shows_what_this_store_holds(page):
     text = page.read_text()
     assert "Not in this store" not in text.split("Matched loss")[0]  # the β section is whole
     tables = Tables(text).tables
-    assert {"delta_n_head", "trainability", "rank_fraction_tail", "renyi", "depth", "dynamics"} <= set(tables)
+    assert {"delta_n_head", "trainability", "rank_fraction_tail", "renyi", "depth", "dynamics",
+            "trajectories"} <= set(tables)
     assert [t for t, _ in tables["rank_fraction_tail"]["rows"][0][:1]][0].startswith("Dion")
     rows = tables["trainability"]["rows"]
     header = tables["trainability"]["header"]
@@ -232,3 +233,18 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(study, tmp_path, case):
     expected = {"empty store": "holds no runs", "where selects nothing": "selects none", "missing folder": "does not exist",
                 "bad where": "--where", "html is a folder": "is a folder"}[case]
     assert expected in result.stderr
+
+
+def test_trajectories_are_the_planted_ranks_at_every_step(study):
+    """AdamW's planted hard rank is D/4 at every step (D = 32·ffn_mult), over its two runs per width
+    (n_head 4 and 8); Muon at n_head 4 and 8 averages 2·D^0.5 and 2·D^0.6."""
+    q = runner.invoke(app, ["query", "trajectories", "--db", str(study), "--format", "json"])
+    assert q.exit_code == 0, q.output
+    rows = json.loads(q.stdout)
+    adamw = [r for r in rows if r["optimizer"] == "AdamW"]
+    assert len(adamw) == len(MULTS) * 3 and all(r["runs"] == 2 for r in adamw)
+    assert all(r["hard"] == pytest.approx(32 * r["ffn_mult"] / 4) for r in adamw)
+    muon = [r for r in rows if r["optimizer"] == "Muon"]
+    assert all(r["hard"] == pytest.approx((2 * (32 * r["ffn_mult"]) ** 0.5 + 2 * (32 * r["ffn_mult"]) ** 0.6) / 2)
+               for r in muon)
+    assert [r["step"] for r in adamw[:3]] == [100, 200, 300]
