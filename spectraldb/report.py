@@ -109,14 +109,64 @@ def _varied(con, sel: Selection, factor: str) -> list:
         "ORDER BY 1", [list(statuses)]).fetchall()]
 
 
+def _literal(v) -> str:
+    if isinstance(v, str):
+        return "'" + v.replace("'", "''") + "'"
+    return repr(float(v)) if isinstance(v, float) else str(int(v))
+
+
+def narrowed(con, sel: Selection, factors) -> tuple[Selection, str]:
+    """`sel` with each of `factors` that varies among its runs held at its most common value
+    (ties: the smallest): the study's baseline, against which one factor at a time is varied.
+    Returns the selection and a description of what was held."""
+    statuses = ["done", "diverged"] if sel.include_diverged else ["done"]
+    held = []
+    for f in factors:
+        counts = con.execute(f"SELECT {f}, count(*) FROM runs WHERE status IN (SELECT unnest(?)) AND "
+                             f"{check_where(con, sel.where)} AND {f} IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1",
+                             [statuses]).fetchall()
+        if len(counts) > 1:
+            held.append((f, counts[0][0]))
+    if not held:
+        return sel, ""
+    clause = " AND ".join(f"{f} = {_literal(v)}" for f, v in held)
+    where = f"({sel.where}) AND {clause}" if sel.where else clause
+    return sel.but(where=where), "held at the most common value: " + ", ".join(f"{f} = {cell(v)}" for f, v in held)
+
+
+@dataclass
+class Scope:
+    """What each section reads: `runs` the user's selection; `arch` those at the baseline
+    architecture (every training length); `base` those at the baseline architecture and length."""
+    runs: Selection
+    arch: Selection
+    base: Selection
+    arch_note: str
+    base_note: str
+
+    @classmethod
+    def of(cls, con, sel: Selection) -> "Scope":
+        arch, arch_note = narrowed(con, sel, ARCHITECTURE_FACTORS)
+        base, base_note = narrowed(con, arch, ("steps",))
+        return cls(sel, arch, base, arch_note, "; ".join(n for n in (arch_note, base_note) if n))
+
+
+def _held(note: str) -> str:
+    return f" Runs {note}." if note else ""
+
+
 # ------------------------------------------------------------------ sections
 
 
-def beta_section(con, sel: Selection) -> Section:
+def beta_section(con, scope: Scope) -> Section:
+    sel = scope.arch
+    by = ("optimizer", "steps") if len(_varied(con, sel, "steps")) > 1 else ("optimizer",)
+    sel = sel.but(by=by)
     s = Section("β of rank against FFN width, per stratum",
                 "β_hard and β_soft with 95 % t-intervals, R², Δ₁,₂ = β_soft − β_hard and the widths fitted "
                 "(site post; each run's point is the median over layers of its last `last_k` measured values). "
-                "The same numbers as `specdb query beta --stratum S`.")
+                f"The same numbers as `specdb query beta --stratum S --by {','.join(by)}`"
+                + (f' --where "{sel.where}"`.' if sel.where else "`.") + _held(scope.arch_note))
     for stratum in STRATA:
         s.tables.append(_table(f"beta_{stratum}", stratum, queries.beta(con, sel.but(strata=(stratum,)))))
     fitted = tuple(t.caption for t in s.tables if any(r.get("beta_hard") is not None for r in t.rows))
@@ -130,10 +180,11 @@ def beta_section(con, sel: Selection) -> Section:
     return s
 
 
-def matched_section(con, sel: Selection) -> Section:
+def matched_section(con, scope: Scope) -> Section:
+    sel = scope.arch
     s = Section("Matched loss, divergent geometry",
                 "β per optimizer × training length, and pairs whose validation perplexity matches within 3 % "
-                "while β_hard differs by at least 0.1 (`specdb query matched`).")
+                "while β_hard differs by at least 0.1 (`specdb query matched`)." + _held(scope.arch_note))
     s.tables.append(_table("matched_groups", "β per optimizer × steps (all tokens)",
                            queries.beta(con, sel.but(by=("optimizer", "steps")))))
     pairs = queries.matched(con, sel)
@@ -145,9 +196,10 @@ def matched_section(con, sel: Selection) -> Section:
     return s
 
 
-def dynamics_section(con, sel: Selection) -> Section:
+def dynamics_section(con, scope: Scope) -> Section:
+    sel = scope.base
     s = Section("β over training", "β at every measured step (`specdb query dynamics`); the study finds "
-                                   "AdamW's aggregate β_hard falling as training goes on.")
+                                   "AdamW's aggregate β_hard falling as training goes on." + _held(scope.base_note))
     answer = queries.dynamics(con, sel)
     s.tables.append(_table("dynamics", "β per optimizer × measured step (all tokens)", answer))
     if len({r["step"] for r in answer.rows if r.get("beta_hard") is not None}) < 2:
@@ -157,9 +209,10 @@ def dynamics_section(con, sel: Selection) -> Section:
     return s
 
 
-def rank_fraction_section(con, sel: Selection) -> Section:
+def rank_fraction_section(con, scope: Scope) -> Section:
+    sel = scope.base
     s = Section("Dion's rank fraction", "β per Dion rank fraction (TAIL and all tokens; the full-rank "
-                                        "optimizers are in the first section).")
+                                        "optimizers are in the first section)." + _held(scope.base_note))
     dion = {r["optimizer"] for r in catalog.list_runs(con, where=sel.where, limit=100_000).rows
             if r["optimizer_name"] == "dion"}
     if len(dion) < 2:
@@ -173,10 +226,12 @@ def rank_fraction_section(con, sel: Selection) -> Section:
     return s
 
 
-def architecture_section(con, sel: Selection) -> Section:
+def architecture_section(con, scope: Scope) -> Section:
+    sel, _ = narrowed(con, scope.runs, ("steps",))
     s = Section("Optimizer gain against architecture shift",
                 "For each architecture factor the store varies: |β(variant) − β(reference)| per optimizer "
-                "against the optimizer gain max β − β(AdamW) at the reference (`specdb query delta --arch F`); "
+                "against the optimizer gain max β − β(AdamW) at the reference (`specdb query delta --arch F`), "
+                "every other architecture factor and the training length held at their most common value; "
                 "the study finds the gain larger in 28 of 30 comparisons.")
     varied = [f for f in ARCHITECTURE_FACTORS if len(_varied(con, sel, f)) > 1]
     if not varied:
@@ -193,8 +248,9 @@ def architecture_section(con, sel: Selection) -> Section:
         return s
     baseline = max(sorted(labels), key=lambda label: labels[label])
     for factor in varied:
+        held, _ = narrowed(con, sel, [f for f in ARCHITECTURE_FACTORS if f != factor])
         try:
-            answer = queries.delta(con, sel, arch=factor, baseline=baseline)
+            answer = queries.delta(con, held, arch=factor, baseline=baseline)
         except QueryError as exc:  # e.g. no fit for the baseline at the reference value
             s.text += f" {factor}: {exc}."
             continue
@@ -202,9 +258,10 @@ def architecture_section(con, sel: Selection) -> Section:
     return s
 
 
-def renyi_section(con, sel: Selection) -> Section:
+def renyi_section(con, scope: Scope) -> Section:
+    sel = scope.base
     s = Section("The Rényi family", "R_α at pre and post and the reinjection ratio ρ_α = R_α(post)/R_α(pre) at the "
-                                    "widest width (`specdb query renyi`).")
+                                    "widest width (`specdb query renyi`)." + _held(scope.base_note))
     widths = _varied(con, sel, "ffn_mult")
     if not widths:
         s.missing = "no finished runs"
@@ -216,8 +273,9 @@ def renyi_section(con, sel: Selection) -> Section:
     return s
 
 
-def depth_section(con, sel: Selection) -> Section:
-    s = Section("β by layer", "β fitted per layer (`specdb query beta --layer each`).")
+def depth_section(con, scope: Scope) -> Section:
+    sel = scope.base
+    s = Section("β by layer", "β fitted per layer (`specdb query beta --layer each`)." + _held(scope.base_note))
     answer = queries.depth(con, sel)
     s.tables.append(_table("depth", "β per optimizer × layer (all tokens)", answer))
     if len({r.get("layer") for r in answer.rows}) < 2:
@@ -227,10 +285,11 @@ def depth_section(con, sel: Selection) -> Section:
     return s
 
 
-def trajectories_section(con, sel: Selection) -> Section:
+def trajectories_section(con, scope: Scope) -> Section:
+    sel = scope.arch
     s = Section("Hard-rank dynamics per width", "Hard rank at every measured step per width "
                 "(`specdb query trajectories`); the study finds AdamW's rank at large widths falling back "
-                "under extended training, so its β_hard shrinks.")
+                "under extended training, so its β_hard shrinks." + _held(scope.arch_note))
     answer = queries.trajectories(con, sel)
     s.tables.append(_table("trajectories", "rank per optimizer × steps × width × measured step (all tokens)", answer))
     if len({r["step"] for r in answer.rows}) < 2:
@@ -241,7 +300,8 @@ def trajectories_section(con, sel: Selection) -> Section:
     return s
 
 
-def trainability_section(con, sel: Selection) -> Section:
+def trainability_section(con, scope: Scope) -> Section:
+    sel = scope.runs
     s = Section("Trainability", "Final validation perplexity per architecture × optimizer; × marks a diverged "
                                 "run (the study's post-LN table).")
     varied = [f for f in ARCHITECTURE_FACTORS if len(_varied(con, sel.but(include_diverged=True), f)) > 1]
@@ -267,9 +327,10 @@ def build(con, sel: Selection = Selection(), *, store: str) -> Report:
         raise QueryError(f"{store}: the store holds no runs (run `specdb run SPEC` first)")
     if not catalog.count_runs(con, where=sel.where):
         raise QueryError(f"--where: selects none of the store's {total} runs")
+    scope = Scope.of(con, sel)
     return Report(store=store, where=sel.where, version=_version(), protocols=catalog.protocols(con),
                   runs=catalog.status_counts(con), generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                  sections=[make(con, sel) for make in SECTIONS])
+                  sections=[make(con, scope) for make in SECTIONS])
 
 
 # ------------------------------------------------------------------ rendering

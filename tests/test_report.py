@@ -115,12 +115,21 @@ def page(study, tmp_path_factory):
 
 @pytest.mark.slow
 def test_the_beta_table_equals_query_beta_value_by_value(page, study):
-    tables = Tables(page.read_text())
+    """The page says which runs its β table holds (the baseline architecture: n_head 4, the most
+    common) and which command gives the same numbers; that command's rows equal the table's."""
+    import html
+    import re
+
+    text = page.read_text()
+    tables = Tables(text)
+    where = re.search(r'--where "([^"]+)"', html.unescape(text)).group(1)
+    assert where == "n_head = 4"
     for stratum in STRATA:
         got = tables.tables[f"beta_{stratum}"]
-        q = runner.invoke(app, ["query", "beta", "--stratum", stratum, "--db", str(study), "--format", "json"])
+        q = runner.invoke(app, ["query", "beta", "--stratum", stratum, "--db", str(study), "--format", "json",
+                                "--where", where])
         expect = json.loads(q.stdout)
-        assert len(got["rows"]) == len(expect) >= 4  # the hostile arm measured `all` only
+        assert len(got["rows"]) == len(expect) >= 3  # the hostile arm measured `all` only
         assert set(got["header"]) == {k for row in expect for k in row}
         for row, want in zip(got["rows"], expect):
             cells = dict(zip(got["header"], row))
@@ -208,6 +217,11 @@ def test_sections_the_store_lacks_say_what_would_produce_them(tmp_path):
     for hint in ("rank_fraction", "examples/paper_160m_architecture_vs_optimizer.yaml", "paper_160m_postln.yaml",
                  "2× the steps"):
         assert hint in text
+    # nothing varies but the width: the β table is plain `query beta`'s
+    expect = json.loads(runner.invoke(app, ["query", "beta", "--db", str(db), "--format", "json"]).stdout)
+    got = Tables(text).tables["beta_all"]
+    assert "--where" not in text.split("Matched loss")[0]
+    assert [{c: stored(v) for c, (_, v) in zip(got["header"], row)} for row in got["rows"]] == expect
 
 
 @pytest.mark.parametrize("case", ["empty store", "where selects nothing", "missing folder", "bad where",
