@@ -144,14 +144,14 @@ def query_delta(arch: str = typer.Option("n_head", "--arch", help="Architecture 
 def query_renyi(ffn_mult: float = typer.Option(..., "--ffn-mult", help="The width to read (an ffn_mult of the sweep)."),
                 step: Optional[int] = typer.Option(None, help="Measured step (default: each run's final step)."),
                 stratum: str = StratumOpt, include_diverged: bool = DivergedOpt,
-                db: Optional[str] = DbOpt, fmt: str = FormatOpt):
+                where: Optional[str] = WhereOpt, db: Optional[str] = DbOpt, fmt: str = FormatOpt):
     """Rényi ranks R_α at pre and post and the reinjection ratio ρ_α = R_α(post)/R_α(pre) per
     optimizer, median over layers (ρ with its min and max over layers), α ∈ {0.5, 1, 1.5, 2, 3, 5, ∞}.
 
-    Example: specdb query renyi --ffn-mult 4 --stratum tail
+    Example: specdb query renyi --ffn-mult 4 --stratum tail --where "steps = 1000"
     """
     from spectraldb.queries import renyi
 
-    _ask(renyi, fmt, db, dict(strata=stratum, step=step, include_diverged=include_diverged),
+    _ask(renyi, fmt, db, dict(strata=stratum, step=step, include_diverged=include_diverged, where=where),
          ["optimizer", "alpha", "pre", "post", "rho", "rho_min", "rho_max", "js_divergence", "n_layers"],
          ffn_mult=ffn_mult)

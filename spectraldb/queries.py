@@ -96,12 +96,14 @@ def depth(con, sel: Selection = Selection()) -> Answer:
 def renyi(con, sel: Selection = Selection(), *, ffn_mult: float) -> Answer:
     """R_α at pre and post and ρ_α = R_α(post)/R_α(pre) per optimizer × α, at one width and step
     (default: each run's final measured step): median over layers (and seeds), with the
-    layer spread of ρ_α. The selection's stratum and step apply (its site does not: both are read)."""
+    layer spread of ρ_α. The selection's stratum, step and predicate apply (its site does not: both
+    are read)."""
     stratum, step = sel.stratum, sel.step
     if not (isinstance(ffn_mult, (int, float)) and math.isfinite(ffn_mult) and ffn_mult > 0):
         raise QueryError(f"--ffn-mult: must be a finite number > 0 (got {ffn_mult})")
     step_filter = "k.step = ?" if step is not None else \
         "k.step = (SELECT max(step) FROM ranks x WHERE x.run_id = k.run_id)"
+    step_filter += f" AND {check_where(con, sel.where)}"
     params = [stratum, ffn_mult, selected_statuses(sel.include_diverged)] + ([step] if step is not None else [])
     ranks = con.execute(
         f"""SELECT r.optimizer, k.metric, k.site, median(k.value)

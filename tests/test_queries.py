@@ -95,6 +95,8 @@ def test_renyi_reports_ranks_and_reinjection_ratios(tmp_path):
         assert r["n_layers"] == 2 and 0 < r["js_divergence"] < np.log(2)
     out, _ = rows(db, "renyi", "--ffn-mult", "4", "--step", "100")
     assert out[0]["rho_min"] == pytest.approx(2.0, rel=1e-3) and out[0]["rho_max"] == pytest.approx(4.0, rel=1e-3)
+    assert rows(db, "renyi", "--ffn-mult", "4", "--where", "steps = 300")[0] == rows(db, "renyi", "--ffn-mult", "4")[0]
+    assert rows(db, "renyi", "--ffn-mult", "4", "--where", "steps = 7")[0] == []  # the predicate selects the runs
 
 
 def test_keep_last_k_eigenvalues_keeps_every_rank(tmp_path):

@@ -134,9 +134,11 @@ def create_app(db: str | Path, token: str | None = None, allowed_hosts=(), limit
                       baseline=baseline, reference=reference)
 
     @app.get("/api/renyi")
-    def renyi(ffn_mult: float, step: int | None = None, stratum: str = "all", include_diverged: bool = False):
+    def renyi(ffn_mult: float, step: int | None = None, stratum: str = "all", include_diverged: bool = False,
+              where: str | None = None):
         """R_α and ρ_α at one width (as `specdb query renyi`)."""
-        return answer(queries.renyi, Selection(stratum, include_diverged=include_diverged, step=step), ffn_mult=ffn_mult)
+        return answer(queries.renyi, Selection(stratum, where=where, include_diverged=include_diverged, step=step),
+                      ffn_mult=ffn_mult)
 
     @app.get("/api/scaling")
     def scaling(stratum: str = "all", site: str = "post", include_diverged: bool = False,
