@@ -134,6 +134,9 @@ def narrowed(con, sel: Selection, factors) -> tuple[Selection, str]:
     return sel.but(where=where), "held at the most common value: " + ", ".join(f"{f} = {cell(v)}" for f, v in held)
 
 
+COUPLED = {"norm": ("norm", "postln_frac"), "postln_frac": ("norm", "postln_frac")}
+
+
 @dataclass
 class Scope:
     """What each section reads: `runs` the user's selection; `arch` those at the baseline
@@ -165,7 +168,7 @@ def beta_section(con, scope: Scope) -> Section:
     s = Section("β of rank against FFN width, per stratum",
                 "β_hard and β_soft with 95 % t-intervals, R², Δ₁,₂ = β_soft − β_hard and the widths fitted "
                 "(site post; each run's point is the median over layers of its last `last_k` measured values). "
-                f"The same numbers as `specdb query beta --stratum S --by {','.join(by)}`"
+                f"The same numbers as `specdb query beta --stratum S --by {','.join(by)}"
                 + (f' --where "{sel.where}"`.' if sel.where else "`.") + _held(scope.arch_note))
     for stratum in STRATA:
         s.tables.append(_table(f"beta_{stratum}", stratum, queries.beta(con, sel.but(strata=(stratum,)))))
@@ -248,13 +251,21 @@ def architecture_section(con, scope: Scope) -> Section:
         return s
     baseline = max(sorted(labels), key=lambda label: labels[label])
     for factor in varied:
-        held, _ = narrowed(con, sel, [f for f in ARCHITECTURE_FACTORS if f != factor])
+        coupled = COUPLED.get(factor, (factor,))  # norm and postln_frac describe one choice
+        held, _ = narrowed(con, sel, [f for f in ARCHITECTURE_FACTORS if f not in coupled])
         try:
             answer = queries.delta(con, held, arch=factor, baseline=baseline)
         except QueryError as exc:  # e.g. no fit for the baseline at the reference value
             s.text += f" {factor}: {exc}."
             continue
+        if not answer.rows:
+            s.text += (f" {factor}: no comparison (a fit needs 3 widths for the baseline and the optimizer at the "
+                       "reference value and at another).")
+            continue
         s.tables.append(_table(f"delta_{factor}", f"{factor} (baseline {baseline})", answer))
+    if not s.tables:
+        s.missing = ("no factor varies over 3 or more widths for AdamW and another optimizer: sweep "
+                     "`model.ffn_mult` in each architecture arm")
     return s
 
 
