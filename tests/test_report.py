@@ -113,6 +113,22 @@ def page(study, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    assert Path(driver_path).exists(), "chromium-driver is missing (apt-get install chromium chromium-driver)"
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2200"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
 @pytest.mark.slow
 def test_the_beta_table_equals_query_beta_value_by_value(page, study):
     """The page says which runs its β table holds (the baseline architecture: n_head 4, the most
@@ -145,35 +161,22 @@ def stored(value: str):
 
 
 @pytest.mark.slow
-def test_the_page_opens_offline_in_a_browser_without_errors(page, tmp_path):
+def test_the_page_opens_offline_in_a_browser_without_errors(page, tmp_path, browser):
     """file://, no server, no network: every figure decodes, nothing logs an error, the hostile
     label is text."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    assert Path(driver_path).exists(), "chromium-driver is missing (apt-get install chromium chromium-driver)"
-    options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2200"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    browser = webdriver.Chrome(service=Service(driver_path), options=options)
-    try:
-        browser.get(page.as_uri())
-        sections = browser.find_elements(By.TAG_NAME, "h2")
-        assert len(sections) == 9
-        images = browser.find_elements(By.TAG_NAME, "img")
-        assert len(images) >= 4 and all(browser.execute_script("return arguments[0].naturalWidth", i) > 100
-                                        for i in images)
-        assert HOSTILE in browser.find_element(By.TAG_NAME, "body").text
-        assert browser.execute_script("return document.querySelectorAll('img[src=x]').length") == 0
-        assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
-        shot = tmp_path / "report.png"
-        browser.save_screenshot(str(shot))
-        assert shot.stat().st_size > 20_000
-    finally:
-        browser.quit()
+    browser.get(page.as_uri())
+    assert len(browser.find_elements(By.TAG_NAME, "h2")) == 9
+    images = browser.find_elements(By.TAG_NAME, "img")
+    assert len(images) >= 4 and all(browser.execute_script("return arguments[0].naturalWidth", i) > 100
+                                    for i in images)
+    assert HOSTILE in browser.find_element(By.TAG_NAME, "body").text
+    assert browser.execute_script("return document.querySelectorAll('img[src=x]').length") == 0
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+    shot = tmp_path / "report.png"
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 20_000
 
 
 @pytest.mark.slow
@@ -262,3 +265,30 @@ def test_trajectories_are_the_planted_ranks_at_every_step(study):
     assert all(r["hard"] == pytest.approx((2 * (32 * r["ffn_mult"]) ** 0.5 + 2 * (32 * r["ffn_mult"]) ** 0.6) / 2)
                for r in muon)
     assert [r["step"] for r in adamw[:3]] == [100, 200, 300]
+
+
+@pytest.mark.slow
+def test_the_default_sweeps_report_opens_offline(tmp_path, browser):
+    """The shipped experiments.yaml, shortened to 20 steps, trained for real into a store; its
+    report opens from file:// with no console error, its β table is `query beta`'s, and a
+    screenshot is taken."""
+    from selenium.webdriver.common.by import By
+
+    root = Path(__file__).resolve().parents[1]
+    db, out = tmp_path / "default.duckdb", tmp_path / "report.html"
+    ran = runner.invoke(app, ["run", str(root / "experiments.yaml"), "-S", "train.steps=20", "-S", "measure.every=10",
+                              "--executor", "inline", "--db", str(db)])
+    assert ran.exit_code == 0, ran.output
+    assert runner.invoke(app, ["report", "-o", str(out), "--db", str(db)]).exit_code == 0
+    browser.get(out.as_uri())
+    assert len(browser.find_elements(By.TAG_NAME, "h2")) == 9
+    assert all(browser.execute_script("return arguments[0].naturalWidth", i) > 100
+               for i in browser.find_elements(By.TAG_NAME, "img"))
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+    browser.save_screenshot(str(tmp_path / "default_report.png"))
+    assert (tmp_path / "default_report.png").stat().st_size > 20_000
+    got = Tables(out.read_text()).tables["beta_tail"]
+    expect = json.loads(runner.invoke(app, ["query", "beta", "--stratum", "tail", "--db", str(db),
+                                            "--format", "json"]).stdout)
+    assert [{c: stored(v) for c, (_, v) in zip(got["header"], row)} for row in got["rows"]] == expect
+    assert [r["optimizer"] for r in expect] == ["AdamW", "Muon"]
