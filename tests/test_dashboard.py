@@ -53,22 +53,6 @@ def server(tmp_path_factory):
     proc.communicate(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    assert Path(driver_path).exists(), "chromium-driver is missing (apt-get install chromium chromium-driver)"
-    options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2200"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    yield driver
-    driver.quit()
-
-
 def traces(browser, kind="points"):
     return browser.execute_script(
         "return (document.getElementById('scaling').data || []).filter(t => t.meta === arguments[0])"

@@ -2,7 +2,6 @@
 
 import ast
 import json
-import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -111,22 +110,6 @@ def page(study, tmp_path_factory):
     assert result.exit_code == 0, result.output
     assert "wrote" in result.stderr
     return out
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    assert Path(driver_path).exists(), "chromium-driver is missing (apt-get install chromium chromium-driver)"
-    options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2200"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    yield driver
-    driver.quit()
 
 
 @pytest.mark.slow
