@@ -85,7 +85,13 @@ def rank_main(rank: int, port: int, config: dict, ds, device: str, out):
     wall = time.perf_counter() - t
     if rank == 0:
         out.put({"result": result.to_dict(), "wall": wall, "measuring": measuring.total, "reducing": reducing.total})
+        out.close()
+        out.join_thread()  # the result is flushed to the pipe before this process leaves
+    dist.barrier()
     dist.destroy_process_group()
+    # skip the interpreter's teardown: gloo's and the BLAS pools' threads can abort it
+    # ("terminate called without an active exception") after the work is done
+    os._exit(0)
 
 
 def two_ranks(config: dict, ds, device: str) -> dict:
