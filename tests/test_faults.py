@@ -212,7 +212,8 @@ def test_no_traceback_ever_reaches_the_user(tmp_path, doc):
 def test_status_shows_a_spec_and_the_runs_in_flight(tmp_path, corpus):
     db = tmp_path / "s.duckdb"
     spec = tmp_path / "s.yaml"
-    spec.write_text(tiny_spec(corpus, db, "sweep:\n  seed: [0, 1, 2]\n", steps=300).replace("every: 3", "every: 100"))
+    # runs of a few seconds each (at 300 steps one took 0.6 s: shorter than a poll could count on)
+    spec.write_text(tiny_spec(corpus, db, "sweep:\n  seed: [0, 1, 2]\n", steps=2000).replace("every: 3", "every: 1000"))
     before = runner.invoke(app, ["status", str(spec), "--format", "json"])
     assert before.exit_code == 0 and json.loads(before.stdout) == [{"status": "new", "runs": 3}]
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "run", str(spec), "--executor", "inline"],
