@@ -15,7 +15,7 @@ import numpy as np
 from contract.vocabulary import ARCHITECTURE_FACTORS, FACTORS, RENYI_ALPHAS, STRATA, alpha_label, alpha_name
 from spectraldb.answer import Answer
 from spectraldb.errors import QueryError
-from spectraldb.fits import MIN_WIDTHS, fit_groups, rows  # noqa: F401 - MIN_WIDTHS is part of this API
+from spectraldb.fits import MIN_WIDTHS, fit_groups, natural, rows  # noqa: F401 - MIN_WIDTHS is part of this API
 from spectraldb.predicates import check_metric, check_strata, check_where  # noqa: F401 - the API's checks
 from spectraldb.selection import Selection
 from spectraldb.values import (Point, excluded_diverged, flag_low_n, run_factors, run_values, selected_protocols,
@@ -83,8 +83,7 @@ def trajectories(con, sel: Selection = Selection()) -> Answer:
         groups[(v.factors["optimizer"], v.factors["steps"], v.factors["ffn_mult"], v.step)].append(v.values)
     out = [{"optimizer": o, "steps": steps, "ffn_mult": mult, "step": step, "runs": len(vs),
             "hard": float(np.mean([x["hard"] for x in vs])), "soft": float(np.mean([x["soft"] for x in vs]))}
-           for (o, steps, mult, step), vs in sorted(groups.items(), key=lambda kv: tuple(str(k) for k in kv[0][:2])
-                                                    + kv[0][2:])]
+           for (o, steps, mult, step), vs in sorted(groups.items(), key=lambda kv: natural(kv[0]))]
     return answered(con, sel, out, [])
 
 

@@ -28,6 +28,7 @@ from spectraldb import catalog, plots, queries
 from spectraldb.errors import QueryError
 from spectraldb.predicates import check_where
 from spectraldb.selection import Selection
+from spectraldb.values import selected_statuses
 
 
 @dataclass
@@ -103,10 +104,10 @@ def _table(name, caption, answer, rows=None) -> Table:
 
 def _varied(con, sel: Selection, factor: str) -> list:
     """The distinct values of a runs column among the selected runs (a factor from the vocabulary)."""
-    statuses = ("done", "diverged") if sel.include_diverged else ("done",)
+    statuses = selected_statuses(sel.include_diverged)
     return [v for (v,) in con.execute(
         f"SELECT DISTINCT {factor} FROM runs WHERE status IN (SELECT unnest(?)) AND {check_where(con, sel.where)} "
-        "ORDER BY 1", [list(statuses)]).fetchall()]
+        "ORDER BY 1", [statuses]).fetchall()]
 
 
 def _literal(v) -> str:
@@ -119,7 +120,7 @@ def narrowed(con, sel: Selection, factors) -> tuple[Selection, str]:
     """`sel` with each of `factors` that varies among its runs held at its most common value
     (ties: the smallest): the study's baseline, against which one factor at a time is varied.
     Returns the selection and a description of what was held."""
-    statuses = ["done", "diverged"] if sel.include_diverged else ["done"]
+    statuses = selected_statuses(sel.include_diverged)
     held = []
     for f in factors:
         counts = con.execute(f"SELECT {f}, count(*) FROM runs WHERE status IN (SELECT unnest(?)) AND "

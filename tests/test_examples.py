@@ -120,7 +120,8 @@ def test_paper_specs_follow_the_studys_protocol(name):
         share = 524288 // r.resources.workers
         assert r.resources.workers == (8 if "350m" in name else 4)
         assert r.measure.source == "train_batch" and r.measure.tokens == share and r.measure.last_k == 5
-        assert r.measure.pooled_tokens == 524288 and r.measure.reduction == "study"
+        assert r.measure.pooled_tokens == r.train.batch_size * r.data.context == 524288  # every rank's share
+        assert r.measure.reduction == "study" and r.measure.min_stratum_tokens == 1000
         if r.optimizer.name == "dion":
             assert r.optimizer.state_dtype == "bf16"
 

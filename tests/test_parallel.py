@@ -189,24 +189,6 @@ def test_workers_need_the_ray_executor(tmp_path, corpus):
     assert not db.exists()
 
 
-def test_the_paper_specs_plan_with_the_studys_token_counts():
-    """160M: 4 ranks, `all` on every rank's 131,072 (524,288), strata on rank 0's; 350M: 8 ranks of
-    65,536. Read from the shipped specs, as `specdb plan` resolves them."""
-    from pathlib import Path
-
-    from spectraldb.spec import load_spec
-
-    root = Path(__file__).resolve().parents[1] / "examples"
-    for path in sorted(root.glob("paper_*.yaml")):
-        for run in load_spec(path)[0].runs:
-            ms, T, B = run.measure, run.data.context, run.train.batch_size
-            ranks = 8 if "350m" in path.name else 4
-            assert ms.source == "train_batch" and ms.reduction == "study", path.name
-            assert ms.pooled_tokens == B * T == 524_288, path.name
-            assert ms.tokens == B * T // ranks == (65_536 if ranks == 8 else 131_072), path.name
-            assert ms.min_stratum_tokens == 1000
-
-
 @pytest.mark.slow
 def test_the_data_parallel_benchmark_runs_and_meets_its_goal(tmp_path):
     """The GPU command's CPU form (gloo, 2 ranks): it prints the losses, the spectra's agreement

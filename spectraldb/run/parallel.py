@@ -25,10 +25,6 @@ from spectraldb.run.executors import LazyRemote
 from spectraldb.run.progress import Throttle
 
 
-def backend(run) -> str:
-    return "nccl" if run.resources.gpus > 0 else "gloo"
-
-
 def submit(run, data_ref, board, checkpoint: str | None, train_hook=None):
     """Start one data-parallel run; the ObjectRef of its result dict."""
     # the data's ref inside a list: a task's top-level refs arrive resolved, and only the ranks need the data
