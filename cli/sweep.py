@@ -200,13 +200,17 @@ def ingest(db: Optional[str] = DbOpt):
 
 def measure(spec: Path = typer.Argument(..., help="A checkpoints spec, e.g. examples/checkpoints.yaml"),
             db: Optional[str] = DbOpt, set_: Optional[List[str]] = SetOpt,
-            retry_failed: bool = typer.Option(False, "--retry-failed", help="Also measure checkpoints stored as failed.")):
+            retry_failed: bool = typer.Option(False, "--retry-failed", help="Also measure checkpoints stored as failed."),
+            executor: str = typer.Option("ray", help="ray: one Ray task per checkpoint, as many at once as the "
+                                         "spec's resources allow | inline: one after another in this process"),
+            address: Optional[str] = typer.Option(None, help="A Ray cluster's address (default: a local Ray instance)")):
     """Measure saved checkpoints (local HF model folders, or revisions already in the local HF
-    cache: nothing downloads), one at a time, each stored as a run: its FFN spectra on the spec's
-    corpus tokenised with the model's own tokenizer, and its loss there. A checkpoint that cannot be
-    loaded is stored as failed with one line; the others go on.
+    cache: nothing downloads), each as a Ray task on its own resources (CUDA when the task has a
+    GPU), each stored as a run: its FFN spectra on the spec's corpus tokenised with the model's own
+    tokenizer, and its loss there. A checkpoint that cannot be loaded is stored as failed with one
+    line; the others go on; a task whose process dies is retried (resources.max_retries).
 
-    Example: specdb measure examples/checkpoints.yaml
+    Examples: specdb measure examples/checkpoints.yaml · specdb measure suite.yaml --address auto
     """
     from spectraldb.run.measure import measure_checkpoints
     from spectraldb.run.progress import reporter_for
@@ -215,7 +219,8 @@ def measure(spec: Path = typer.Argument(..., help="A checkpoints spec, e.g. exam
     with translated():
         cspec, runs = load_checkpoints(spec, set_ or [])
         path = db or cspec.store
-        result = measure_checkpoints(cspec, runs, path, reporter=reporter_for(sys.stderr), retry_failed=retry_failed)
+        result = measure_checkpoints(cspec, runs, path, reporter=reporter_for(sys.stderr), retry_failed=retry_failed,
+                                     executor=executor, address=address)
     if not result.statuses:
         typer.echo(f"nothing to do: all {result.total} checkpoints of {spec} are already in {path}", err=True)
         return

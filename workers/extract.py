@@ -26,7 +26,6 @@ from contract import metrics
 from contract.records import Spectrum
 
 
-
 class Precision(NamedTuple):
     accumulate: torch.dtype   # dtype of each chunk's centred product (the fold is always fp64)
     decompose: torch.dtype    # dtype of the eigensolver
@@ -36,7 +35,7 @@ PRECISIONS = {"fp64": Precision(torch.float64, torch.float64),
               "fp32": Precision(torch.float32, torch.float64)}
 
 
-BATCH_BYTES = 1 << 30  # the most one stacked eigvalsh batch copies (on the device that holds it)
+from contract.memory import BATCH_BYTES  # the most one stacked eigvalsh batch copies
 
 
 class NonFiniteActivations(ArithmeticError):
@@ -112,18 +111,20 @@ class StreamingCovariance:
         return self.spectrum()[0]
 
 
-def spectra_of(upper: list[torch.Tensor], dtype: torch.dtype = torch.float64) -> list[tuple[np.ndarray, float]]:
-    """Eigenvalues of symmetric matrices given by their upper triangles: one batched `eigvalsh`
-    per size, on the device that holds them. Each: (descending, clamped at 1e-12; raw minimum)."""
+def spectra_of(upper: list, dtype: torch.dtype = torch.float64) -> list[tuple[np.ndarray, float]]:
+    """Eigenvalues of symmetric matrices given by their upper triangles (tensors, or
+    StreamingCovariances scaled one batch at a time, so no second copy of them all exists): one
+    batched `eigvalsh` per size, on the device that holds them. Each: (descending, clamped at
+    1e-12; raw minimum)."""
     out: list = [None] * len(upper)
     by_dim: dict[int, list[int]] = {}
     for i, c in enumerate(upper):
-        by_dim.setdefault(c.shape[-1], []).append(i)
+        by_dim.setdefault(c.dim if isinstance(c, StreamingCovariance) else c.shape[-1], []).append(i)
     for dim, idx in by_dim.items():
         per_batch = max(1, BATCH_BYTES // (8 * dim * dim))  # the stacked copy stays bounded: 3 at D = 6144
         for start in range(0, len(idx), per_batch):
             part = idx[start:start + per_batch]
-            batch = torch.stack([upper[i] for i in part]).to(dtype)
+            batch = torch.stack([_upper(upper[i]) for i in part]).to(dtype)
             eig = torch.linalg.eigvalsh(batch, UPLO="U").double().cpu().numpy()
             for i, e in zip(part, eig):
                 e = e[::-1].copy()
@@ -131,41 +132,53 @@ def spectra_of(upper: list[torch.Tensor], dtype: torch.dtype = torch.float64) ->
     return out
 
 
+def _upper(c) -> torch.Tensor:
+    return c.scaled() if isinstance(c, StreamingCovariance) else c
+
+
 @torch.no_grad()
 def accumulate(model, tokens: torch.Tensor, token_strata: torch.Tensor, *, sites, strata, min_tokens: int,
                chunk: int = 64, autocast_dtype=None, precision: str = "fp64", limit: int | None = None,
-               all_limit: int | None = None) -> list[tuple[Spectrum, object]]:
+               all_limit: int | None = None, memory: int | None = None) -> list[tuple[Spectrum, object]]:
     """Run `tokens` (n, T) through specdb's GPT, `chunk` sequences at a time, measured by the one
     probe (workers.probe): what `decompose` needs, as `Probe.select` gives it. The strata count
-    the first `limit` positions (row-major), `all` the first `all_limit` (both None: every one)."""
+    the first `limit` positions (row-major), `all` the first `all_limit` (both None: every one).
+    With a `memory` budget the accumulators do not fit, the tokens run once per pass."""
     from workers.probe import Probe, find_sites
 
     device = tokens.device
     was_training = model.training
     model.eval()
     probe = Probe(model, find_sites(model), token_strata=token_strata, measure=sites, strata=strata,
-                  min_tokens=min_tokens, precision=precision)
+                  min_tokens=min_tokens, precision=precision, memory=memory)
     width = tokens.shape[1]
     try:
-        for i in range(0, tokens.shape[0], chunk):
-            idx = tokens[i:i + chunk]
-            start = i * width  # the budgets are over the whole batch; each chunk gets what is left
-            left = None if limit is None else max(0, limit - start)
-            left_all = None if all_limit is None else max(0, all_limit - start)
-            with probe.measuring(idx, limit=left, all_limit=left_all), \
-                    torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                model.hidden(idx)
+        for part in probe.parts:
+            for i in range(0, tokens.shape[0], chunk):
+                idx = tokens[i:i + chunk]
+                start = i * width  # the budgets are over the whole batch; each chunk gets what is left
+                left = None if limit is None else max(0, limit - start)
+                left_all = None if all_limit is None else max(0, all_limit - start)
+                with probe.measuring(idx, limit=left, all_limit=left_all, part=part), \
+                        torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    model.hidden(idx)
     finally:
         model.train(was_training)
     return probe.select()
 
 
-def decompose(selected: list[tuple[Spectrum, object]], precision: str = "fp64", step: int = 0) -> list[Spectrum]:
-    """Spectra and metrics of what `accumulate` selected, at `step` (safe to run on another thread)."""
+def eigenvalues_of(selected: list[tuple[Spectrum, object]], precision: str = "fp64") -> None:
+    """Fill in the eigenvalues of every selected record that has a covariance."""
     todo = [(rec, cov) for rec, cov in selected if cov is not None]
-    done = spectra_of([cov.scaled() for _, cov in todo], PRECISIONS[precision].decompose)
+    done = spectra_of([cov for _, cov in todo], PRECISIONS[precision].decompose)
     for (rec, _), (eig, low) in zip(todo, done):
         rec.eigenvalues, rec.min_eigenvalue = eig, low
+
+
+def decompose(selected: list[tuple[Spectrum, object]], precision: str = "fp64", step: int = 0) -> list[Spectrum]:
+    """Spectra and metrics of what `accumulate` selected, at `step` (safe to run on another thread).
+    A record without a covariance is skipped, or was decomposed in an earlier pass."""
+    eigenvalues_of(selected, precision)
     records = [rec for rec, _ in selected]
     for rec in records:
         rec.step = step
@@ -174,8 +187,8 @@ def decompose(selected: list[tuple[Spectrum, object]], precision: str = "fp64", 
 
 def measure(model, tokens: torch.Tensor, token_strata: torch.Tensor, *, sites, strata, min_tokens: int,
             chunk: int = 64, autocast_dtype=None, precision: str = "fp64", limit: int | None = None,
-            all_limit: int | None = None) -> list[Spectrum]:
+            all_limit: int | None = None, memory: int | None = None) -> list[Spectrum]:
     """Run `tokens` (n, T) through the model and return every requested spectrum (synchronous)."""
     return decompose(accumulate(model, tokens, token_strata, sites=sites, strata=strata, min_tokens=min_tokens,
                                 chunk=chunk, autocast_dtype=autocast_dtype, precision=precision, limit=limit,
-                                all_limit=all_limit), precision)
+                                all_limit=all_limit, memory=memory), precision)

@@ -24,12 +24,13 @@ import math
 import numpy as np
 import torch
 
+from contract import memory as mem
 from contract.records import Spectrum
 from contract.sizes import frequency_strata
 from contract.vocabulary import SITE_DEFINITIONS, SITES, STRATA, STRATA_SCOPES
-from workers.extract import PRECISIONS, NonFiniteActivations, StreamingCovariance, decompose
+from workers.extract import PRECISIONS, NonFiniteActivations, StreamingCovariance, decompose, eigenvalues_of
 from workers.sites import (SITE_FAMILIES, ProbeError, Site, find_sites, model_config,  # noqa: F401 - the probe's API
-                           model_shape)
+                           model_shape, projection_width)
 
 MEASURED = ("head", "mid", "tail")  # stratum index 0, 1, 2 of a token-strata table
 REST = 3  # positions past the strata's budget that still count toward `all` (measuring's all_limit)
@@ -67,11 +68,13 @@ def _world(group=None) -> int:
 class Probe:
     """Per-stratum covariances at the FFN sites of `model`. `token_strata`: stratum of every token
     id (None: every position counts as `all` only). `strata` and `min_tokens` as in a spec's
-    `measure:`; `precision` one of workers.extract.PRECISIONS."""
+    `measure:`; `precision` one of workers.extract.PRECISIONS. `memory`: the accumulators' budget in
+    bytes (None: contract.memory.default_budget of the model's device); when the model's do not
+    fit it, the measurement runs in passes (`parts`) over the same tokens, with the spectra of one."""
 
     def __init__(self, model: torch.nn.Module, sites: list[Site], *, token_strata=None, measure=SITES,
                  strata=STRATA, min_tokens: int = 1000, precision: str = "fp64", strata_scope: str = "global",
-                 group=None):
+                 group=None, memory: int | None = None):
         if precision not in PRECISIONS:
             raise ProbeError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
         if token_strata is None and any(s != "all" for s in strata):
@@ -84,10 +87,27 @@ class Probe:
         if self.token_strata is not None and (self.token_strata.ndim != 1 or not self.token_strata.numel() or
                                               int(self.token_strata.min()) < 0 or int(self.token_strata.max()) > 2):
             raise ProbeError("token strata: expected one stratum per token id, each 0 (head), 1 (mid) or 2 (tail)")
+        # the accumulator parts a (layer, site) needs: all four when `all` (their merge) is measured
+        self.needed = tuple(range(REST + 1)) if "all" in self.strata else \
+            tuple(MEASURED.index(s) for s in self.strata)
+        modules = dict(model.named_modules())
+        units = [((site.layer, name), projection_width(modules[site.pre])) for site in self.sites
+                 for name in self.measure]
+        try:
+            self.plan = mem.plan_passes(units, self.strata, memory if memory is not None else device_budget(model))
+        except mem.MemoryBudgetError as exc:
+            raise ProbeError(str(exc)) from None
         self.acc: dict[tuple, StreamingCovariance] = {}
+        self.part: int | None = None         # the pass the accumulators belong to
+        self.finished: list[Spectrum] = []   # earlier passes' spectra (eigenvalues, no metrics yet)
         self.order: torch.Tensor | None = None
         self.counts: list[int] = []
         self._handles: list = []
+
+    @property
+    def parts(self) -> range:
+        """The passes of one measurement: run the step's measured forwards once per part."""
+        return range(self.plan.n_passes)
 
     @property
     def gated(self) -> bool:
@@ -101,20 +121,33 @@ class Probe:
 
     @contextlib.contextmanager
     def measuring(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                  limit: int | None = None, all_limit: int | None = None):
+                  limit: int | None = None, all_limit: int | None = None, part: int | None = None):
         """The forwards inside this block are measured: their positions, in `input_ids` order
         (batch × time), labelled by stratum; positions with attention_mask 0 are left out. With
         `limit` only the first `limit` others count; with `all_limit` (≥ `limit`) the positions
         after those, up to `all_limit`, count toward `all` alone (`self.counted` says how many
-        positions counted at all)."""
+        positions counted at all). `part`: which pass of `parts` these forwards feed (needed only
+        when there are several); entering another part finishes the one before."""
+        if part is None:
+            if self.plan.n_passes > 1:
+                raise ProbeError(f"memory: this model's accumulators need {mem.fmt_bytes(self.plan.whole)}, over the "
+                                 f"budget of {mem.fmt_bytes(self.plan.budget)}: measure in {self.plan.n_passes} passes "
+                                 "(for part in probe.parts: with probe.measuring(…, part=part): …) or raise memory=")
+            part = 0
+        if part not in self.parts:
+            raise ProbeError(f"part: {part} is not one of this probe's {self.plan.n_passes} passes")
+        if self.part is not None and part != self.part:
+            self._finish_pass()
+        self.part = part
+        keys = set(self.plan.passes[part])
         self._label(input_ids, attention_mask, limit, all_limit)
         modules = dict(self.model.named_modules())
         try:
             for site in self.sites:
-                if "pre" in self.measure:
+                if "pre" in self.measure and (site.layer, "pre") in keys:
                     self._handles.append(modules[site.pre].register_forward_hook(
                         lambda m, inp, out, layer=site.layer: self._fold(layer, "pre", out)))
-                if "post" in self.measure:
+                if "post" in self.measure and (site.layer, "post") in keys:
                     self._handles.append(modules[site.post].register_forward_pre_hook(
                         lambda m, inp, layer=site.layer: self._fold(layer, "post", inp[0])))
             yield self
@@ -165,8 +198,8 @@ class Probe:
             raise ProbeError(f"site {site} of layer {layer}: the activations hold {act.numel() // dim} positions, "
                              f"the input ids {self.positions}")
         accumulate = PRECISIONS[self.precision].accumulate
-        if (layer, site, 0) not in self.acc:
-            for s in range(REST + 1):
+        if (layer, site, self.needed[0]) not in self.acc:
+            for s in self.needed:
                 self.acc[(layer, site, s)] = StreamingCovariance(dim, accumulate, act.device)
         # hooks run inside the forward's autocast region, which would turn a float32 product into
         # a bfloat16 one on a GPU: the products keep the precision policy's dtype
@@ -175,15 +208,33 @@ class Probe:
             # so each stratum's rows are converted once and centred in place
             x = act.detach().reshape(-1, dim).index_select(0, self.order).to(accumulate)
             for s, rows in enumerate(torch.split(x, self.counts)):
-                if rows.shape[0]:
+                if rows.shape[0] and s in self.needed:
                     self.acc[(layer, site, s)]._update_owned(rows)
 
     # ------------------------------------------------------------------ results
 
     def select(self) -> list[tuple[Spectrum, StreamingCovariance | None]]:
         """One (record, covariance to decompose) per layer × site × stratum, after the reduction
-        across ranks; a stratum under the token floor gets None. Hands the accumulators over and
+        across ranks; a stratum under the token floor gets None, and so does every spectrum of an
+        earlier pass (its eigenvalues already in the record). Hands the accumulators over and
         starts afresh. Raises NonFiniteActivations here, synchronously."""
+        if not self.acc and not self.finished:
+            raise ProbeError("nothing measured: run the model inside `with probe.measuring(input_ids):` first")
+        if self.part is not None and self.part != self.plan.n_passes - 1:
+            raise ProbeError(f"passes: measured {self.part + 1} of {self.plan.n_passes}; run every part before compute()")
+        done, self.finished = [(rec, None) for rec in self.finished], []
+        out = done + self._select_pass()
+        self.part = None
+        return out
+
+    def _finish_pass(self) -> None:
+        """Decompose the current pass now (eigenvalues only: the metrics pair pre with post at
+        the end) and free its accumulators before the next pass allocates its own."""
+        selected = self._select_pass()
+        eigenvalues_of(selected, self.precision)
+        self.finished += [rec for rec, _ in selected]
+
+    def _select_pass(self) -> list[tuple[Spectrum, StreamingCovariance | None]]:
         if not self.acc:
             raise ProbeError("nothing measured: run the model inside `with probe.measuring(input_ids):` first")
         acc, self.acc = self.acc, {}
@@ -192,11 +243,13 @@ class Probe:
         out = []
         for site in self.sites:
             for name in self.measure:
-                parts = [acc[(site.layer, name, s)] for s in range(REST + 1)]
+                if (site.layer, name, self.needed[0]) not in acc:
+                    continue  # another pass's unit
+                parts = {s: acc[(site.layer, name, s)] for s in self.needed}
                 for stratum in self.strata:
                     if stratum == "all":
                         cov = StreamingCovariance(parts[0].dim, parts[0].accumulate, parts[0].device)
-                        for p in parts:
+                        for p in parts.values():
                             cov.merge(p)
                         floor = 2  # the pooled spectrum is never skipped for want of tokens (protocol 3)
                     else:
@@ -281,9 +334,17 @@ def _gather_merge(accumulators: dict, keys: list, world: int, group) -> dict:
     return out
 
 
+def device_budget(model: torch.nn.Module) -> int:
+    """The default accumulator budget: a share of the memory of the device the model is on."""
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type == "cuda":
+        return mem.default_budget(torch.cuda.get_device_properties(param.device).total_memory)
+    return mem.default_budget()
+
+
 def attach(model: torch.nn.Module, *, patterns: tuple[str, str] | None = None, token_strata=None,
            token_counts=None, strata_scope: str = "global", measure=SITES, strata=None, min_tokens: int = 1000,
-           precision: str = "fp64", group=None) -> Probe:
+           precision: str = "fp64", group=None, memory: int | None = None) -> Probe:
     """A Probe on the FFNs of `model` (found by family, or by `patterns`). Strata come from
     `token_strata` (stratum of each id) or `token_counts` (a count per id: the study's frequency
     rule, reduced across ranks by `strata_scope`); with neither, only `all` is measured."""
@@ -292,4 +353,4 @@ def attach(model: torch.nn.Module, *, patterns: tuple[str, str] | None = None, t
         table = strata_table(token_counts, strata_of_ids=token_strata, scope=strata_scope, group=group)
     strata = tuple(strata) if strata is not None else (STRATA if table is not None else ("all",))
     return Probe(model, find_sites(model, patterns), token_strata=table, measure=measure, strata=strata,
-                 min_tokens=min_tokens, precision=precision, strata_scope=strata_scope, group=group)
+                 min_tokens=min_tokens, precision=precision, strata_scope=strata_scope, group=group, memory=memory)

@@ -200,7 +200,7 @@ def _run(config: dict, ds: Dataset, result: RunResult, progress: Progress | None
         try:
             records = accumulate(model, used, token_strata, sites=ms["sites"], strata=ms["strata"],
                                  min_tokens=ms["min_stratum_tokens"], autocast_dtype=autocast, precision=precision,
-                                 limit=limit, all_limit=all_limit)
+                                 limit=limit, all_limit=all_limit, memory=ms["memory"])
         except NonFiniteActivations as exc:
             _diverged(result, f"diverged at step {step} (rule: non-finite activations): {exc}")
             return False

@@ -10,14 +10,16 @@ driver knows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from contract.records import RunResult
 from spectraldb.errors import RayStartError, SpecError, one_line
-from spectraldb.run.preflight import check_cluster
+from spectraldb.run.preflight import check_cluster, check_node_fits
 from spectraldb.run.progress import Throttle
 
 if TYPE_CHECKING:
@@ -81,13 +83,14 @@ def run_inline(runs, datasets, sink) -> None:
         sink.put(r, train_run(r.config(), ds, progress, checkpoint=checkpoint_path(r)), ds.vocab_size)
 
 
-def run_ray(runs, datasets, sink, address, max_in_flight=None) -> None:
-    """Each run as a Ray task (retried when its worker process dies), at most `max_in_flight` at once."""
+@contextlib.contextmanager
+def ray_session(address: str | None):
+    """Ray for one command: a fresh local instance (address None) or a cluster, shut down after
+    unless it was already running in this process."""
     import logging
 
     import ray
 
-    reporter = sink.reporter
     started_here = not ray.is_initialized()
     # Ray announces token authentication on every start; it is advice, not a problem of the sweep
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
@@ -101,6 +104,16 @@ def run_ray(runs, datasets, sink, address, max_in_flight=None) -> None:
         except Exception as exc:  # noqa: BLE001 - Ray's start-up errors come in many types
             raise RayStartError(f"--address: cannot start or reach Ray ({one_line(exc)})") from None
     try:
+        yield ray
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def run_ray(runs, datasets, sink, address, max_in_flight=None) -> None:
+    """Each run as a Ray task (retried when its worker process dies), at most `max_in_flight` at once."""
+    reporter = sink.reporter
+    with ray_session(address) as ray:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         check_cluster(runs, ray.nodes())
@@ -147,9 +160,6 @@ def run_ray(runs, datasets, sink, address, max_in_flight=None) -> None:
                     res = RunResult.failed(f"{type(exc).__name__}: {exc}")
                 sink.put(r, res, datasets[data_key(r)].vocab_size)
             submit()
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 class LazyRemote:
@@ -221,8 +231,53 @@ def checkpoint_documents(corpus: str) -> list[str]:
         raise SpecError(f"corpus: {exc}") from None
 
 
-def measure_checkpoint(**kw) -> dict:
-    """workers.checkpoints.measure in this process: one model in memory at a time."""
-    from workers.checkpoints import measure
+# A replacement for workers.checkpoints.measure_entry (same signature), shipped to every worker:
+# the tests' way to make a checkpoint's worker process die. None: the real measurement.
+MEASURE = None
 
-    return measure(**kw)
+
+def workers_measure_entry(kw: dict, threads: int | None = None) -> dict:
+    from workers.checkpoints import measure_entry
+
+    return measure_entry(kw, threads)
+
+
+def measure_inline(jobs: list[dict], deliver) -> None:
+    """Each checkpoint in this process, one after another: `deliver(index, outcome)`."""
+    for i, kw in enumerate(jobs):
+        deliver(i, (MEASURE or workers_measure_entry)(kw))
+
+
+def measure_ray(jobs: list[dict], documents: list[str], resources, address: str | None, deliver) -> None:
+    """One Ray task per checkpoint (its documents shipped once), as many at once as the
+    resources allow; a task whose worker process dies is retried `resources.max_retries` times,
+    and each outcome is delivered to the one writer once, as it arrives."""
+    with ray_session(address) as ray:
+        check_node_fits(resources.cpus, resources.gpus, ray.nodes(), "each checkpoint asks for", "")
+        task = _measure_task.options(num_cpus=resources.cpus, num_gpus=resources.gpus,
+                                     max_retries=resources.max_retries,
+                                     **({"memory": resources.memory} if resources.memory else {}))
+        docs = ray.put(documents)
+        pending = {task.remote(kw, docs, max(1, int(resources.cpus)), MEASURE): i for i, kw in enumerate(jobs)}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                i = pending.pop(ref)
+                try:
+                    outcome = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - the worker died past its retries: a failed checkpoint
+                    outcome = {"status": "failed", "error": one_line(exc), "started_at": time.time()}
+                deliver(i, outcome)
+
+
+def _make_measure_task():
+    import ray
+
+    @ray.remote(max_retries=2)
+    def task(kw, documents, threads, measure):
+        return (measure or workers_measure_entry)({**kw, "documents": documents}, threads)
+
+    return task
+
+
+_measure_task = LazyRemote(_make_measure_task)

@@ -1,28 +1,29 @@
-"""`specdb measure SPEC`: saved checkpoints measured one at a time, each stored as a run.
+"""`specdb measure SPEC`: saved checkpoints measured as Ray tasks (or inline), each stored as a run.
 
-The driver holds the store's writer lock for the whole command (like `specdb run`); a checkpoint
-that cannot be loaded or measured becomes a `failed` run with a one-line error, non-finite
-activations a `diverged` one, and the others go on. Checkpoints the store already holds (done or
-diverged; failed too, unless retried) are skipped.
+One task per checkpoint (spectraldb.run.executors), as many at once as `resources` allow; the
+driver is the one writer: it holds the store's writer lock for the whole command (like `specdb
+run`) and stores each outcome as it arrives. A checkpoint that cannot be loaded or measured
+becomes a `failed` run with a one-line error, non-finite activations a `diverged` one, and the
+others go on; a task whose process dies is retried by Ray. Checkpoints the store already holds
+(done or diverged; failed too, unless retried) are skipped.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 from contract.records import Evaluation, RunResult
 from contract.vocabulary import FINISHED
 from spectraldb import catalog, store
-from spectraldb.errors import one_line
+from spectraldb.errors import SpecError
 from spectraldb.provenance import provenance
 from spectraldb.run import executors
 from spectraldb.run.lock import WriterLock
 from spectraldb.run.preflight import check_store_folder
 from spectraldb.run.progress import PlainReporter
-from spectraldb.run.sweep import SweepResult
-from spectraldb.spec.checkpoints import CheckpointsSpec
+from spectraldb.run.sweep import EXECUTORS, SweepResult
+from spectraldb.spec.checkpoints import CheckpointEntry, CheckpointsSpec
 from spectraldb.spec.tracked import TrackedModel, TrackedSpec
 
 
@@ -33,8 +34,34 @@ def plan_rows(spec: CheckpointsSpec, runs: list[TrackedSpec], db) -> list[dict]:
             for e, r in zip(spec.checkpoints, runs)]
 
 
+def job(spec: CheckpointsSpec, entry: CheckpointEntry) -> dict:
+    """The keyword arguments of workers.checkpoints.measure for one entry (documents apart)."""
+    m = spec.measure
+    return dict(path=entry.path, model_id=entry.model, revision=entry.revision, tokens=m.tokens, context=m.context,
+                strata=m.strata, min_tokens=m.min_stratum_tokens, precision=m.precision, step=entry.step or 0,
+                batch=m.batch, patterns=tuple(m.patterns) if m.patterns else None, memory=m.memory)
+
+
+def outcome_result(entry: CheckpointEntry, run: TrackedSpec, out: dict):
+    """(run with the checkpoint's shape, RunResult, vocabulary size) of one task's outcome."""
+    started = out["started_at"]
+    if out["status"] != "done":
+        return run, RunResult(status=out["status"], error=out["error"], started_at=started).finish(), None
+    shape = {k: out.get(k) for k in ("d_model", "n_layer", "ffn_width", "n_head", "context")}
+    run = run.model_copy(update={"model": TrackedModel(**shape, gated=out["gated"], config=out["config"]),
+                                 "tokens_seen": entry.tokens_seen})
+    loss = out["val_loss"]
+    ppl = math.exp(loss) if math.isfinite(loss) and loss < 700 else math.inf
+    res = RunResult(status="done", spectra=out["spectra"], started_at=started, device=out["device"],
+                    evals=[Evaluation(entry.step or 0, math.nan, loss, ppl)]).finish()
+    return run, res, out["vocab_size"]
+
+
 def measure_checkpoints(spec: CheckpointsSpec, runs: list[TrackedSpec], db: str | Path, *,
-                        reporter: PlainReporter | None = None, retry_failed: bool = False) -> SweepResult:
+                        reporter: PlainReporter | None = None, retry_failed: bool = False, executor: str = "ray",
+                        address: str | None = None) -> SweepResult:
+    if executor not in EXECUTORS:
+        raise SpecError(f"--executor: expected one of {', '.join(EXECUTORS)}, got {executor!r}")
     reporter = reporter or PlainReporter()
     check_store_folder(db)
     with WriterLock(db):
@@ -46,32 +73,23 @@ def measure_checkpoints(spec: CheckpointsSpec, runs: list[TrackedSpec], db: str 
         if not todo:
             return result
         documents = executors.checkpoint_documents(spec.corpus)
-        prov, m = provenance(), spec.measure
+        prov = provenance()
         reporter.start(len(todo), result.skipped)
-        for entry, run in todo:
-            started, vocab = time.time(), None
-            try:
-                out = executors.measure_checkpoint(
-                    documents=documents, path=entry.path, model_id=entry.model, revision=entry.revision,
-                    tokens=m.tokens, context=m.context, strata=m.strata, min_tokens=m.min_stratum_tokens,
-                    precision=m.precision, step=entry.step or 0, batch=m.batch,
-                    patterns=tuple(m.patterns) if m.patterns else None)
-                shape = {k: out.get(k) for k in ("d_model", "n_layer", "ffn_width", "n_head", "context")}
-                run = run.model_copy(update={"model": TrackedModel(**shape, gated=out["gated"], config=out["config"]),
-                                             "tokens_seen": entry.tokens_seen})
-                loss = out["val_loss"]
-                ppl = math.exp(loss) if math.isfinite(loss) and loss < 700 else math.inf
-                res = RunResult(status="done", spectra=out["spectra"], started_at=started, device="cpu",
-                                evals=[Evaluation(entry.step or 0, math.nan, loss, ppl)]).finish()
-                vocab = out["vocab_size"]
-            except ArithmeticError as exc:  # workers.extract.NonFiniteActivations
-                res = RunResult(status="diverged", error=f"diverged (rule: non-finite activations): {exc}",
-                                started_at=started).finish()
-            except Exception as exc:  # noqa: BLE001 - a checkpoint that fails is a failed run; the others go on
-                res = RunResult.failed(one_line(exc), started)
+
+        def deliver(i: int, out: dict) -> None:
+            entry, run = todo[i]
+            run, res, vocab = outcome_result(entry, run, out)
+            if run.run_id in result.statuses:
+                return  # delivered once already: stored once
             store.write_run(db, run, res, prov, spec.name, vocab_size=vocab)
             result.statuses[run.run_id] = res.status
             detail = f" val_ppl={res.final.val_ppl:.1f}" if res.final is not None else ""
             reporter.finish(run.run_id, entry.ref, res.status, res.duration_s or 0.0,
                             detail + (f" — {res.error}" if res.error else ""))
+
+        jobs = [job(spec, e) for e, _ in todo]
+        if executor == "inline":
+            executors.measure_inline([{**j, "documents": documents} for j in jobs], deliver)
+        else:
+            executors.measure_ray(jobs, documents, spec.resources, address, deliver)
     return result

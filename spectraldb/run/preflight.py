@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 
+from contract.memory import MemoryBudgetError, MemoryPlan, default_budget, machine_memory, uniform_plan
 from spectraldb.errors import SpecError
 
 GiB = 1024**3
@@ -23,29 +24,26 @@ def estimate_memory(run) -> int:
 
     params P = 2·V·d + L·(4·d² + 2·d·D) (+ T·d learned positions); weights, gradients and up to
     two optimizer states are 4 bytes each (16·P); activations kept for backward ≈
-    B·T·L·(16·d + 3·D) floats plus logits B·T·V·3 floats; measurement holds float64
-    covariances for every layer × site × stratum (8·D² each) plus one chunk of activations.
+    B·T·L·(16·d + 3·D) floats plus logits B·T·V·3 floats; measurement holds the float64
+    accumulators of its largest pass (`measurement_plan`) plus one chunk of activations.
     """
     m, d, t = run.model, run.data, run.train
     V, dm, L, T, B = d.vocab_size, m.d_model, m.n_layer, d.context, t.batch_size // run.resources.workers
     D = m.ffn_width
     params = 2 * V * dm + L * (4 * dm * dm + 2 * dm * D) + (T * dm if m.pos == "learned" else 0)
     training = 16 * params + 4 * B * T * (L * (16 * dm + 3 * D) + 3 * V)
-    n_cov = L * len(run.measure.sites) * (len(run.measure.strata) + 3)
-    measuring = 8 * n_cov * D * D + 8 * 64 * T * D * 2
+    measuring = measurement_plan(run).peak + 8 * 64 * T * D * 2
     return int(training + measuring)
 
 
-def machine_memory() -> int:
-    """Physical memory of this machine, or the cgroup's limit if that is smaller."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def measurement_plan(run) -> MemoryPlan:
+    """The passes one measurement of `run` takes under its `measure.memory` (default: a share of
+    this machine's memory). Refuses (SpecError) a budget that one layer × site alone exceeds."""
+    budget = run.measure.memory if run.measure.memory is not None else default_budget()
     try:
-        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if text.isdigit():
-            total = min(total, int(text))
-    except OSError:
-        pass
-    return total
+        return uniform_plan(run.model.n_layer * len(run.measure.sites), run.model.ffn_width, run.measure.strata, budget)
+    except MemoryBudgetError as exc:
+        raise SpecError(f"{exc} ({_name(run)})") from None
 
 
 def _name(run) -> str:
@@ -58,7 +56,7 @@ def preflight(runs, executor: str, address: str | None) -> None:
     mem = machine_memory()
     cpus = os.cpu_count() or 1
     for r in runs:
-        need = estimate_memory(r)
+        need = estimate_memory(r)  # refuses a measurement budget that one layer × site exceeds
         if local and need > mem:
             raise SpecError(f"model: {_name(r)} needs an estimated {need / GiB:,.1f} GiB of memory; this "
                             f"machine has {mem / GiB:,.1f} GiB (see `specdb plan` for every run's estimate)")
@@ -111,15 +109,21 @@ def check_cluster(runs, nodes: list[dict]) -> None:
     alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
     for r in runs:
         res = r.resources
-        if not any(node.get("CPU", 0) >= res.cpus and node.get("GPU", 0) >= res.gpus for node in alive):
-            raise SpecError(f"resources: {_name(r)} asks for {res.cpus:g} CPUs and "
-                            f"{res.gpus:g} GPUs per worker; no node of the Ray cluster has that much")
+        check_node_fits(res.cpus, res.gpus, nodes, f"{_name(r)} asks for", "per worker")
         # how many of the run's workers each node can hold at once
         fits = sum(min(int(node.get("CPU", 0) // res.cpus), int(node.get("GPU", 0) // res.gpus) if res.gpus else
                        10**9) for node in alive)
         if fits < res.workers:
             raise SpecError(f"resources.workers: {_name(r)} needs {res.workers} workers of {res.cpus:g} CPUs and "
                             f"{res.gpus:g} GPUs at once; the Ray cluster can ever hold {fits}")
+
+
+def check_node_fits(cpus: float, gpus: float, nodes: list[dict], who: str, per: str) -> None:
+    """Some live node of the Ray cluster holds `cpus` and `gpus` (else the task waits forever)."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+    if not any(node.get("CPU", 0) >= cpus and node.get("GPU", 0) >= gpus for node in alive):
+        raise SpecError(f"resources: {who} {cpus:g} CPUs and {gpus:g} GPUs{' ' + per if per else ''}; no node of "
+                        "the Ray cluster has that much")
 
 
 def _local_gpus() -> int:

