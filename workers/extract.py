@@ -78,6 +78,12 @@ class StreamingCovariance:
             self._fold(nb, mb.double(), gram(x.sub_(mb)).double())
         return self
 
+    def fold_moments(self, nb: int, mb: torch.Tensor, m2b: torch.Tensor) -> "StreamingCovariance":
+        """Fold a chunk given as (count, float64 mean, centred scatter's upper triangle)."""
+        if nb:
+            self._fold(nb, mb.to(self.m2), m2b.to(self.m2))
+        return self
+
     def merge(self, other: "StreamingCovariance") -> "StreamingCovariance":
         if other.dim != self.dim:
             raise ValueError(f"cannot merge dims {other.dim} and {self.dim}")

@@ -65,6 +65,12 @@ def _world(group=None) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
+def _rank(group=None) -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank(group)
+
+
 class Probe:
     """Per-stratum covariances at the FFN sites of `model`. `token_strata`: stratum of every token
     id (None: every position counts as `all` only). `strata` and `min_tokens` as in a spec's
@@ -74,7 +80,7 @@ class Probe:
 
     def __init__(self, model: torch.nn.Module, sites: list[Site], *, token_strata=None, measure=SITES,
                  strata=STRATA, min_tokens: int = 1000, precision: str = "fp64", strata_scope: str = "global",
-                 group=None, memory: int | None = None):
+                 group=None, memory: int | None = None, shard: bool = False):
         if precision not in PRECISIONS:
             raise ProbeError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
         if token_strata is None and any(s != "all" for s in strata):
@@ -93,10 +99,17 @@ class Probe:
         modules = dict(model.named_modules())
         units = [((site.layer, name), projection_width(modules[site.pre])) for site in self.sites
                  for name in self.measure]
+        # sharded: each (layer, site) of a pass has one owner rank, so a rank holds 1/W of a pass
+        self.world = _world(group) if shard else 1
+        budget = (memory if memory is not None else device_budget(model)) * self.world
         try:
-            self.plan = mem.plan_passes(units, self.strata, memory if memory is not None else device_budget(model))
+            self.plan = mem.plan_passes(units, self.strata, budget)
         except mem.MemoryBudgetError as exc:
             raise ProbeError(str(exc)) from None
+        self.owner = {key: i % self.world for keys in self.plan.passes for i, key in enumerate(keys)}
+        self.order_of = {key: i for i, (key, _) in enumerate(units)}
+        self.rank = _rank(group) if self.world > 1 else 0
+        self.error: str | None = None  # a sharded pass's non-finite activations, raised on every rank at compute()
         self.acc: dict[tuple, StreamingCovariance] = {}
         self.part: int | None = None         # the pass the accumulators belong to
         self.finished: list[Spectrum] = []   # earlier passes' spectra (eigenvalues, no metrics yet)
@@ -198,7 +211,8 @@ class Probe:
             raise ProbeError(f"site {site} of layer {layer}: the activations hold {act.numel() // dim} positions, "
                              f"the input ids {self.positions}")
         accumulate = PRECISIONS[self.precision].accumulate
-        if (layer, site, self.needed[0]) not in self.acc:
+        mine = self.owner[(layer, site)] == self.rank
+        if mine and (layer, site, self.needed[0]) not in self.acc:
             for s in self.needed:
                 self.acc[(layer, site, s)] = StreamingCovariance(dim, accumulate, act.device)
         # hooks run inside the forward's autocast region, which would turn a float32 product into
@@ -207,9 +221,41 @@ class Probe:
             # one gather sorts the positions by stratum (padded ones left out); it is a fresh copy,
             # so each stratum's rows are converted once and centred in place
             x = act.detach().reshape(-1, dim).index_select(0, self.order).to(accumulate)
+            if self.world > 1:
+                self._fold_to_owner(layer, site, torch.split(x, self.counts), mine)
+                return
             for s, rows in enumerate(torch.split(x, self.counts)):
                 if rows.shape[0] and s in self.needed:
                     self.acc[(layer, site, s)]._update_owned(rows)
+
+    def _fold_to_owner(self, layer: int, site: str, parts, mine: bool) -> None:
+        """Sharded: the chunk's count and mean over every rank (one all_reduce of D+1 per part),
+        each rank's scatter about that mean summed onto the owner (one reduce of D×D per part):
+        Σ_r (X_r−μ)ᵀ(X_r−μ) is the pooled chunk's centred scatter, exactly. Every rank runs the
+        same forwards, so the collectives meet in the same order."""
+        import torch.distributed as dist
+
+        from workers.extract import gram
+
+        dim = parts[0].shape[1]
+        sums = torch.zeros(len(self.needed), dim + 1, dtype=torch.float64, device=parts[0].device)
+        for j, s in enumerate(self.needed):
+            sums[j, 0] = parts[s].shape[0]
+            sums[j, 1:] = parts[s].sum(0, dtype=torch.float64)
+        dist.all_reduce(sums, group=self.group)
+        owner = dist.get_global_rank(self.group, self.owner[(layer, site)]) if self.group is not None \
+            else self.owner[(layer, site)]
+        for j, s in enumerate(self.needed):
+            n = int(sums[j, 0].item())
+            if not n:
+                continue  # no rank saw a position of this part: every rank skips alike
+            mean = sums[j, 1:] / n
+            rows = parts[s]
+            scatter = gram(rows - mean.to(rows.dtype)).double().contiguous() if rows.shape[0] else \
+                torch.zeros(dim, dim, dtype=torch.float64, device=rows.device)
+            dist.reduce(scatter, dst=owner, group=self.group)  # in place: the owner's becomes the sum
+            if mine:
+                self.acc[(layer, site, s)].fold_moments(n, mean, scatter)
 
     # ------------------------------------------------------------------ results
 
@@ -218,7 +264,7 @@ class Probe:
         across ranks; a stratum under the token floor gets None, and so does every spectrum of an
         earlier pass (its eigenvalues already in the record). Hands the accumulators over and
         starts afresh. Raises NonFiniteActivations here, synchronously."""
-        if not self.acc and not self.finished:
+        if not self.acc and not self.finished and self.part is None:
             raise ProbeError("nothing measured: run the model inside `with probe.measuring(input_ids):` first")
         if self.part is not None and self.part != self.plan.n_passes - 1:
             raise ProbeError(f"passes: measured {self.part + 1} of {self.plan.n_passes}; run every part before compute()")
@@ -230,15 +276,20 @@ class Probe:
     def _finish_pass(self) -> None:
         """Decompose the current pass now (eigenvalues only: the metrics pair pre with post at
         the end) and free its accumulators before the next pass allocates its own."""
-        selected = self._select_pass()
+        try:
+            selected = self._select_pass()
+        except NonFiniteActivations as exc:
+            if self.world == 1:
+                raise
+            self.error, selected = str(exc), []  # raised on every rank at compute(), not in a hook's collective
         eigenvalues_of(selected, self.precision)
         self.finished += [rec for rec, _ in selected]
 
     def _select_pass(self) -> list[tuple[Spectrum, StreamingCovariance | None]]:
-        if not self.acc:
+        if not self.acc and self.world == 1:
             raise ProbeError("nothing measured: run the model inside `with probe.measuring(input_ids):` first")
         acc, self.acc = self.acc, {}
-        if _world(self.group) > 1:
+        if self.world == 1 and _world(self.group) > 1:
             acc = reduce_across_ranks(acc, self.group)
         out = []
         for site in self.sites:
@@ -264,8 +315,26 @@ class Probe:
         return out
 
     def compute(self, step: int = 0) -> list[Spectrum]:
-        """Every spectrum with its metrics (as specdb's worker stores them), and a fresh start."""
-        return decompose(self.select(), self.precision, step)
+        """Every spectrum with its metrics (as specdb's worker stores them), and a fresh start.
+        Sharded: each rank decomposes the covariances it owns, and every rank gets every record."""
+        if self.world == 1:
+            return decompose(self.select(), self.precision, step)
+        import torch.distributed as dist
+
+        try:
+            mine = self.select()
+            eigenvalues_of(mine, self.precision)
+        except NonFiniteActivations as exc:
+            self.error, mine = str(exc), []
+        error, self.error = self.error, None
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, (error, [rec for rec, _ in mine]), group=self.group)
+        errors = [e for e, _ in gathered if e]
+        if errors:
+            raise NonFiniteActivations(errors[0])
+        records = sorted((rec for _, recs in gathered for rec in recs),
+                         key=lambda r: (self.order_of[(r.layer, r.site)], self.strata.index(r.stratum)))
+        return decompose([(rec, None) for rec in records], self.precision, step)
 
     def close(self) -> None:
         for h in self._handles:
@@ -344,13 +413,16 @@ def device_budget(model: torch.nn.Module) -> int:
 
 def attach(model: torch.nn.Module, *, patterns: tuple[str, str] | None = None, token_strata=None,
            token_counts=None, strata_scope: str = "global", measure=SITES, strata=None, min_tokens: int = 1000,
-           precision: str = "fp64", group=None, memory: int | None = None) -> Probe:
+           precision: str = "fp64", group=None, memory: int | None = None, shard: bool = False) -> Probe:
     """A Probe on the FFNs of `model` (found by family, or by `patterns`). Strata come from
     `token_strata` (stratum of each id) or `token_counts` (a count per id: the study's frequency
-    rule, reduced across ranks by `strata_scope`); with neither, only `all` is measured."""
+    rule, reduced across ranks by `strata_scope`); with neither, only `all` is measured. With
+    `shard` under torch.distributed, each layer × site's accumulators live on one owner rank (every
+    rank must run the same measured forwards); `memory` is then each rank's budget."""
     table = None
     if token_strata is not None or token_counts is not None:
         table = strata_table(token_counts, strata_of_ids=token_strata, scope=strata_scope, group=group)
     strata = tuple(strata) if strata is not None else (STRATA if table is not None else ("all",))
     return Probe(model, find_sites(model, patterns), token_strata=table, measure=measure, strata=strata,
-                 min_tokens=min_tokens, precision=precision, strata_scope=strata_scope, group=group, memory=memory)
+                 min_tokens=min_tokens, precision=precision, strata_scope=strata_scope, group=group, memory=memory,
+                 shard=shard)

@@ -160,6 +160,7 @@ def _run(config: dict, ds: Dataset, result: RunResult, progress: Progress | None
     torch.manual_seed(tr["seed"])
     rng = np.random.default_rng(tr["seed"])
     autocast = torch.bfloat16 if device.type == "cuda" else None
+    result.forward_dtype = "bfloat16" if autocast is not None else "float32"
     precision = ms["precision"]
 
     cfg = GPTConfig.from_run(config, ds.vocab_size)

@@ -39,7 +39,7 @@ def job(spec: CheckpointsSpec, entry: CheckpointEntry) -> dict:
     m = spec.measure
     return dict(path=entry.path, model_id=entry.model, revision=entry.revision, tokens=m.tokens, context=m.context,
                 strata=m.strata, min_tokens=m.min_stratum_tokens, precision=m.precision, step=entry.step or 0,
-                batch=m.batch, patterns=tuple(m.patterns) if m.patterns else None, memory=m.memory)
+                batch=m.batch, patterns=tuple(m.patterns) if m.patterns else None, memory=m.memory, dtype=m.dtype)
 
 
 def outcome_result(entry: CheckpointEntry, run: TrackedSpec, out: dict):
@@ -53,6 +53,7 @@ def outcome_result(entry: CheckpointEntry, run: TrackedSpec, out: dict):
     loss = out["val_loss"]
     ppl = math.exp(loss) if math.isfinite(loss) and loss < 700 else math.inf
     res = RunResult(status="done", spectra=out["spectra"], started_at=started, device=out["device"],
+                    forward_dtype=out["forward_dtype"],
                     evals=[Evaluation(entry.step or 0, math.nan, loss, ppl)]).finish()
     return run, res, out["vocab_size"]
 

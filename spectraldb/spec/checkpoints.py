@@ -61,6 +61,8 @@ class CheckpointMeasure(Section):
     min_stratum_tokens: int = Field(1000, ge=2, le=INT32_MAX)
     precision: Literal["fp64", "fp32"] = "fp64"
     memory: Bytes | None = None  # the accumulators' budget (None: half the device's memory); past it, passes
+    # the forwards' dtype: auto = the stored dtype on a GPU, float32 on a CPU (the fold is float64)
+    dtype: Literal["auto", "stored", "float32", "bfloat16", "float16"] = "auto"
     batch: int = Field(8, ge=1, le=4096)
     # for models whose FFNs are not found by family: [FIRST_PROJECTION_REGEX, DOWN_PROJECTION_REGEX]
     patterns: list[Name] | None = Field(None, min_length=2, max_length=2)

@@ -36,7 +36,8 @@ def run_row(run, result: RunResult, provenance: dict, spec_name: str, vocab_size
         "final_val_loss": finite(final.val_loss) if final else None,
         "final_val_ppl": finite(final.val_ppl) if final else None, "config": json.dumps(run.config()),
         "git_commit": provenance.get("git_commit"), "versions": json.dumps(provenance.get("versions", {})),
-        "host": provenance.get("host"), "device": result.device, "started_at": timestamp(started),
+        "host": provenance.get("host"), "device": result.device, "forward_dtype": result.forward_dtype,
+        "started_at": timestamp(started),
         "finished_at": timestamp(finished), "duration_s": (finished - started) if finished else None,
         "protocol": result.protocol,
     }
