@@ -46,8 +46,14 @@ class Spectrum:
         return cls(step, layer, site, stratum, n_tokens, n_dim)
 
     @property
+    def computed(self) -> bool:
+        """Measured, not skipped: it has eigenvalues, or metrics without them (`hard_only`, or
+        eigenvalues dropped outside the kept window)."""
+        return self.eigenvalues is not None or self.metrics is not None
+
+    @property
     def is_skipped(self) -> bool:
-        return self.eigenvalues is None
+        return not self.computed
 
     @property
     def key(self) -> tuple:

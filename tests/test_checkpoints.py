@@ -60,7 +60,7 @@ def test_three_checkpoints_are_three_runs_and_a_corrupt_one_fails_alone(tmp_path
     assert plan.exit_code == 0, plan.output
     assert [r["status"] for r in json.loads(plan.stdout)] == ["new"] * 5 and "5 checkpoints: 5 new" in plan.stderr
 
-    result = runner.invoke(app, ["measure", str(spec)])
+    result = runner.invoke(app, ["measure", str(spec), "--executor", "inline"])  # Ray: the suite test below
     assert result.exit_code == 3, result.output  # one failed
     assert "stored 5 checkpoints" in result.stderr and "3 done" in result.stderr and "2 failed" in result.stderr
     con = duckdb.connect(str(store), read_only=True)
@@ -80,7 +80,7 @@ def test_three_checkpoints_are_three_runs_and_a_corrupt_one_fails_alone(tmp_path
     assert row["suite"] == "tiny" and row["n_widths"] == 3 and row["beta_hard"] is not None
     status = runner.invoke(app, ["status", str(spec), "--format", "json"])
     assert json.loads(status.stdout) == [{"status": "done", "runs": 3}, {"status": "failed", "runs": 2}]
-    again = runner.invoke(app, ["measure", str(spec)])
+    again = runner.invoke(app, ["measure", str(spec), "--executor", "inline"])
     assert again.exit_code == 0 and "nothing to do" in again.stderr  # the failed one waits for --retry-failed
 
 

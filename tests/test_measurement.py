@@ -154,10 +154,10 @@ def test_the_training_loop_does_not_wait_for_a_decomposition(tiny_run, monkeypat
     waited = []
     decompose = extract.decompose
 
-    def slow(selected, precision, step):
+    def slow(selected, precision, step, which):
         if not waited:
             waited.append(later.wait(timeout=20))
-        return decompose(selected, precision, step)
+        return decompose(selected, precision, step, which)
 
     monkeypatch.setattr(train, "decompose", slow)
     result = train.run(run.config(), ds, progress=lambda step, steps: step >= 2 and later.set())
@@ -169,11 +169,11 @@ def test_a_failing_decomposition_fails_the_run_and_keeps_the_earlier_steps(tiny_
     run, ds = tiny_run
     decompose, calls = extract.decompose, []
 
-    def second_fails(selected, precision, step):
+    def second_fails(selected, precision, step, which):
         calls.append(1)
         if len(calls) == 2:
             raise np.linalg.LinAlgError("eigensolver did not converge")
-        return decompose(selected, precision, step)
+        return decompose(selected, precision, step, which)
 
     monkeypatch.setattr(train, "decompose", second_fails)
     result = train.run(run.config(), ds)

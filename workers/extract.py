@@ -145,7 +145,8 @@ def _upper(c) -> torch.Tensor:
 @torch.no_grad()
 def accumulate(model, tokens: torch.Tensor, token_strata: torch.Tensor, *, sites, strata, min_tokens: int,
                chunk: int = 64, autocast_dtype=None, precision: str = "fp64", limit: int | None = None,
-               all_limit: int | None = None, memory: int | None = None) -> list[tuple[Spectrum, object]]:
+               all_limit: int | None = None, memory: int | None = None,
+               which: str = "full") -> list[tuple[Spectrum, object]]:
     """Run `tokens` (n, T) through specdb's GPT, `chunk` sequences at a time, measured by the one
     probe (workers.probe): what `decompose` needs, as `Probe.select` gives it. The strata count
     the first `limit` positions (row-major), `all` the first `all_limit` (both None: every one).
@@ -156,7 +157,7 @@ def accumulate(model, tokens: torch.Tensor, token_strata: torch.Tensor, *, sites
     was_training = model.training
     model.eval()
     probe = Probe(model, find_sites(model), token_strata=token_strata, measure=sites, strata=strata,
-                  min_tokens=min_tokens, precision=precision, memory=memory)
+                  min_tokens=min_tokens, precision=precision, memory=memory, metrics=which)
     width = tokens.shape[1]
     try:
         for part in probe.parts:
@@ -173,18 +174,27 @@ def accumulate(model, tokens: torch.Tensor, token_strata: torch.Tensor, *, sites
     return probe.select()
 
 
-def eigenvalues_of(selected: list[tuple[Spectrum, object]], precision: str = "fp64") -> None:
-    """Fill in the eigenvalues of every selected record that has a covariance."""
+METRIC_SETS = ("full", "hard_only")  # every metric from the eigenvalues | the hard rank alone, without them
+
+
+def eigenvalues_of(selected: list[tuple[Spectrum, object]], precision: str = "fp64", which: str = "full") -> None:
+    """Fill in the eigenvalues of every selected record that has a covariance; with `hard_only`
+    its hard rank instead, tr(C)²/‖C‖_F² (contract.metrics), and no eigendecomposition."""
     todo = [(rec, cov) for rec, cov in selected if cov is not None]
+    if which == "hard_only":
+        for rec, cov in todo:
+            rec.metrics = {"hard_rank": metrics.hard_rank_of_covariance(cov.covariance())}
+        return
     done = spectra_of([cov for _, cov in todo], PRECISIONS[precision].decompose)
     for (rec, _), (eig, low) in zip(todo, done):
         rec.eigenvalues, rec.min_eigenvalue = eig, low
 
 
-def decompose(selected: list[tuple[Spectrum, object]], precision: str = "fp64", step: int = 0) -> list[Spectrum]:
+def decompose(selected: list[tuple[Spectrum, object]], precision: str = "fp64", step: int = 0,
+              which: str = "full") -> list[Spectrum]:
     """Spectra and metrics of what `accumulate` selected, at `step` (safe to run on another thread).
     A record without a covariance is skipped, or was decomposed in an earlier pass."""
-    eigenvalues_of(selected, precision)
+    eigenvalues_of(selected, precision, which)
     records = [rec for rec, _ in selected]
     for rec in records:
         rec.step = step
@@ -193,8 +203,8 @@ def decompose(selected: list[tuple[Spectrum, object]], precision: str = "fp64", 
 
 def measure(model, tokens: torch.Tensor, token_strata: torch.Tensor, *, sites, strata, min_tokens: int,
             chunk: int = 64, autocast_dtype=None, precision: str = "fp64", limit: int | None = None,
-            all_limit: int | None = None, memory: int | None = None) -> list[Spectrum]:
+            all_limit: int | None = None, memory: int | None = None, which: str = "full") -> list[Spectrum]:
     """Run `tokens` (n, T) through the model and return every requested spectrum (synchronous)."""
     return decompose(accumulate(model, tokens, token_strata, sites=sites, strata=strata, min_tokens=min_tokens,
                                 chunk=chunk, autocast_dtype=autocast_dtype, precision=precision, limit=limit,
-                                all_limit=all_limit, memory=memory), precision)
+                                all_limit=all_limit, memory=memory, which=which), precision, which=which)

@@ -28,9 +28,10 @@ from contract import memory as mem
 from contract.records import Spectrum
 from contract.sizes import frequency_strata
 from contract.vocabulary import SITE_DEFINITIONS, SITES, STRATA, STRATA_SCOPES
-from workers.extract import PRECISIONS, NonFiniteActivations, StreamingCovariance, decompose, eigenvalues_of
-from workers.sites import (SITE_FAMILIES, ProbeError, Site, find_sites, model_config,  # noqa: F401 - the probe's API
-                           model_shape, projection_width)
+from workers.extract import (METRIC_SETS, PRECISIONS, NonFiniteActivations, StreamingCovariance, decompose,
+                             eigenvalues_of)
+from workers.sites import (SITE_FAMILIES, ProbeError, Site, declared_widths, find_sites,  # noqa: F401 - the API
+                           model_config, model_shape, projection_width)
 
 MEASURED = ("head", "mid", "tail")  # stratum index 0, 1, 2 of a token-strata table
 REST = 3  # positions past the strata's budget that still count toward `all` (measuring's all_limit)
@@ -80,9 +81,12 @@ class Probe:
 
     def __init__(self, model: torch.nn.Module, sites: list[Site], *, token_strata=None, measure=SITES,
                  strata=STRATA, min_tokens: int = 1000, precision: str = "fp64", strata_scope: str = "global",
-                 group=None, memory: int | None = None, shard: bool = False):
+                 group=None, memory: int | None = None, shard: bool = False, metrics: str = "full"):
         if precision not in PRECISIONS:
             raise ProbeError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if metrics not in METRIC_SETS:
+            raise ProbeError(f"metrics: expected one of {', '.join(METRIC_SETS)}, got {metrics!r}")
+        self.metrics = metrics
         if token_strata is None and any(s != "all" for s in strata):
             raise ProbeError("strata: head/mid/tail need a token-strata table (token_strata=…); without one, "
                              "measure strata=('all',)")
@@ -96,9 +100,10 @@ class Probe:
         # the accumulator parts a (layer, site) needs: all four when `all` (their merge) is measured
         self.needed = tuple(range(REST + 1)) if "all" in self.strata else \
             tuple(MEASURED.index(s) for s in self.strata)
-        modules = dict(model.named_modules())
-        units = [((site.layer, name), projection_width(modules[site.pre])) for site in self.sites
-                 for name in self.measure]
+        self.widths = declared_widths(model, self.sites)
+        self.names = {(site.layer, name): getattr(site, name) for site in self.sites for name in SITES}
+        units = [((site.layer, name), self.widths[(site.layer, "pre")] or projection_width(
+            dict(model.named_modules())[site.pre])) for site in self.sites for name in self.measure]
         # sharded: each (layer, site) of a pass has one owner rank, so a rank holds 1/W of a pass
         self.world = _world(group) if shard else 1
         budget = (memory if memory is not None else device_budget(model)) * self.world
@@ -206,6 +211,7 @@ class Probe:
     def _fold(self, layer: int, site: str, act: torch.Tensor) -> None:
         if self.order is None or torch._C._current_graph_task_id() != -1:
             return  # outside `measuring`, or a checkpointed forward recomputed during backward
+        self._check_unsharded(layer, site, act)
         dim = act.shape[-1]
         if act.numel() != self.positions * dim:
             raise ProbeError(f"site {site} of layer {layer}: the activations hold {act.numel() // dim} positions, "
@@ -257,6 +263,20 @@ class Probe:
             if mine:
                 self.acc[(layer, site, s)].fold_moments(n, mean, scatter)
 
+    def _check_unsharded(self, layer: int, site: str, act) -> None:
+        """A tensor-parallel FFN hands a hook a DTensor, or a local shard narrower than the
+        module's declared width: its covariance would be of a slice of the features, silently."""
+        name = self.names[(layer, site)]
+        if type(act).__name__ == "DTensor":
+            raise ProbeError(f"site {site} of layer {layer} ({name}): the activation is a DTensor "
+                             f"({', '.join(map(str, getattr(act, 'placements', ())))}): a tensor-parallel FFN; specdb "
+                             "measures unsharded FFNs only (docs/design.md, tensor parallelism)")
+        want = self.widths[(layer, site)]
+        if want is not None and act.shape[-1] != want:
+            raise ProbeError(f"site {site} of layer {layer} ({name}): activations of width {act.shape[-1]}, but the "
+                             f"module declares {want}: a tensor-parallel (sharded) FFN; specdb measures unsharded FFNs "
+                             "only (docs/design.md, tensor parallelism)")
+
     # ------------------------------------------------------------------ results
 
     def select(self) -> list[tuple[Spectrum, StreamingCovariance | None]]:
@@ -282,7 +302,7 @@ class Probe:
             if self.world == 1:
                 raise
             self.error, selected = str(exc), []  # raised on every rank at compute(), not in a hook's collective
-        eigenvalues_of(selected, self.precision)
+        eigenvalues_of(selected, self.precision, self.metrics)
         self.finished += [rec for rec, _ in selected]
 
     def _select_pass(self) -> list[tuple[Spectrum, StreamingCovariance | None]]:
@@ -318,12 +338,12 @@ class Probe:
         """Every spectrum with its metrics (as specdb's worker stores them), and a fresh start.
         Sharded: each rank decomposes the covariances it owns, and every rank gets every record."""
         if self.world == 1:
-            return decompose(self.select(), self.precision, step)
+            return decompose(self.select(), self.precision, step, self.metrics)
         import torch.distributed as dist
 
         try:
             mine = self.select()
-            eigenvalues_of(mine, self.precision)
+            eigenvalues_of(mine, self.precision, self.metrics)
         except NonFiniteActivations as exc:
             self.error, mine = str(exc), []
         error, self.error = self.error, None
@@ -413,16 +433,18 @@ def device_budget(model: torch.nn.Module) -> int:
 
 def attach(model: torch.nn.Module, *, patterns: tuple[str, str] | None = None, token_strata=None,
            token_counts=None, strata_scope: str = "global", measure=SITES, strata=None, min_tokens: int = 1000,
-           precision: str = "fp64", group=None, memory: int | None = None, shard: bool = False) -> Probe:
+           precision: str = "fp64", group=None, memory: int | None = None, shard: bool = False,
+           metrics: str = "full") -> Probe:
     """A Probe on the FFNs of `model` (found by family, or by `patterns`). Strata come from
     `token_strata` (stratum of each id) or `token_counts` (a count per id: the study's frequency
     rule, reduced across ranks by `strata_scope`); with neither, only `all` is measured. With
     `shard` under torch.distributed, each layer × site's accumulators live on one owner rank (every
-    rank must run the same measured forwards); `memory` is then each rank's budget."""
+    rank must run the same measured forwards); `memory` is then each rank's budget. `metrics`
+    `hard_only` stores the hard rank alone, without an eigendecomposition."""
     table = None
     if token_strata is not None or token_counts is not None:
         table = strata_table(token_counts, strata_of_ids=token_strata, scope=strata_scope, group=group)
     strata = tuple(strata) if strata is not None else (STRATA if table is not None else ("all",))
     return Probe(model, find_sites(model, patterns), token_strata=table, measure=measure, strata=strata,
                  min_tokens=min_tokens, precision=precision, strata_scope=strata_scope, group=group, memory=memory,
-                 shard=shard)
+                 shard=shard, metrics=metrics)

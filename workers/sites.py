@@ -73,6 +73,31 @@ def projection_width(module: torch.nn.Module) -> int:
     return int(module.weight.shape[0])
 
 
+def input_width(module: torch.nn.Module) -> int:
+    """Input width of an FFN's down-projection: nn.Linear, HF's Conv1D (weight in × out), or a
+    weight's shape."""
+    if isinstance(getattr(module, "in_features", None), int):
+        return module.in_features
+    if isinstance(getattr(module, "nf", None), int):
+        return int(module.weight.shape[0])
+    return int(module.weight.shape[1])
+
+
+def declared_widths(model: torch.nn.Module, sites: list[Site]) -> dict:
+    """(layer, site) → the width its module declares (None where it declares none): what a
+    measured activation must have, or the FFN is sharded across ranks."""
+    modules = dict(model.named_modules())
+    out = {}
+    for site in sites:
+        for name, module, width in (("pre", modules[site.pre], projection_width),
+                                    ("post", modules[site.post], input_width)):
+            try:
+                out[(site.layer, name)] = width(module)
+            except (AttributeError, IndexError, TypeError):
+                out[(site.layer, name)] = None
+    return out
+
+
 def model_shape(model: torch.nn.Module, probe) -> dict:
     """d_model, n_layer, ffn_width (and n_head, context where the config says) of a model: what a
     tracked run or a measured checkpoint declares about it."""

@@ -104,10 +104,10 @@ class Decompositions:
     def __enter__(self) -> "Decompositions":
         return self
 
-    def submit(self, step: int, selected: list, precision: str) -> None:
+    def submit(self, step: int, selected: list, precision: str, which: str = "full") -> None:
         self.join()
         if not self.overlap:
-            self._land(decompose(selected, precision, step))
+            self._land(decompose(selected, precision, step, which))
             return
         if self.pool is None:
             self.pool = ThreadPoolExecutor(1, thread_name_prefix="specdb-decompose")
@@ -116,16 +116,16 @@ class Decompositions:
             self.stream = self.stream or torch.cuda.Stream()
             ready = torch.cuda.Event()
             ready.record()  # the moments are complete on the training stream at this point
-        self.pending = self.pool.submit(self._work, selected, precision, step, ready)
+        self.pending = self.pool.submit(self._work, selected, precision, step, ready, which)
 
-    def _work(self, selected: list, precision: str, step: int, ready) -> list[Spectrum]:
+    def _work(self, selected: list, precision: str, step: int, ready, which: str) -> list[Spectrum]:
         if self.threads:
             torch.set_num_threads(self.threads)
         if ready is None:
-            return decompose(selected, precision, step)
+            return decompose(selected, precision, step, which)
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(ready)
-            return decompose(selected, precision, step)
+            return decompose(selected, precision, step, which)
 
     def join(self) -> None:
         if self.pending is not None:
@@ -201,12 +201,12 @@ def _run(config: dict, ds: Dataset, result: RunResult, progress: Progress | None
         try:
             records = accumulate(model, used, token_strata, sites=ms["sites"], strata=ms["strata"],
                                  min_tokens=ms["min_stratum_tokens"], autocast_dtype=autocast, precision=precision,
-                                 limit=limit, all_limit=all_limit, memory=ms["memory"])
+                                 limit=limit, all_limit=all_limit, memory=ms["memory"], which=ms["metrics"])
         except NonFiniteActivations as exc:
             _diverged(result, f"diverged at step {step} (rule: non-finite activations): {exc}")
             return False
         if ranks.leader:
-            background.submit(step, records, precision)
+            background.submit(step, records, precision, ms["metrics"])
         return True
 
     def measure_batch(step: int, batch: torch.Tensor) -> bool:

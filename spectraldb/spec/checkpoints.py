@@ -63,6 +63,7 @@ class CheckpointMeasure(Section):
     memory: Bytes | None = None  # the accumulators' budget (None: half the device's memory); past it, passes
     # the forwards' dtype: auto = the stored dtype on a GPU, float32 on a CPU (the fold is float64)
     dtype: Literal["auto", "stored", "float32", "bfloat16", "float16"] = "auto"
+    metrics: Literal["full", "hard_only"] = "full"  # hard_only: the hard rank alone, no eigendecomposition
     batch: int = Field(8, ge=1, le=4096)
     # for models whose FFNs are not found by family: [FIRST_PROJECTION_REGEX, DOWN_PROJECTION_REGEX]
     patterns: list[Name] | None = Field(None, min_length=2, max_length=2)
@@ -88,7 +89,7 @@ class CheckpointsSpec(Section):
         """One run per entry, its shape filled in once the checkpoint is loaded."""
         m = self.measure
         measure = MeasureSpec(every=1, last_k=1, strata=m.strata, tokens=m.tokens,
-                              min_stratum_tokens=m.min_stratum_tokens, precision=m.precision)
+                              min_stratum_tokens=m.min_stratum_tokens, precision=m.precision, metrics=m.metrics)
         return [TrackedSpec(source="checkpoint", name=self.name, optimizer=e.optimizer, optimizer_name=e.optimizer_name,
                             lr=e.lr, checkpoint=e.ref, seed=e.seed, steps=e.step or 0, corpus=self.corpus,
                             tokens_seen=e.tokens_seen, factors=e.factors, measure=measure)

@@ -50,7 +50,20 @@ NOT_HASHED = ("name", "store", "resources", "checkpoint", "train.device", "optim
 # value that reproduces the earlier behaviour, so existing stores keep their run ids.
 HASHED_UNLESS_DEFAULT = {**{f"model.{k}": v for k, v in BASELINE_ARCHITECTURE.items()},
                          "measure.keep_eigenvalues": "all", "measure.all_tokens": None,
-                         "measure.precision": "fp64", "train.diverged_ppl": 1000.0}
+                         "measure.precision": "fp64", "train.diverged_ppl": 1000.0, "measure.metrics": "full"}
+
+
+def hashed_part(doc: dict, not_hashed, unless_default: dict) -> dict:
+    """`doc` (a spec's JSON dump, changed in place) less the dotted paths that never change results
+    and those still at the value that reproduces earlier run ids."""
+    for path in tuple(not_hashed) + tuple(unless_default):
+        *parents, leaf = path.split(".")
+        node = doc
+        for p in parents:
+            node = node.get(p) or {}
+        if path in not_hashed or node.get(leaf, unless_default[path]) == unless_default[path]:
+            node.pop(leaf, None)
+    return doc
 
 
 class Section(BaseModel):
@@ -207,6 +220,9 @@ class MeasureSpec(Section):
     precision: Literal["fp64", "fp32"] = "fp64"
     # the accumulators' budget (None: half the memory of the run's device); past it, passes
     memory: Bytes | None = None
+    # full: every metric from the eigenvalues; hard_only: the hard rank alone, tr(C)²/‖C‖_F², with no
+    # eigendecomposition (no eigenvalues, soft/Rényi/EEE/JS stored as NULL or not at all)
+    metrics: Literal["full", "hard_only"] = "full"
 
     @model_validator(mode="after")
     def _unique(self):
@@ -254,14 +270,7 @@ class RunSpec(Section):
 
     @property
     def run_id(self) -> str:
-        doc = self.model_dump(mode="json")
-        for path in NOT_HASHED + tuple(HASHED_UNLESS_DEFAULT):
-            *parents, leaf = path.split(".")
-            node = doc
-            for p in parents:
-                node = node[p]
-            if path in NOT_HASHED or node.get(leaf) == HASHED_UNLESS_DEFAULT[path]:
-                node.pop(leaf, None)
+        doc = hashed_part(self.model_dump(mode="json"), NOT_HASHED, HASHED_UNLESS_DEFAULT)
         if PROTOCOL > 1:  # a run measured under another protocol is another run
             doc["protocol"] = PROTOCOL
         blob = json.dumps(doc, sort_keys=True, separators=(",", ":"))

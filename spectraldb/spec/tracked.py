@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 
 from contract.vocabulary import FACTORS, PROTOCOL, STRATA_SCOPES
 from spectraldb.predicates import FACTOR_NAME, MAX_FACTORS
-from spectraldb.spec.models import INT32_MAX, MeasureSpec, Name, Section
+from spectraldb.spec.models import INT32_MAX, MeasureSpec, Name, Section, hashed_part
 
 INT64_MAX = 2**63 - 1  # the store's BIGINT columns
 # columns of `runs` a declared factor may not shadow
@@ -96,7 +96,9 @@ class TrackedSpec(Section):
         factors), not of what loading it revealed, so a checkpoint that failed to load and is
         measured again later is the same run."""
         exclude = {"name", "model"} if self.source == "checkpoint" else {"name"}
-        doc = self.model_dump(mode="json", exclude=exclude)
+        # measure fields added after tracked run ids were first issued: out of the hash as in RunSpec's
+        doc = hashed_part(self.model_dump(mode="json", exclude=exclude), ("measure.memory",),
+                          {"measure.metrics": "full"})
         doc["protocol"] = PROTOCOL
         blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from contract.records import RunResult, Spectrum
-from contract.vocabulary import SITE_DEFINITIONS
+from contract.vocabulary import RANK_COLUMNS, SITE_DEFINITIONS
 
 
 def timestamp(t: float | None) -> datetime | None:
@@ -78,7 +78,8 @@ def rank_rows(run_id: str, records: list[Spectrum]) -> list[dict]:
     """One ranks row (by column name) per computed spectrum, from the metrics attached to it
     (`contract.metrics.attach_metrics`: by the worker, or by `write_run` for records without)."""
     return [{"run_id": run_id, "step": r.step, "layer": r.layer, "site": r.site, "stratum": r.stratum,
-             "n_tokens": r.n_tokens, **r.metrics} for r in records if r.eigenvalues is not None]
+             "n_tokens": r.n_tokens, **{c: r.metrics.get(c) for c in RANK_COLUMNS}}
+            for r in records if r.metrics is not None]
 
 
 def reinjection_rows(run_id: str, records: list[Spectrum]) -> list[dict]:
@@ -95,7 +96,7 @@ def series_from_end(records: list[Spectrum]) -> dict[tuple, int]:
     This is the one definition of a run's window; ranks.from_end stores it."""
     series: dict[tuple, list[int]] = {}
     for r in records:
-        if r.eigenvalues is not None:
+        if r.computed:
             series.setdefault((r.layer, r.site, r.stratum), []).append(r.step)
     return {(step, *key): i + 1 for key, steps in series.items()
             for i, step in enumerate(sorted(steps, reverse=True))}
@@ -108,7 +109,7 @@ def kept(records: list[Spectrum], from_end: dict[tuple, int], last_k: int) -> li
 
 def spectra_rows(run_id: str, records: list[Spectrum]) -> list[dict]:
     return [{"run_id": run_id, "step": s.step, "layer": s.layer, "site": s.site, "stratum": s.stratum,
-             "n_tokens": s.n_tokens, "n_dim": s.n_dim, "skipped": s.min_eigenvalue is None,
+             "n_tokens": s.n_tokens, "n_dim": s.n_dim, "skipped": not s.computed,
              "min_eigenvalue": s.min_eigenvalue,
              "eigenvalues": None if s.eigenvalues is None else np.asarray(s.eigenvalues, dtype=np.float64)}
             for s in records]

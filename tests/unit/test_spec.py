@@ -157,3 +157,20 @@ def test_bad_sweep_blocks_name_their_block(tmp_path, sweep, where):
     override = runner.invoke(app, ["plan", str(write(tmp_path, "sweep:\n  - ffn_mult: [1, 2]\n", "b.yaml")),
                                    "-S", "sweep.seed=[1, 2]"])
     assert override.exit_code == 2 and "list of blocks" in override.stderr
+
+
+def test_run_ids_issued_before_measure_memory_and_metrics_are_unchanged():
+    """Ids computed by specdb at 960cc1e (before measure.memory): a store keeps knowing its runs,
+    whatever the budget (memory is never hashed) and with the full metric suite (the default)."""
+    from spectraldb.spec.checkpoints import CheckpointsSpec
+    from spectraldb.spec.models import RunSpec
+    from spectraldb.spec.tracked import TrackedSpec
+
+    tracked = TrackedSpec(source="tracked", optimizer="AdamW", model={"d_model": 64, "n_layer": 2, "ffn_width": 256},
+                          steps=100, seed=0)
+    checkpoint = CheckpointsSpec.model_validate({"checkpoints": [{"path": "x", "optimizer": "AdamW", "step": 5}]}).runs()[0]
+    assert (tracked.run_id, checkpoint.run_id, RunSpec().run_id) == ("80260243e27de958", "ca66884d74b6791e",
+                                                                     "e85012adae5beb7f")
+    budget = {"measure": {"memory": "300MiB"}}
+    assert RunSpec.model_validate(budget).run_id == RunSpec().run_id
+    assert tracked.model_copy(update={"measure": tracked.measure.model_copy(update={"memory": 5})}).run_id == tracked.run_id
