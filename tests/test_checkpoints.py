@@ -263,3 +263,32 @@ def test_a_checkpoint_runs_in_its_stored_dtype_or_the_one_asked_for(tmp_path, co
                    .replace("min_stratum_tokens: 16}", "min_stratum_tokens: 16, dtype: float8}"))
     refused = runner.invoke(app, ["measure", str(bad)])
     assert refused.exit_code == 2 and "measure.dtype" in refused.stderr and not (tmp_path / "b.duckdb").exists()
+
+
+def test_plan_reads_each_folders_shape_and_a_layer_over_the_budget_is_refused_before_anything(tmp_path, corpus):
+    path = save_checkpoint(tmp_path / "m", corpus, 256, n_embd=16)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text('{"num_hidden_layers": true, "intermediate_size": 1e400, "n_inner": [1]}')
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    (huge / "config.json").write_text('{"n_layer": 2, "n_inner": 64, "pad": "' + "x" * (1 << 20) + '"}')
+    store, spec = tmp_path / "p.duckdb", tmp_path / "p.yaml"
+    entries = [{"path": str(path), "optimizer": "AdamW"}, {"path": str(odd), "optimizer": "AdamW", "step": 1},
+               {"path": str(huge), "optimizer": "AdamW", "step": 2},
+               {"path": str(tmp_path / "gone"), "optimizer": "AdamW", "step": 3}]
+    spec.write_text(spec_text(store, corpus, entries).replace("min_stratum_tokens: 16}",
+                                                              "min_stratum_tokens: 16, memory: 8MiB}"))
+    plan = runner.invoke(app, ["plan", str(spec), "--format", "json"])
+    assert plan.exit_code == 0, plan.output
+    rows = json.loads(plan.stdout)
+    assert (rows[0]["ffn_width"], rows[0]["passes"]) == (256, 4)  # 2 layers × 2 sites, one a pass under 8 MiB
+    assert [(r["ffn_width"], r["passes"]) for r in rows[1:]] == [(None, None)] * 3  # unknown until loaded
+    tight = spec.read_text().replace("memory: 8MiB", "memory: 4MiB")
+    spec.write_text(tight)
+    for command in ("plan", "measure"):
+        out = runner.invoke(app, [command, str(spec)])
+        assert out.exit_code == 2, out.output
+        line, = out.stderr.strip().splitlines()
+        assert line.startswith(f"checkpoints[0] ({path}): measure.memory: one layer × site of width 256 needs")
+    assert not store.exists()

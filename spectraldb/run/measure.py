@@ -10,9 +10,11 @@ others go on; a task whose process dies is retried by Ray. Checkpoints the store
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
+from contract.memory import MemoryBudgetError, default_budget, uniform_plan
 from contract.records import Evaluation, RunResult
 from contract.vocabulary import FINISHED
 from spectraldb import catalog, store
@@ -27,11 +29,62 @@ from spectraldb.spec.checkpoints import CheckpointEntry, CheckpointsSpec
 from spectraldb.spec.tracked import TrackedModel, TrackedSpec
 
 
+CONFIG_BYTES = 1 << 20  # a model folder's config.json larger than this is not read for planning
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+WIDTH_KEYS = ("intermediate_size", "n_inner", "d_ff", "ffn_dim", "ffn_hidden_size")
+
+
+def declared_shape(entry: CheckpointEntry) -> tuple[int, int] | None:
+    """(layers, FFN width) a local model folder's config.json declares, or None when it declares
+    none readable (a model id in the HF cache, a missing or odd file: known once it is loaded)."""
+    if entry.path is None:
+        return None
+    try:
+        path = Path(entry.path) / "config.json"
+        if not path.is_file() or path.stat().st_size > CONFIG_BYTES:
+            return None
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+
+    def whole(keys):
+        return next((v for k in keys if type(v := config.get(k)) is int and 0 < v < 2**31), None)
+
+    layers, width = whole(LAYER_KEYS), whole(WIDTH_KEYS)
+    if width is None and "n_inner" in config and type(config.get("n_embd")) is int:
+        width = 4 * config["n_embd"]  # GPT-2: n_inner null means 4 × n_embd
+    return (layers, width) if layers and width else None
+
+
+def memory_plans(spec: CheckpointsSpec) -> list:
+    """Each entry's measurement plan (None where its shape is unknown before loading), under
+    `measure.memory` or, for CPU tasks, half this machine's memory. Refuses (SpecError) a budget
+    that one layer × site of a declared shape exceeds, before anything runs."""
+    budget = spec.measure.memory
+    if budget is None and spec.resources.gpus == 0:
+        budget = default_budget()
+    plans = []
+    for i, entry in enumerate(spec.checkpoints):
+        shape = declared_shape(entry)
+        if shape is None or budget is None:
+            plans.append(None)
+            continue
+        try:
+            plans.append(uniform_plan(2 * shape[0], shape[1], spec.measure.strata, budget))
+        except MemoryBudgetError as exc:
+            raise SpecError(f"checkpoints[{i}] ({entry.ref}): {exc}") from None
+    return plans
+
+
 def plan_rows(spec: CheckpointsSpec, runs: list[TrackedSpec], db) -> list[dict]:
     known = catalog.statuses(db)
     return [{"run_id": r.run_id, "checkpoint": e.ref, "optimizer": e.optimizer, "step": e.step,
-             "tokens_seen": e.tokens_seen, "status": known.get(r.run_id, "new")}
-            for e, r in zip(spec.checkpoints, runs)]
+             "tokens_seen": e.tokens_seen, "ffn_width": (declared_shape(e) or (None, None))[1],
+             "measure_gib": None if p is None else round(p.peak / 2**30, 3), "passes": None if p is None else p.n_passes,
+             "status": known.get(r.run_id, "new")}
+            for e, r, p in zip(spec.checkpoints, runs, memory_plans(spec))]
 
 
 def job(spec: CheckpointsSpec, entry: CheckpointEntry) -> dict:
@@ -66,6 +119,7 @@ def measure_checkpoints(spec: CheckpointsSpec, runs: list[TrackedSpec], db: str 
         raise SpecError(f"--executor: expected one of {', '.join(EXECUTORS)}, got {executor!r}")
     reporter = reporter or PlainReporter()
     check_store_folder(db)
+    memory_plans(spec)
     with WriterLock(db):
         store.migrate(db)
         known = catalog.statuses(db)
