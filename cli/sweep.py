@@ -221,9 +221,16 @@ def measure(spec: Path = typer.Argument(..., help="A checkpoints spec, e.g. exam
         path = db or cspec.store
         result = measure_checkpoints(cspec, runs, path, reporter=reporter_for(sys.stderr), retry_failed=retry_failed,
                                      executor=executor, address=address)
+    for line in result.damaged:
+        typer.echo(f"damaged spool entry {printable(line)}", err=True)
+    if result.recovered:
+        typer.echo(f"committed {result.recovered} finished run(s) from {path}.spool", err=True)
     if not result.statuses:
         typer.echo(f"nothing to do: all {result.total} checkpoints of {spec} are already in {path}", err=True)
         return
+    if result.waiting:
+        fail(f"{len(result.waiting)} measured checkpoint(s) could not be committed and wait in {path}.spool "
+             f"(the next `specdb measure` or `specdb run` commits them; first: {result.waiting[0]})", 1)
     counts = {s: list(result.statuses.values()).count(s) for s in sorted(set(result.statuses.values()))}
     typer.echo(f"stored {len(result.statuses)} checkpoints in {path} "
                f"({', '.join(f'{n} {s}' for s, n in counts.items())}; {result.skipped} already there)", err=True)

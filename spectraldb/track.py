@@ -69,6 +69,8 @@ class Tracker:
         if self.result.status == "diverged":
             return
         if probe is not None:
+            if hasattr(probe, "where"):  # workers.probe.Probe; a stand-in object may not say
+                self.result.device, self.result.forward_dtype = probe.where()
             try:
                 spectra = probe.compute(step)
             except ArithmeticError as exc:  # workers.extract.NonFiniteActivations

@@ -292,3 +292,48 @@ def test_plan_reads_each_folders_shape_and_a_layer_over_the_budget_is_refused_be
         line, = out.stderr.strip().splitlines()
         assert line.startswith(f"checkpoints[0] ({path}): measure.memory: one layer × site of width 256 needs")
     assert not store.exists()
+
+
+def test_a_result_the_store_cannot_take_is_spooled_and_committed_once(tmp_path, corpus, monkeypatch):
+    from spectraldb import store as store_module
+    from spectraldb.errors import StoreError
+
+    write, calls = store_module.write_run, []
+
+    def busy(*a, **k):  # what a reader holding the file looks like to the writer
+        calls.append(1)
+        if mode == "always" or len(calls) == 1:
+            raise StoreError("the store is held by another process")
+        return write(*a, **k)
+
+    monkeypatch.setattr(store_module, "write_run", busy)
+    store, spec = tmp_path / "s.duckdb", tmp_path / "s.yaml"
+    entries = [{"path": str(save_checkpoint(tmp_path / f"m{i}", corpus, 32, seed=i)), "optimizer": "AdamW",
+                "step": i + 1} for i in range(2)]
+    spec.write_text(spec_text(store, corpus, entries))
+    mode = "once"
+    out = runner.invoke(app, ["measure", str(spec), "--executor", "inline"])
+    assert out.exit_code == 0, out.output
+    assert "not committed yet (StoreError: the store is held by another process); kept in" in out.stderr
+    assert rows_of(store, "SELECT count(*), count(DISTINCT run_id) FROM runs") == [(2, 2)]
+    assert not list((tmp_path / "s.duckdb.spool").glob("*.npz"))
+    # a store that never lets go: the results wait in the spool, and the next writer commits them
+    store2, spec2 = tmp_path / "t.duckdb", tmp_path / "t.yaml"
+    spec2.write_text(spec_text(store2, corpus, entries))
+    mode = "always"
+    out = runner.invoke(app, ["measure", str(spec2), "--executor", "inline"])
+    assert out.exit_code == 1 and "2 measured checkpoint(s) could not be committed and wait in" in out.stderr
+    mode = "once"
+    calls.append(1)  # the store lets go
+    again = runner.invoke(app, ["measure", str(spec2), "--executor", "inline"])
+    assert again.exit_code == 0 and "committed 2 finished run(s)" in again.stderr, again.output
+    assert "nothing to do" in again.stderr  # never measured twice
+    assert rows_of(store2, "SELECT count(*), count(DISTINCT run_id) FROM runs WHERE status = 'done'") == [(2, 2)]
+
+
+def rows_of(db, sql):
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()

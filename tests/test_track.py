@@ -216,3 +216,20 @@ def test_a_hand_edited_store_with_hostile_factor_keys_still_answers(tmp_path):
     with connect(db, read_only=True) as con:
         declared = declared_factors(con)
     assert len(declared) == MAX_FACTORS and "Upper" not in declared and "dataset" in declared
+
+
+def test_a_tracked_run_stores_where_its_probe_measured(tmp_path):
+    import torch
+
+    from tests.conftest import tiny_model
+    from workers.probe import attach
+
+    model = tiny_model()
+    probe = attach(model, strata=("all",), min_tokens=2)
+    db = tmp_path / "w.duckdb"
+    with track(db, optimizer="AdamW", d_model=16, n_layer=2, ffn_width=64, steps=1) as run:
+        ids = torch.randint(0, 64, (4, 16))
+        with torch.no_grad(), probe.measuring(ids):
+            model.hidden(ids)
+        run.log(1, probe=probe)
+    assert rows(db, "SELECT device, forward_dtype FROM runs") == [("cpu", "float32")]

@@ -122,6 +122,11 @@ class Probe:
         self.counts: list[int] = []
         self._handles: list = []
 
+    def where(self) -> tuple[str | None, str | None]:
+        """(device, dtype) of the model's parameters: what a tracked run stores of where it ran."""
+        param = next(self.model.parameters(), None)
+        return (None, None) if param is None else (str(param.device), str(param.dtype).removeprefix("torch."))
+
     @property
     def parts(self) -> range:
         """The passes of one measurement: run the step's measured forwards once per part."""

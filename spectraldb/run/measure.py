@@ -2,10 +2,12 @@
 
 One task per checkpoint (spectraldb.run.executors), as many at once as `resources` allow; the
 driver is the one writer: it holds the store's writer lock for the whole command (like `specdb
-run`) and stores each outcome as it arrives. A checkpoint that cannot be loaded or measured
-becomes a `failed` run with a one-line error, non-finite activations a `diverged` one, and the
-others go on; a task whose process dies is retried by Ray. Checkpoints the store already holds
-(done or diverged; failed too, unless retried) are skipped.
+run`) and stores each outcome as it arrives, or spools it when the store cannot take it then (a
+reader holds it), committing it before it ends or leaving it for the next writer. A checkpoint
+that cannot be loaded or measured becomes a `failed` run with a one-line error, non-finite
+activations a `diverged` one, and the others go on; a task whose process dies is retried by Ray.
+Checkpoints the store already holds (done or diverged; failed too, unless retried) or spooled are
+skipped.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from contract.memory import MemoryBudgetError, default_budget, uniform_plan
 from contract.records import Evaluation, RunResult
 from contract.vocabulary import FINISHED
 from spectraldb import catalog, store
-from spectraldb.errors import SpecError
+from spectraldb.errors import SpecError, one_line
 from spectraldb.provenance import provenance
 from spectraldb.run import executors
 from spectraldb.run.lock import WriterLock
 from spectraldb.run.preflight import check_store_folder
 from spectraldb.run.progress import PlainReporter
+from spectraldb.run.sink import COMMIT_WAIT_S, FINAL_WAIT_S
+from spectraldb.run.spool import Spool, drain
 from spectraldb.run.sweep import EXECUTORS, SweepResult
 from spectraldb.spec.checkpoints import CheckpointEntry, CheckpointsSpec
 from spectraldb.spec.tracked import TrackedModel, TrackedSpec
@@ -122,10 +126,15 @@ def measure_checkpoints(spec: CheckpointsSpec, runs: list[TrackedSpec], db: str 
     memory_plans(spec)
     with WriterLock(db):
         store.migrate(db)
+        spool = Spool(db)
+        damaged: list[str] = []
+        recovered, _ = drain(spool, db, store.LOCK_WAIT_S, damaged) if spool.pending() else (0, [])
         known = catalog.statuses(db)
         skip = FINISHED if retry_failed else FINISHED + ("failed",)
-        todo = [(e, r) for e, r in zip(spec.checkpoints, runs) if known.get(r.run_id) not in skip]
-        result = SweepResult(total=len(runs), skipped=len(runs) - len(todo))
+        spooled = spool.run_ids()  # measured, waiting for a commit: never measured again
+        todo = [(e, r) for e, r in zip(spec.checkpoints, runs)
+                if known.get(r.run_id) not in skip and r.run_id not in spooled]
+        result = SweepResult(total=len(runs), skipped=len(runs) - len(todo), recovered=recovered, damaged=damaged)
         if not todo:
             return result
         documents = executors.checkpoint_documents(spec.corpus)
@@ -137,15 +146,21 @@ def measure_checkpoints(spec: CheckpointsSpec, runs: list[TrackedSpec], db: str 
             run, res, vocab = outcome_result(entry, run, out)
             if run.run_id in result.statuses:
                 return  # delivered once already: stored once
-            store.write_run(db, run, res, prov, spec.name, vocab_size=vocab)
+            note = ""
+            try:
+                store.write_run(db, run, res, prov, spec.name, vocab_size=vocab, wait_s=COMMIT_WAIT_S)
+            except Exception as exc:  # noqa: BLE001 - a reader holds the store, the disk is full: keep it
+                note = f" — not committed yet ({one_line(exc)}); kept in {spool.put(run.run_id, run.config(), res, prov, spec.name, vocab)}"
             result.statuses[run.run_id] = res.status
             detail = f" val_ppl={res.final.val_ppl:.1f}" if res.final is not None else ""
             reporter.finish(run.run_id, entry.ref, res.status, res.duration_s or 0.0,
-                            detail + (f" — {res.error}" if res.error else ""))
+                            detail + (f" — {res.error}" if res.error else "") + note)
 
         jobs = [job(spec, e) for e, _ in todo]
         if executor == "inline":
             executors.measure_inline([{**j, "documents": documents} for j in jobs], deliver)
         else:
             executors.measure_ray(jobs, documents, spec.resources, address, deliver)
+        if spool.pending():  # what a reader kept out: committed once it lets go, else kept for the next writer
+            result.waiting = drain(spool, db, FINAL_WAIT_S)[1]
     return result
