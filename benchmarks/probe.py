@@ -1,9 +1,11 @@
 """What the probe costs (issue 18's goals), measured side by side in one process.
 
-    python benchmarks/probe.py [--steps 40] [--repeats 5] [--threads N]
+    python benchmarks/probe.py [--steps 40] [--repeats 5] [--threads N] [--compile inductor]
 
 1. Training steps with a probe attached but not measuring, against the same steps without one
-   (interleaved, median of --repeats): the idle overhead, whose goal is ≤ 1 %.
+   (interleaved, median of --repeats): the idle overhead, whose goal is ≤ 1 %; with `--compile`,
+   of blocks compiled in place (the probe installs no hook outside `measuring()`, so compiled
+   steps run their graphs unchanged).
 2. One checkpoint's full measurement — 32,768 tokens at D = 1024, two layers, pre and post, four
    strata — by the probe, against a naive reference that buffers every activation and calls
    `numpy.cov` and `numpy.linalg.eigvalsh` per layer × site × stratum (what NerVE-style tools do).
@@ -48,8 +50,11 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def idle_overhead(steps: int, repeats: int) -> tuple[float, float]:
+def idle_overhead(steps: int, repeats: int, backend: str | None = None) -> tuple[float, float]:
     model, ids, counts = model_and_data()
+    if backend:  # as torchtitan compiles: every block in place
+        for block in model.transformer.h:
+            block.compile(backend=backend)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = ids[:8]
 
@@ -113,6 +118,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--parts", default="1,2,3", help="which of the three measurements to run")
+    ap.add_argument("--compile", default=None, help="1. with the blocks compiled by this backend (inductor, aot_eager)")
     a = ap.parse_args()
     parts = {int(p) for p in a.parts.split(",")}
     if a.threads:
@@ -121,8 +127,9 @@ def main() -> None:
           f"D {D_MODEL * MULT}, {LAYERS} layers, context {T}")
 
     if 1 in parts:
-        bare, probed = idle_overhead(a.steps, a.repeats)
-        print(f"\n1. idle: {a.steps} training steps (batch 8 × {T}), median of {a.repeats}: "
+        bare, probed = idle_overhead(a.steps, a.repeats, a.compile)
+        print(f"\n1. idle{' (blocks compiled: ' + a.compile + ')' if a.compile else ''}: {a.steps} training steps "
+              f"(batch 8 × {T}), median of {a.repeats}: "
               f"without a probe {bare:.3f} s, with one attached {probed:.3f} s → overhead {100 * (probed / bare - 1):+.2f} %")
     if parts == {1}:
         return

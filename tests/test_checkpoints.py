@@ -132,7 +132,8 @@ def test_a_revision_in_the_local_hf_cache_is_measured_offline(tmp_path, corpus):
         {"model": "tiny/gpt2-suite", "revision": "step3000", "optimizer": "AdamW", "step": 3000}]))  # not cached
     env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    out = subprocess.run([sys.executable, "-m", "cli.main", "measure", str(spec), "--executor", "inline"], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "cli.main", "measure", str(spec), "--executor", "inline"], env=env,
+                         capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 3, out.stderr  # the uncached revision fails alone
     con = duckdb.connect(str(store), read_only=True)

@@ -48,10 +48,12 @@ def test_a_hard_only_run_stores_hard_ranks_and_fits_beta_hard_alone(tmp_path, co
     assert [r[:4] for r in full] == [r[:4] for r in hard] and len(hard) > 0
     np.testing.assert_allclose([r[4] for r in hard], [r[4] for r in full], rtol=1e-9)
     assert {r[5] for r in hard} == {None}
-    spectra = rows(stores["hard_only"], "SELECT bool_or(eigenvalues IS NOT NULL), count(*) FILTER (NOT skipped) FROM spectra")
+    spectra = rows(stores["hard_only"],
+                   "SELECT bool_or(eigenvalues IS NOT NULL), count(*) FILTER (NOT skipped) FROM spectra")
     assert spectra[0][0] is False and spectra[0][1] == len(hard)
     assert rows(stores["hard_only"], "SELECT count(*) FROM reinjection") == [(0,)]
-    assert rows(stores["full"], "SELECT run_id FROM runs ORDER BY 1") != rows(stores["hard_only"], "SELECT run_id FROM runs ORDER BY 1")
+    ids = "SELECT run_id FROM runs ORDER BY 1"
+    assert rows(stores["full"], ids) != rows(stores["hard_only"], ids)  # hard_only is another run
     betas = {}
     for which, db in stores.items():
         out = runner.invoke(app, ["query", "beta", "--db", str(db), "--stratum", "all", "--format", "json"])

@@ -192,7 +192,8 @@ def test_explicit_patterns_cover_any_other_model():
     with torch.no_grad(), probe.measuring(ids):
         model(ids)
     recs = probe.compute()
-    assert {(r.layer, r.site) for r in recs} == {(0, "pre"), (0, "post"), (1, "pre"), (1, "post")}
+    # layer ids come from the module names (`1.up`, `2.up`: the Sequential's indices)
+    assert {(r.layer, r.site) for r in recs} == {(1, "pre"), (1, "post"), (2, "pre"), (2, "post")}
     assert all(r.n_dim == 24 for r in recs)
 
 

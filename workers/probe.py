@@ -11,7 +11,9 @@ workers/sites.py; every run stores which definition it used (`SITE_DEFINITIONS`)
 
 Padded positions (attention_mask 0) never enter a covariance; `min_tokens` is the strata's floor
 (the pooled `all` spectrum is never skipped, protocol 3). Forwards between `compute()` calls
-merge exactly. Under torch.distributed the accumulators are reduced across ranks exactly (count,
+merge exactly. Under torch.compile the forwards inside `measuring` run eagerly (compiled code never
+re-checks module hooks); the compiled graphs are untouched, so other steps neither pay nor
+recompile. Under torch.distributed the accumulators are reduced across ranks exactly (count,
 mean, centred scatter, merged in rank order) before decomposition. Between measurements no hook
 is installed; inside one, an activation-checkpoint recomputation during backward is not counted.
 """
@@ -28,6 +30,7 @@ from contract import memory as mem
 from contract.records import Spectrum
 from contract.sizes import frequency_strata
 from contract.vocabulary import SITE_DEFINITIONS, SITES, STRATA, STRATA_SCOPES
+from workers.collectives import _rank, _world, fold_to_owner, reduce_across_ranks
 from workers.extract import (METRIC_SETS, PRECISIONS, NonFiniteActivations, StreamingCovariance, decompose,
                              eigenvalues_of)
 from workers.sites import (SITE_FAMILIES, ProbeError, Site, declared_widths, find_sites,  # noqa: F401 - the API
@@ -58,18 +61,6 @@ def strata_table(counts=None, *, strata_of_ids=None, scope: str = "global", grou
         else:
             dist.broadcast(counts, src=0, group=group)
     return torch.from_numpy(frequency_strata(counts.numpy()).astype(np.int64))
-
-
-def _world(group=None) -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
-
-
-def _rank(group=None) -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank(group)
 
 
 class Probe:
@@ -165,15 +156,18 @@ class Probe:
         keys = set(self.plan.passes[part])
         self._label(input_ids, attention_mask, limit, all_limit)
         modules = dict(self.model.named_modules())
+        # compiled code does not re-check module hooks: the measured forwards run eagerly (the
+        # compiled graphs stay as they are, so the steps between measurements never recompile)
         try:
-            for site in self.sites:
-                if "pre" in self.measure and (site.layer, "pre") in keys:
-                    self._handles.append(modules[site.pre].register_forward_hook(
-                        lambda m, inp, out, layer=site.layer: self._fold(layer, "pre", out)))
-                if "post" in self.measure and (site.layer, "post") in keys:
-                    self._handles.append(modules[site.post].register_forward_pre_hook(
-                        lambda m, inp, layer=site.layer: self._fold(layer, "post", inp[0])))
-            yield self
+            with torch.compiler.set_stance("force_eager"):
+                for site in self.sites:
+                    if "pre" in self.measure and (site.layer, "pre") in keys:
+                        self._handles.append(modules[site.pre].register_forward_hook(
+                            lambda m, inp, out, layer=site.layer: self._fold(layer, "pre", out)))
+                    if "post" in self.measure and (site.layer, "post") in keys:
+                        self._handles.append(modules[site.post].register_forward_pre_hook(
+                            lambda m, inp, layer=site.layer: self._fold(layer, "post", inp[0])))
+                yield self
         finally:
             for h in self._handles:
                 h.remove()
@@ -233,40 +227,13 @@ class Probe:
             # so each stratum's rows are converted once and centred in place
             x = act.detach().reshape(-1, dim).index_select(0, self.order).to(accumulate)
             if self.world > 1:
-                self._fold_to_owner(layer, site, torch.split(x, self.counts), mine)
+                owner = self.owner[(layer, site)]
+                fold_to_owner([self.acc.get((layer, site, s)) for s in self.needed], self.needed,
+                              torch.split(x, self.counts), owner, self.group)
                 return
             for s, rows in enumerate(torch.split(x, self.counts)):
                 if rows.shape[0] and s in self.needed:
                     self.acc[(layer, site, s)]._update_owned(rows)
-
-    def _fold_to_owner(self, layer: int, site: str, parts, mine: bool) -> None:
-        """Sharded: the chunk's count and mean over every rank (one all_reduce of D+1 per part),
-        each rank's scatter about that mean summed onto the owner (one reduce of D×D per part):
-        Σ_r (X_r−μ)ᵀ(X_r−μ) is the pooled chunk's centred scatter, exactly. Every rank runs the
-        same forwards, so the collectives meet in the same order."""
-        import torch.distributed as dist
-
-        from workers.extract import gram
-
-        dim = parts[0].shape[1]
-        sums = torch.zeros(len(self.needed), dim + 1, dtype=torch.float64, device=parts[0].device)
-        for j, s in enumerate(self.needed):
-            sums[j, 0] = parts[s].shape[0]
-            sums[j, 1:] = parts[s].sum(0, dtype=torch.float64)
-        dist.all_reduce(sums, group=self.group)
-        owner = dist.get_global_rank(self.group, self.owner[(layer, site)]) if self.group is not None \
-            else self.owner[(layer, site)]
-        for j, s in enumerate(self.needed):
-            n = int(sums[j, 0].item())
-            if not n:
-                continue  # no rank saw a position of this part: every rank skips alike
-            mean = sums[j, 1:] / n
-            rows = parts[s]
-            scatter = gram(rows - mean.to(rows.dtype)).double().contiguous() if rows.shape[0] else \
-                torch.zeros(dim, dim, dtype=torch.float64, device=rows.device)
-            dist.reduce(scatter, dst=owner, group=self.group)  # in place: the owner's becomes the sum
-            if mine:
-                self.acc[(layer, site, s)].fold_moments(n, mean, scatter)
 
     def _check_unsharded(self, layer: int, site: str, act) -> None:
         """A tensor-parallel FFN hands a hook a DTensor, or a local shard narrower than the
@@ -371,61 +338,6 @@ class Probe:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-GATHER_BYTES = 1 << 28  # the most one all_gather sends per rank: bounds the gathered copies' memory
-
-
-def reduce_across_ranks(accumulators, group=None):
-    """The exact pooled accumulators of every rank's (count, mean, centred scatter), merged in rank
-    order, so every rank holds the same result. Takes one StreamingCovariance or a dict of them
-    (the same keys on every rank); a dict's moments travel in as few all_gathers as GATHER_BYTES
-    allows (one per measured step at small widths; per-call latency dominated before)."""
-    import torch.distributed as dist
-
-    if isinstance(accumulators, StreamingCovariance):
-        return reduce_across_ranks({0: accumulators}, group)[0]
-    world = dist.get_world_size(group)
-    keys = sorted(accumulators)
-    out, batch, size = {}, [], 0
-    for key in keys:
-        dim = accumulators[key].dim
-        batch.append(key)
-        size += 8 * (1 + dim + dim * dim)
-        if size >= GATHER_BYTES:
-            out.update(_gather_merge(accumulators, batch, world, group))
-            batch, size = [], 0
-    if batch:
-        out.update(_gather_merge(accumulators, batch, world, group))
-    return out
-
-
-def _gather_merge(accumulators: dict, keys: list, world: int, group) -> dict:
-    import torch.distributed as dist
-
-    parts = []
-    for key in keys:
-        cov = accumulators[key]
-        parts += [torch.tensor([float(cov.n)], dtype=torch.float64, device=cov.mean.device), cov.mean,
-                  cov.m2.reshape(-1)]
-    flat = torch.cat(parts)
-    gathered = [torch.empty_like(flat) for _ in range(world)]
-    dist.all_gather(gathered, flat, group=group)
-    out = {}
-    for key in keys:
-        cov = accumulators[key]
-        out[key] = StreamingCovariance(cov.dim, cov.accumulate, cov.device)
-    for theirs in gathered:  # rank order
-        offset = 0
-        for key in keys:
-            dim = out[key].dim
-            part = StreamingCovariance(dim, out[key].accumulate, out[key].device)
-            part.n = int(theirs[offset].item())
-            part.mean = theirs[offset + 1:offset + 1 + dim]
-            part.m2 = theirs[offset + 1 + dim:offset + 1 + dim + dim * dim].view(dim, dim)
-            offset += 1 + dim + dim * dim
-            out[key].merge(part)
-    return out
 
 
 def device_budget(model: torch.nn.Module) -> int:

@@ -150,7 +150,8 @@ def measure_checkpoints(spec: CheckpointsSpec, runs: list[TrackedSpec], db: str 
             try:
                 store.write_run(db, run, res, prov, spec.name, vocab_size=vocab, wait_s=COMMIT_WAIT_S)
             except Exception as exc:  # noqa: BLE001 - a reader holds the store, the disk is full: keep it
-                note = f" — not committed yet ({one_line(exc)}); kept in {spool.put(run.run_id, run.config(), res, prov, spec.name, vocab)}"
+                kept = spool.put(run.run_id, run.config(), res, prov, spec.name, vocab)
+                note = f" — not committed yet ({one_line(exc)}); kept in {kept}"
             result.statuses[run.run_id] = res.status
             detail = f" val_ppl={res.final.val_ppl:.1f}" if res.final is not None else ""
             reporter.finish(run.run_id, entry.ref, res.status, res.duration_s or 0.0,
