@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from contract import memory as mem  # noqa: E402
 
 # name: (d_model, n_layer, ffn width, heads) as published (Pythia; Llama-3 8B)
-SHAPES = {"70m": (512, 6, 2048, 8), "160m": (768, 12, 3072, 12), "410m": (1024, 24, 4096, 16),
+SHAPES = {"tiny": (64, 2, 256, 4), "70m": (512, 6, 2048, 8), "160m": (768, 12, 3072, 12), "410m": (1024, 24, 4096, 16),
           "1b": (2048, 16, 8192, 8), "2.8b": (2560, 32, 10240, 32), "llama-8b": (4096, 32, 14336, 32)}
-PARAMS = {"70m": 70e6, "160m": 162e6, "410m": 405e6, "1b": 1.01e9, "2.8b": 2.78e9, "llama-8b": 8.03e9}
+PARAMS = {"tiny": 1e6, "70m": 70e6, "160m": 162e6, "410m": 405e6, "1b": 1.01e9, "2.8b": 2.78e9, "llama-8b": 8.03e9}
 STRATA = ("all", "head", "mid", "tail")
 CONTEXT, VOCAB = 512, 4096
 # One H200 (assumptions, not measurements): FP64 tensor-core peak 67 TFLOP/s at 50 % for the
@@ -78,7 +78,9 @@ def one(name: str, layers: int, tokens: int, memory: int | None, threads: int | 
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "top_eigs": eig}
 
 
-def child(name, layers, tokens, memory=None, threads=None) -> dict:
+def child(name, layers, tokens, memory=None, threads=None, here=False) -> dict:
+    if here:  # the smoke run: in this process (its peak RSS is then not the shape's own)
+        return one(name, layers, tokens, memory, threads)
     args = [sys.executable, __file__, "--one", name, "--layers", str(layers), "--tokens", str(tokens)]
     args += ["--memory", str(memory)] if memory else []
     args += ["--threads", str(threads)] if threads else []
@@ -122,7 +124,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="70m,160m,410m")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--quick", action="store_true", help="a smoke run: 70m at 1 layer, 1024 tokens, D 512")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: a D-256 shape, 1 layer, 1024 tokens")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--memory", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -130,12 +132,12 @@ def main() -> None:
         print(json.dumps(one(a.one, a.layers, a.tokens, a.memory, a.threads)))
         return
     if a.quick:
-        a.layers, a.tokens, a.eig, a.shapes = 1, 1024, "512", "70m"
-    rows = [child(s, a.layers, a.tokens, threads=a.threads) for s in a.shapes.split(",")]
+        a.layers, a.tokens, a.eig, a.shapes = 1, 1024, "256", "tiny"
+    rows = [child(s, a.layers, a.tokens, threads=a.threads, here=a.quick) for s in a.shapes.split(",")]
     last = rows[-1]
     # the largest shape again, with a budget that holds one layer × site a pass
     tight = mem.pass_bytes([last["D"]], STRATA)
-    passes = child(last["shape"], a.layers, a.tokens, memory=tight, threads=a.threads)
+    passes = child(last["shape"], a.layers, a.tokens, memory=tight, threads=a.threads, here=a.quick)
     assert passes["top_eigs"] == last["top_eigs"], "spectra in passes differ from one pass"
     print(f"# measured on this machine: {a.layers} layer(s) per model, {a.tokens} tokens, pre+post × 4 strata, fp64")
     print("shape   D      passes  plan_peak_GiB  peak_RSS_GiB  forward+products_s  decompose_s  per_layer_s")

@@ -9,7 +9,9 @@ docs/fidelity.md.
 
 import numpy as np
 
-from workers.data import STRATUM_BOUNDS, frequency_strata, prepare
+from contract.sizes import frequency_strata
+from contract.vocabulary import STRATUM_BOUNDS
+from workers.data import prepare
 
 
 def protocol1_strata(counts: np.ndarray, bounds=STRATUM_BOUNDS) -> np.ndarray:
