@@ -242,15 +242,32 @@ def test_a_real_full_disk(tmp_path, corpus):
 
 
 def test_the_progress_sidecar_tolerates_a_full_disk(tmp_path, monkeypatch):
+    """The sidecar's own write (write_atomically: a fresh file, written, renamed) hits ENOSPC; the
+    sweep's reporter carries on and leaves no temporary file. The fault is counted, so this test
+    fails if the write ever takes another path."""
     rep = SidecarReporter(PlainReporter(open(os.devnull, "w")), tmp_path / "s.duckdb")
+    real, fired = os.fdopen, []
 
-    def enospc(self, *a, **k):
-        raise OSError(28, "No space left on device")
+    class Full:
+        def __init__(self, fd, mode):
+            self.f = real(fd, mode)
 
-    monkeypatch.setattr(Path, "write_text", enospc)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            fired.append(len(data))
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", Full)
     rep.start(1, 0)
     rep.finish("r", "AdamW", "done", 1.0)  # no exception
     monkeypatch.undo()
+    assert len(fired) == 2  # both writes met the full disk
+    assert not list(tmp_path.iterdir())  # no half-written temporary file left behind
     rep.close()
     assert not list(tmp_path.iterdir())
 
