@@ -176,3 +176,38 @@ def test_names_without_distinct_numbers_are_numbered_in_order():
     assert layer_ids(["h.2.mlp", "h.2.other"]) == [0, 1]  # two share one: order instead
     assert layer_ids(["h.1²3.mlp", "h.99999999999.mlp"]) == [0, 1]  # not plain, or too long: order
     assert layer_ids(["h.12.mlp", "h.4.mlp"]) == [12, 4]
+
+
+def test_a_fused_gate_and_up_projection_is_measured_at_its_gate():
+    """Phi-3's `gate_up_proj` outputs [gate | up]: `pre` is the gate, the first half, as the model
+    chunks it; its width, the run's FFN width, is half the module's."""
+    transformers = pytest.importorskip("transformers")
+    from workers.sites import model_shape
+
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(vocab_size=V, hidden_size=D_MODEL, intermediate_size=WIDTH, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                  pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    model = transformers.Phi3ForCausalLM(cfg).eval().double()
+    probe = attach(model, strata=("all",), min_tokens=2)
+    site = probe.sites[1]
+    assert (site.pre, site.post, site.gated, site.fused) == ("model.layers.1.mlp.gate_up_proj",
+                                                             "model.layers.1.mlp.down_proj", True, True)
+    assert model_shape(model, probe)["ffn_width"] == WIDTH
+    ids = torch.randint(0, V, (4, 12), generator=torch.Generator().manual_seed(2))
+    acts = {}
+    mlp = model.model.layers[1].mlp
+    hooks = [mlp.gate_up_proj.register_forward_hook(lambda m, i, o: acts.__setitem__("pre", o.chunk(2, -1)[0])),
+             mlp.down_proj.register_forward_pre_hook(lambda m, i: acts.__setitem__("post", i[0]))]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad(), probe.measuring(ids):
+        model(input_ids=ids)
+    got = {(r.layer, r.site): r for r in probe.compute()}
+    for name in ("pre", "post"):
+        x = acts[name].reshape(-1, WIDTH).detach().numpy()
+        want = np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False)))[::-1].clip(1e-12)
+        assert got[(1, name)].n_dim == WIDTH
+        np.testing.assert_allclose(got[(1, name)].eigenvalues, want, rtol=1e-9, atol=1e-12 * want.max())

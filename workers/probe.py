@@ -34,7 +34,7 @@ from workers.collectives import _rank, _world, fold_to_owner, reduce_across_rank
 from workers.extract import (METRIC_SETS, PRECISIONS, NonFiniteActivations, StreamingCovariance, decompose,
                              eigenvalues_of)
 from workers.sites import (SITE_FAMILIES, ProbeError, Site, declared_widths, find_sites,  # noqa: F401 - the API
-                           model_config, model_shape, projection_width)
+                           model_config, model_shape, pre_width)
 
 MEASURED = ("head", "mid", "tail")  # stratum index 0, 1, 2 of a token-strata table
 REST = 3  # positions past the strata's budget that still count toward `all` (measuring's all_limit)
@@ -93,8 +93,8 @@ class Probe:
             tuple(MEASURED.index(s) for s in self.strata)
         self.widths = declared_widths(model, self.sites)
         self.names = {(site.layer, name): getattr(site, name) for site in self.sites for name in SITES}
-        units = [((site.layer, name), self.widths[(site.layer, "pre")] or projection_width(
-            dict(model.named_modules())[site.pre])) for site in self.sites for name in self.measure]
+        units = [((site.layer, name), self.widths[(site.layer, "pre")] or pre_width(
+            dict(model.named_modules())[site.pre], site)) for site in self.sites for name in self.measure]
         # sharded: each (layer, site) of a pass has one owner rank, so a rank holds 1/W of a pass
         self.world = _world(group) if shard else 1
         budget = (memory if memory is not None else device_budget(model)) * self.world
@@ -163,7 +163,7 @@ class Probe:
                 for site in self.sites:
                     if "pre" in self.measure and (site.layer, "pre") in keys:
                         self._handles.append(modules[site.pre].register_forward_hook(
-                            lambda m, inp, out, layer=site.layer: self._fold(layer, "pre", out)))
+                            lambda m, inp, out, site=site: self._fold(site.layer, "pre", gate_of(out, site))))
                     if "post" in self.measure and (site.layer, "post") in keys:
                         self._handles.append(modules[site.post].register_forward_pre_hook(
                             lambda m, inp, layer=site.layer: self._fold(layer, "post", inp[0])))
@@ -338,6 +338,14 @@ class Probe:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def gate_of(out, site: Site):
+    """`pre` of a fused [gate | up] projection is the gate, its first half (as the model chunks it);
+    a DTensor passes whole, for the guard to refuse."""
+    if not site.fused or type(out).__name__ == "DTensor":
+        return out
+    return out[..., : out.shape[-1] // 2]
 
 
 def device_budget(model: torch.nn.Module) -> int:

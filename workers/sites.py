@@ -14,11 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-# (family, first projection, down-projection, also required, gated): children of one module
+# (family, first projection, down-projection, also required, gated): children of one module.
+# A gated first projection named in FUSED outputs [gate | up]: `pre` is its first half.
+FUSED = ("gate_up_proj",)
 SITE_FAMILIES = (
     ("c_fc/c_proj: specdb's GPT, nanoGPT, HF GPT-2", "c_fc", "c_proj", (), False),
     ("dense_h_to_4h/dense_4h_to_h: GPT-NeoX, Pythia", "dense_h_to_4h", "dense_4h_to_h", (), False),
     ("gate_proj/up_proj/down_proj: Llama, Mistral, Qwen2, OLMo-hf", "gate_proj", "down_proj", ("up_proj",), True),
+    ("gate_up_proj/down_proj: Phi-3 (gate and up fused, gate first)", "gate_up_proj", "down_proj", (), True),
     ("w1/w3/w2: torchtitan Llama (feed_forward)", "w1", "w2", ("w3",), True),
     ("fc_1/fc_2/proj: litgpt LLaMAMLP", "fc_1", "proj", ("fc_2",), True),
     ("fc/proj: litgpt GptNeoxMLP", "fc", "proj", (), False),
@@ -37,6 +40,7 @@ class Site:
     pre: str      # the module whose output is `pre`
     post: str     # the module whose input is `post`
     gated: bool
+    fused: bool = False  # `pre`'s module outputs [gate | up] (FUSED): the gate is its first half
 
 
 def find_sites(model: torch.nn.Module, patterns: tuple[str, str] | None = None, gated: bool = False) -> list[Site]:
@@ -60,7 +64,8 @@ def find_sites(model: torch.nn.Module, patterns: tuple[str, str] | None = None, 
                     prefix = f"{name}." if name else ""
                     found.append((prefix + first, prefix + down, is_gated))
                     break
-    sites = [Site(layer, a, b, g) for layer, (a, b, g) in zip(layer_ids([a for a, _, _ in found]), found)]
+    sites = [Site(layer, a, b, g, g and a.rsplit(".", 1)[-1] in FUSED)
+             for layer, (a, b, g) in zip(layer_ids([a for a, _, _ in found]), found)]
     if not sites:
         seen = ", ".join(n for n in names[1:13] if n) or "none"
         raise ProbeError(f"no FFN found in {type(model).__name__}: looked for "
@@ -94,6 +99,12 @@ def projection_width(module: torch.nn.Module) -> int:
     return int(module.weight.shape[0])
 
 
+def pre_width(module: torch.nn.Module, site: Site) -> int:
+    """The width of `pre`: the first projection's output, half of it where gate and up are fused."""
+    width = projection_width(module)
+    return width // 2 if site.fused else width
+
+
 def input_width(module: torch.nn.Module) -> int:
     """Input width of an FFN's down-projection: nn.Linear, HF's Conv1D (weight in × out), or a
     weight's shape."""
@@ -110,7 +121,7 @@ def declared_widths(model: torch.nn.Module, sites: list[Site]) -> dict:
     modules = dict(model.named_modules())
     out = {}
     for site in sites:
-        for name, module, width in (("pre", modules[site.pre], projection_width),
+        for name, module, width in (("pre", modules[site.pre], lambda m, site=site: pre_width(m, site)),
                                     ("post", modules[site.post], input_width)):
             try:
                 out[(site.layer, name)] = width(module)
@@ -131,7 +142,7 @@ def model_shape(model: torch.nn.Module, probe) -> dict:
                 shape[key] = value
                 break
     modules = dict(model.named_modules())
-    shape["ffn_width"] = projection_width(modules[probe.sites[0].pre])
+    shape["ffn_width"] = pre_width(modules[probe.sites[0].pre], probe.sites[0])
     shape.setdefault("n_layer", len(probe.sites))
     if "d_model" not in shape:
         raise ValueError("d_model: not in the model's config; pass d_model=")
