@@ -293,6 +293,11 @@ def test_plan_reads_each_folders_shape_and_a_layer_over_the_budget_is_refused_be
         line, = out.stderr.strip().splitlines()
         assert line.startswith(f"checkpoints[0] ({path}): measure.memory: one layer × site of width 256 needs")
     assert not store.exists()
+    # Ray memory no node holds: refused before any task waits forever for it
+    spec.write_text(tight.replace("memory: 4MiB", "memory: 8MiB") + "resources: {memory: 1000TiB}\n")
+    out = runner.invoke(app, ["measure", str(spec)])
+    assert out.exit_code == 2 and "bytes of memory; no node of the Ray cluster has that much" in out.stderr, out.output
+    assert not store.exists() or rows_of(store, "SELECT count(*) FROM runs") == [(0,)]  # nothing measured
 
 
 def test_a_result_the_store_cannot_take_is_spooled_and_committed_once(tmp_path, corpus, monkeypatch):

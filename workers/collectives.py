@@ -24,8 +24,6 @@ def _rank(group=None) -> int:
     return dist.get_rank(group)
 
 
-
-
 GATHER_BYTES = 1 << 28  # the most one all_gather sends per rank: bounds the gathered copies' memory
 
 

@@ -253,7 +253,7 @@ def measure_ray(jobs: list[dict], documents: list[str], resources, address: str 
     resources allow; a task whose worker process dies is retried `resources.max_retries` times,
     and each outcome is delivered to the one writer once, as it arrives."""
     with ray_session(address) as ray:
-        check_node_fits(resources.cpus, resources.gpus, ray.nodes(), "each checkpoint asks for", "")
+        check_node_fits(resources.cpus, resources.gpus, ray.nodes(), "each checkpoint asks for", "", resources.memory)
         task = _measure_task.options(num_cpus=resources.cpus, num_gpus=resources.gpus,
                                      max_retries=resources.max_retries,
                                      **({"memory": resources.memory} if resources.memory else {}))

@@ -118,12 +118,15 @@ def check_cluster(runs, nodes: list[dict]) -> None:
                             f"{res.gpus:g} GPUs at once; the Ray cluster can ever hold {fits}")
 
 
-def check_node_fits(cpus: float, gpus: float, nodes: list[dict], who: str, per: str) -> None:
-    """Some live node of the Ray cluster holds `cpus` and `gpus` (else the task waits forever)."""
+def check_node_fits(cpus: float, gpus: float, nodes: list[dict], who: str, per: str, memory: int | None = None) -> None:
+    """Some live node of the Ray cluster holds `cpus`, `gpus` and `memory` bytes (else the task
+    waits forever)."""
     alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
-    if not any(node.get("CPU", 0) >= cpus and node.get("GPU", 0) >= gpus for node in alive):
-        raise SpecError(f"resources: {who} {cpus:g} CPUs and {gpus:g} GPUs{' ' + per if per else ''}; no node of "
-                        "the Ray cluster has that much")
+    if not any(node.get("CPU", 0) >= cpus and node.get("GPU", 0) >= gpus and node.get("memory", 0) >= (memory or 0)
+               for node in alive):
+        asked = f"{cpus:g} CPUs and {gpus:g} GPUs" + (f" and {memory:,} bytes of memory" if memory else "")
+        raise SpecError(f"resources: {who} {asked}{' ' + per if per else ''}; no node of the Ray cluster "
+                        "has that much")
 
 
 def _local_gpus() -> int:
