@@ -2,6 +2,7 @@
 or a local shard narrower than the module's declared width — is refused in one line naming the
 module and the widths, never measured as if it were the whole FFN."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,42 +28,89 @@ def test_a_shard_narrower_than_the_declared_width_is_refused_with_the_module_and
         model.hidden(ids)
 
 
+IDS = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+STRATA = torch.arange(64) % 3
+
+
+def _spectra(probe):
+    return {(r.layer, r.site, r.stratum): (r.n_tokens, r.eigenvalues, r.metrics) for r in probe.compute()}
+
+
 def _tp_rank(rank, world, out_dir):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+    from tests.megatron import MegatronGPT
+
     dist.init_process_group("gloo", init_method=f"file://{out_dir / 'rendezvous'}", rank=rank, world_size=world)
     try:
         mesh = init_device_mesh("cpu", (world,))
-        model = tiny_model()
+        model = tiny_model().double()
         for block in model.transformer.h:
             parallelize_module(block.mlp, mesh, {"c_fc": ColwiseParallel(), "c_proj": RowwiseParallel()})
-        ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
-        messages = []
-        for measure in (("pre",), ("post",), ("pre", "post")):
+        messages, results = [], {}
+        for measure in (("pre",), ("post",), ("pre", "post")):  # nothing declared: a local slice is refused
             probe = attach(model, strata=("all",), min_tokens=2, measure=measure)
             try:
-                with torch.no_grad(), probe.measuring(ids):
-                    model.hidden(ids)
+                with torch.no_grad(), probe.measuring(IDS):
+                    model.hidden(IDS)
                 messages.append("measured")
             except ProbeError as exc:
                 messages.append(str(exc))
+        for shard in (False, True):  # declared: the slices are gathered into the whole features
+            probe = attach(model, token_strata=STRATA, min_tokens=2, tensor_parallel=mesh, shard=shard)
+            for ids in (IDS[:3], IDS[3:]):  # two forwards merge
+                with torch.no_grad(), probe.measuring(ids):
+                    model.hidden(ids)
+            results[f"torch shard={shard}"] = _spectra(probe)
+        # Megatron's layout: no DTensor, gate and up fused per rank, sequence-first
+        megatron = MegatronGPT(gated=True, tp_rank=rank, tp_size=world, group=dist.group.WORLD).double()
+        probe = attach(megatron, token_strata=STRATA, min_tokens=2, tensor_parallel=dist.group.WORLD)
+        with torch.no_grad(), probe.measuring(IDS):
+            megatron(IDS)
+        results["megatron"] = _spectra(probe)
         (out_dir / f"messages-{rank}.txt").write_text("\n".join(messages))
+        torch.save(results, out_dir / f"spectra-{rank}.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow  # two processes
-def test_a_column_and_row_parallel_ffn_is_refused_on_every_rank(tmp_path):
+def test_tensor_parallel_ffns_are_refused_undeclared_and_equal_the_unsharded_model_declared(tmp_path):
+    """Column-parallel c_fc, row-parallel c_proj (torch.distributed.tensor) and Megatron's own
+    layout, over 2 gloo ranks: a local slice nobody declared is refused on every rank; declared,
+    every stratum's spectrum equals the unsharded model's to 1e-12 (float64 forwards: the
+    row-parallel sum only reorders additions), unsharded and sharded accumulators alike."""
     import torch.multiprocessing as mp
 
+    from tests.megatron import MegatronGPT
+
     mp.spawn(_tp_rank, args=(2, tmp_path), nprocs=2, join=True)
+    want = {}
+    model = tiny_model().double()
+    probe = attach(model, token_strata=STRATA, min_tokens=2)
+    with torch.no_grad(), probe.measuring(IDS):
+        model.hidden(IDS)
+    want["torch"] = _spectra(probe)
+    megatron = MegatronGPT(gated=True).double()
+    probe = attach(megatron, token_strata=STRATA, min_tokens=2)
+    with torch.no_grad(), probe.measuring(IDS):
+        megatron(IDS)
+    want["megatron"] = _spectra(probe)
     for rank in (0, 1):
         pre, post, both = (tmp_path / f"messages-{rank}.txt").read_text().splitlines()
         assert pre.startswith("site pre of layer 0 (transformer.h.0.mlp.c_fc): activations of width 32, but the "
-                              "module declares 64"), pre
-        assert post.startswith("site post of layer 0 (transformer.h.0.mlp.c_proj): activations of width 32, but "
-                               "the module declares 64") or "DTensor" in post, post
+                              "module declares 64: a tensor-parallel (sharded) FFN"), pre
+        assert post == "measured", post  # c_proj's input arrives as a DTensor: it carries its own layout
         assert both.startswith("site pre of layer 0"), both
+        got = torch.load(tmp_path / f"spectra-{rank}.pt", weights_only=False)
+        for name, spectra in got.items():
+            reference = want[name.split()[0]]
+            assert spectra.keys() == reference.keys() and len(spectra) == 2 * 2 * 4
+            for key, (n, eig, metrics) in spectra.items():
+                n0, eig0, metrics0 = reference[key]
+                assert n == n0 and eig0 is not None and len(eig) == len(eig0), (name, key)  # none skipped
+                assert np.max(np.abs(np.asarray(eig) - eig0)) <= 1e-12 * np.max(eig0), (name, key)
+                assert metrics == pytest.approx(metrics0, rel=1e-12), (name, key)

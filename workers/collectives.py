@@ -24,6 +24,18 @@ def _rank(group=None) -> int:
     return dist.get_rank(group)
 
 
+def gather_features(act: torch.Tensor, group) -> torch.Tensor:
+    """A tensor-parallel rank's local slice of the FFN features, gathered along the feature
+    dimension in rank order: the whole activation, the same on every rank of `group` (a column-
+    parallel projection's output columns, and a row-parallel one's input, are split in rank order)."""
+    import torch.distributed as dist
+
+    act = act.detach().contiguous()
+    parts = [torch.empty_like(act) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, act, group=group)
+    return torch.cat(parts, dim=-1)
+
+
 GATHER_BYTES = 1 << 28  # the most one all_gather sends per rank: bounds the gathered copies' memory
 
 
@@ -77,8 +89,6 @@ def _gather_merge(accumulators: dict, keys: list, world: int, group) -> dict:
             offset += 1 + dim + dim * dim
             out[key].merge(part)
     return out
-
-
 
 
 def fold_to_owner(owned: list, needed: tuple, parts, owner: int, group=None) -> None:

@@ -33,6 +33,7 @@ from contract.vocabulary import SITE_DEFINITIONS, SITES, STRATA, STRATA_SCOPES
 from workers.collectives import _rank, _world, fold_to_owner, reduce_across_ranks
 from workers.extract import (METRIC_SETS, PRECISIONS, NonFiniteActivations, StreamingCovariance, decompose,
                              eigenvalues_of)
+from workers.layouts import batch_first, check_unsharded, whole_features
 from workers.sites import (SITE_FAMILIES, ProbeError, Site, declared_widths, find_sites,  # noqa: F401 - the API
                            model_config, model_shape, pre_width)
 
@@ -72,7 +73,8 @@ class Probe:
 
     def __init__(self, model: torch.nn.Module, sites: list[Site], *, token_strata=None, measure=SITES,
                  strata=STRATA, min_tokens: int = 1000, precision: str = "fp64", strata_scope: str = "global",
-                 group=None, memory: int | None = None, shard: bool = False, metrics: str = "full"):
+                 group=None, memory: int | None = None, shard: bool = False, metrics: str = "full",
+                 tensor_parallel=None):
         if precision not in PRECISIONS:
             raise ProbeError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
         if metrics not in METRIC_SETS:
@@ -84,6 +86,8 @@ class Probe:
         self.model, self.sites, self.measure = model, list(sites), tuple(measure)
         self.strata, self.min_tokens, self.precision = tuple(strata), min_tokens, precision
         self.strata_scope, self.group = strata_scope, group
+        # a DeviceMesh's group or a ProcessGroup: the ranks that each hold a slice of every FFN
+        self.tp_group = tensor_parallel.get_group() if hasattr(tensor_parallel, "get_group") else tensor_parallel
         self.token_strata = None if token_strata is None else torch.as_tensor(np.asarray(token_strata), dtype=torch.int64)
         if self.token_strata is not None and (self.token_strata.ndim != 1 or not self.token_strata.numel() or
                                               int(self.token_strata.min()) < 0 or int(self.token_strata.max()) > 2):
@@ -163,10 +167,10 @@ class Probe:
                 for site in self.sites:
                     if "pre" in self.measure and (site.layer, "pre") in keys:
                         self._handles.append(modules[site.pre].register_forward_hook(
-                            lambda m, inp, out, site=site: self._fold(site.layer, "pre", gate_of(out, site))))
+                            lambda m, inp, out, site=site: self._fold(site, "pre", out)))
                     if "post" in self.measure and (site.layer, "post") in keys:
                         self._handles.append(modules[site.post].register_forward_pre_hook(
-                            lambda m, inp, layer=site.layer: self._fold(layer, "post", inp[0])))
+                            lambda m, inp, site=site: self._fold(site, "post", inp[0])))
                 yield self
         finally:
             for h in self._handles:
@@ -177,6 +181,7 @@ class Probe:
     def _label(self, input_ids: torch.Tensor, attention_mask, limit: int | None = None,
                all_limit: int | None = None) -> None:
         ids = torch.as_tensor(input_ids)
+        self.shape = tuple(ids.shape)
         if self.token_strata is None:
             labels = torch.zeros(ids.numel(), dtype=torch.int64, device=ids.device)
         else:
@@ -207,10 +212,14 @@ class Probe:
         self.counts = torch.bincount(kept, minlength=REST + 1).tolist()
         self.positions, self.counted = labels.numel(), sum(self.counts)
 
-    def _fold(self, layer: int, site: str, act: torch.Tensor) -> None:
+    def _fold(self, where: Site, site: str, act) -> None:
         if self.order is None or torch._C._current_graph_task_id() != -1:
             return  # outside `measuring`, or a checkpointed forward recomputed during backward
-        self._check_unsharded(layer, site, act)
+        layer = where.layer
+        name = self.names[(layer, site)]
+        act, (tp_rank, tp_world) = whole_features(where, site, act, self.tp_group, name)
+        check_unsharded(act, self.widths[(layer, site)], layer, site, name)
+        act = batch_first(where, site, act, self.shape, name)
         dim = act.shape[-1]
         if act.numel() != self.positions * dim:
             raise ProbeError(f"site {site} of layer {layer}: the activations hold {act.numel() // dim} positions, "
@@ -226,28 +235,17 @@ class Probe:
             # one gather sorts the positions by stratum (padded ones left out); it is a fresh copy,
             # so each stratum's rows are converted once and centred in place
             x = act.detach().reshape(-1, dim).index_select(0, self.order).to(accumulate)
+            parts = torch.split(x, self.counts)
+            if tp_world > 1:  # every TP rank holds the same whole rows: each folds its share of them
+                parts = [rows.tensor_split(tp_world)[tp_rank] for rows in parts]
             if self.world > 1:
                 owner = self.owner[(layer, site)]
-                fold_to_owner([self.acc.get((layer, site, s)) for s in self.needed], self.needed,
-                              torch.split(x, self.counts), owner, self.group)
+                fold_to_owner([self.acc.get((layer, site, s)) for s in self.needed], self.needed, parts, owner,
+                              self.group)
                 return
-            for s, rows in enumerate(torch.split(x, self.counts)):
+            for s, rows in enumerate(parts):
                 if rows.shape[0] and s in self.needed:
                     self.acc[(layer, site, s)]._update_owned(rows)
-
-    def _check_unsharded(self, layer: int, site: str, act) -> None:
-        """A tensor-parallel FFN hands a hook a DTensor, or a local shard narrower than the
-        module's declared width: its covariance would be of a slice of the features, silently."""
-        name = self.names[(layer, site)]
-        if type(act).__name__ == "DTensor":
-            raise ProbeError(f"site {site} of layer {layer} ({name}): the activation is a DTensor "
-                             f"({', '.join(map(str, getattr(act, 'placements', ())))}): a tensor-parallel FFN; specdb "
-                             "measures unsharded FFNs only (docs/design.md, tensor parallelism)")
-        want = self.widths[(layer, site)]
-        if want is not None and act.shape[-1] != want:
-            raise ProbeError(f"site {site} of layer {layer} ({name}): activations of width {act.shape[-1]}, but the "
-                             f"module declares {want}: a tensor-parallel (sharded) FFN; specdb measures unsharded FFNs "
-                             "only (docs/design.md, tensor parallelism)")
 
     # ------------------------------------------------------------------ results
 
@@ -340,14 +338,6 @@ class Probe:
         self.close()
 
 
-def gate_of(out, site: Site):
-    """`pre` of a fused [gate | up] projection is the gate, its first half (as the model chunks it);
-    a DTensor passes whole, for the guard to refuse."""
-    if not site.fused or type(out).__name__ == "DTensor":
-        return out
-    return out[..., : out.shape[-1] // 2]
-
-
 def device_budget(model: torch.nn.Module) -> int:
     """The default accumulator budget: a share of the memory of the device the model is on."""
     param = next(model.parameters(), None)
@@ -359,18 +349,24 @@ def device_budget(model: torch.nn.Module) -> int:
 def attach(model: torch.nn.Module, *, patterns: tuple[str, str] | None = None, token_strata=None,
            token_counts=None, strata_scope: str = "global", measure=SITES, strata=None, min_tokens: int = 1000,
            precision: str = "fp64", group=None, memory: int | None = None, shard: bool = False,
-           metrics: str = "full", gated: bool = False) -> Probe:
+           metrics: str = "full", gated: bool = False, tensor_parallel=None, sequence_first: bool = False,
+           stack: str | None = None) -> Probe:
     """A Probe on the FFNs of `model` (found by family, or by `patterns`). Strata come from
     `token_strata` (stratum of each id) or `token_counts` (a count per id: the study's frequency
     rule, reduced across ranks by `strata_scope`); with neither, only `all` is measured. `gated`
     says whether the first projection `patterns` names is a gate (families know their own). With
     `shard` under torch.distributed, each layer × site's accumulators live on one owner rank (every
     rank must run the same measured forwards); `memory` is then each rank's budget. `metrics`
-    `hard_only` stores the hard rank alone, without an eigendecomposition."""
+    `hard_only` stores the hard rank alone, without an eigendecomposition. `tensor_parallel` (a
+    ProcessGroup or 1-D DeviceMesh): the ranks among which each FFN's features are split; each
+    site's slices are gathered into the whole features, exactly (a DTensor activation needs no
+    declaration). `sequence_first`: `patterns`' activations are [s, b, h] (families know theirs).
+    `stack`: one layer set of a model with several (T5: `encoder` or `decoder`), layers numbered
+    within it; without it every FFN is measured (T5: numbered encoder first)."""
     table = None
     if token_strata is not None or token_counts is not None:
         table = strata_table(token_counts, strata_of_ids=token_strata, scope=strata_scope, group=group)
     strata = tuple(strata) if strata is not None else (STRATA if table is not None else ("all",))
-    return Probe(model, find_sites(model, patterns, gated), token_strata=table, measure=measure, strata=strata,
+    return Probe(model, find_sites(model, patterns, gated, sequence_first, stack), token_strata=table, measure=measure, strata=strata,
                  min_tokens=min_tokens, precision=precision, strata_scope=strata_scope, group=group, memory=memory,
-                 shard=shard, metrics=metrics)
+                 shard=shard, metrics=metrics, tensor_parallel=tensor_parallel)

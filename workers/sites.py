@@ -14,19 +14,36 @@ from dataclasses import dataclass
 
 import torch
 
-# (family, first projection, down-projection, also required, gated): children of one module.
-# A gated first projection named in FUSED outputs [gate | up]: `pre` is its first half.
-FUSED = ("gate_up_proj",)
+
+@dataclass(frozen=True)
+class Family:
+    """Children of one module that make an FFN. `gated` None: read from the module's
+    `config.gated_linear_unit` (Megatron). `fused`: the first projection outputs [gate | up] and
+    `pre` is the gate, its first half — of the whole output (`whole`: Phi-3), or of each
+    tensor-parallel rank's local output (`per_rank`: Megatron interleaves them per rank).
+    `sequence_first`: its activations are [s, b, h] (Megatron), not [b, s, h]."""
+    name: str
+    first: str
+    down: str
+    also: tuple = ()
+    gated: bool | None = False
+    fused: str = ""
+    sequence_first: bool = False
+
+
 SITE_FAMILIES = (
-    ("c_fc/c_proj: specdb's GPT, nanoGPT, HF GPT-2", "c_fc", "c_proj", (), False),
-    ("dense_h_to_4h/dense_4h_to_h: GPT-NeoX, Pythia", "dense_h_to_4h", "dense_4h_to_h", (), False),
-    ("gate_proj/up_proj/down_proj: Llama, Mistral, Qwen2, OLMo-hf", "gate_proj", "down_proj", ("up_proj",), True),
-    ("gate_up_proj/down_proj: Phi-3 (gate and up fused, gate first)", "gate_up_proj", "down_proj", (), True),
-    ("w1/w3/w2: torchtitan Llama (feed_forward)", "w1", "w2", ("w3",), True),
-    ("fc_1/fc_2/proj: litgpt LLaMAMLP", "fc_1", "proj", ("fc_2",), True),
-    ("fc/proj: litgpt GptNeoxMLP", "fc", "proj", (), False),
-    ("wi_0/wi_1/wo: T5 v1.1, T5-Efficient (gated DenseReluDense)", "wi_0", "wo", ("wi_1",), True),
-    ("wi/wo: T5 (DenseReluDense)", "wi", "wo", (), False),
+    Family("c_fc/c_proj: specdb's GPT, nanoGPT, HF GPT-2", "c_fc", "c_proj"),
+    Family("dense_h_to_4h/dense_4h_to_h: GPT-NeoX, Pythia", "dense_h_to_4h", "dense_4h_to_h"),
+    Family("gate_proj/up_proj/down_proj: Llama, Mistral, Qwen2, OLMo-hf", "gate_proj", "down_proj", ("up_proj",), True),
+    Family("gate_up_proj/down_proj: Phi-3 (gate and up fused, gate first)", "gate_up_proj", "down_proj", (), True,
+           "whole"),
+    Family("w1/w3/w2: torchtitan Llama (feed_forward)", "w1", "w2", ("w3",), True),
+    Family("linear_fc1/linear_fc2: Megatron-core MLP (sequence-first; gated per config, gate and up fused per "
+           "tensor-parallel rank)", "linear_fc1", "linear_fc2", (), None, "per_rank", True),
+    Family("fc_1/fc_2/proj: litgpt LLaMAMLP", "fc_1", "proj", ("fc_2",), True),
+    Family("fc/proj: litgpt GptNeoxMLP", "fc", "proj"),
+    Family("wi_0/wi_1/wo: T5 v1.1, T5-Efficient (gated DenseReluDense)", "wi_0", "wo", ("wi_1",), True),
+    Family("wi/wo: T5 (DenseReluDense)", "wi", "wo"),
 )
 
 
@@ -40,13 +57,17 @@ class Site:
     pre: str      # the module whose output is `pre`
     post: str     # the module whose input is `post`
     gated: bool
-    fused: bool = False  # `pre`'s module outputs [gate | up] (FUSED): the gate is its first half
+    fused: str = ""               # Family.fused: where `pre` is the first half of a [gate | up] output
+    sequence_first: bool = False  # activations are [s, b, h]
 
 
-def find_sites(model: torch.nn.Module, patterns: tuple[str, str] | None = None, gated: bool = False) -> list[Site]:
+def find_sites(model: torch.nn.Module, patterns: tuple[str, str] | None = None, gated: bool = False,
+               sequence_first: bool = False, stack: str | None = None) -> list[Site]:
     """The FFN of every block, in module order, each with its layer id (`layer_ids`). `patterns`
     (two regular expressions matching full module names: the first projection, the
-    down-projection; `gated` says whether the first is a gate) covers any other model."""
+    down-projection; `gated` says whether the first is a gate, `sequence_first` whether the
+    activations are [s, b, h]) covers any other model. `stack` keeps one layer set of a model that
+    has several (T5's `encoder` and `decoder`: `stacks`), numbered from its own layer ids."""
     names = [name for name, _ in model.named_modules()]
     if patterns is not None:
         pre = [n for n in names if re.fullmatch(patterns[0], n)]
@@ -54,24 +75,46 @@ def find_sites(model: torch.nn.Module, patterns: tuple[str, str] | None = None, 
         if not pre or len(pre) != len(post):
             raise ProbeError(f"patterns {patterns[0]!r}, {patterns[1]!r} match {len(pre)} and {len(post)} modules; "
                              "they must match one module each per block")
-        found = [(a, b, gated) for a, b in zip(pre, post)]
+        found = [(a, b, gated, "", sequence_first) for a, b in zip(pre, post)]
     else:
         found = []
         for name, module in model.named_modules():
             children = dict(module.named_children())
-            for _, first, down, also, is_gated in SITE_FAMILIES:
-                if first in children and down in children and all(c in children for c in also):
+            for family in SITE_FAMILIES:
+                if family.first in children and family.down in children and all(c in children for c in family.also):
                     prefix = f"{name}." if name else ""
-                    found.append((prefix + first, prefix + down, is_gated))
+                    is_gated = family.gated if family.gated is not None else \
+                        bool(getattr(getattr(module, "config", None), "gated_linear_unit", False))
+                    found.append((prefix + family.first, prefix + family.down, is_gated,
+                                  family.fused if is_gated else "", family.sequence_first))
                     break
-    sites = [Site(layer, a, b, g, g and a.rsplit(".", 1)[-1] in FUSED)
-             for layer, (a, b, g) in zip(layer_ids([a for a, _, _ in found]), found)]
+    if stack is not None:
+        named = stacks([row[0] for row in found])
+        if stack not in named:
+            raise ProbeError(f"stack: {stack!r} is not one of this model's layer sets "
+                             f"({', '.join(sorted(set(named))) if any(named) else 'it has one, unnamed'})")
+        found = [row for row, name in zip(found, named) if name == stack]
+    sites = [Site(layer, *row) for layer, row in zip(layer_ids([row[0] for row in found]), found)]
     if not sites:
         seen = ", ".join(n for n in names[1:13] if n) or "none"
         raise ProbeError(f"no FFN found in {type(model).__name__}: looked for "
-                         f"{'; '.join(f[0].split(':')[0] for f in SITE_FAMILIES)} (modules seen: {seen}, …); "
+                         f"{'; '.join(f.name.split(':')[0] for f in SITE_FAMILIES)} (modules seen: {seen}, …); "
                          "pass patterns=(FIRST_PROJECTION_REGEX, DOWN_PROJECTION_REGEX)")
     return sites
+
+
+def stacks(names: list[str]) -> list[str]:
+    """Each FFN's layer set: the first component where the module names part that is not a
+    number (T5's `encoder.block.0…`, `decoder.block.0…` → encoder, decoder); "" for every FFN of a
+    model with one stack (its names part first at the layer number)."""
+    split = [name.split(".") for name in names]
+    depth = 0
+    while all(len(parts) > depth for parts in split) and len({parts[depth] for parts in split}) == 1:
+        depth += 1
+    out = [parts[depth] if len(parts) > depth else "" for parts in split]
+    if len(set(out)) < 2 or any(re.fullmatch("[0-9]+", part) for part in out):
+        return [""] * len(names)
+    return out
 
 
 def layer_ids(names: list[str]) -> list[int]:
@@ -93,7 +136,7 @@ CONFIG_NAMES = {"d_model": ("hidden_size", "n_embd", "d_model"), "n_layer": ("nu
 
 def projection_width(module: torch.nn.Module) -> int:
     """Output width of an FFN's first projection: nn.Linear, HF's Conv1D, or a weight's shape."""
-    for attr in ("out_features", "nf"):
+    for attr in ("out_features", "nf", "output_size"):  # nn.Linear, HF Conv1D, Megatron (the whole width)
         if isinstance(getattr(module, attr, None), int):
             return getattr(module, attr)
     return int(module.weight.shape[0])
@@ -108,8 +151,9 @@ def pre_width(module: torch.nn.Module, site: Site) -> int:
 def input_width(module: torch.nn.Module) -> int:
     """Input width of an FFN's down-projection: nn.Linear, HF's Conv1D (weight in × out), or a
     weight's shape."""
-    if isinstance(getattr(module, "in_features", None), int):
-        return module.in_features
+    for attr in ("in_features", "input_size"):  # nn.Linear, Megatron (the whole width)
+        if isinstance(getattr(module, attr, None), int):
+            return getattr(module, attr)
     if isinstance(getattr(module, "nf", None), int):
         return int(module.weight.shape[0])
     return int(module.weight.shape[1])
@@ -154,3 +198,4 @@ def model_config(model: torch.nn.Module) -> dict:
     if config is not None and hasattr(config, "to_dict"):
         return {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}
     return {}
+
