@@ -67,7 +67,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def rank_main(rank: int, port: int, config: dict, ds, device: str, out):
+def rank_main(rank: int, port: int, config, ds, device: str, out):
     import torch.distributed as dist
 
     from workers import probe, train
@@ -94,7 +94,7 @@ def rank_main(rank: int, port: int, config: dict, ds, device: str, out):
     os._exit(0)
 
 
-def two_ranks(config: dict, ds, device: str) -> dict:
+def two_ranks(config, ds, device: str) -> dict:
     from contract.records import RunResult
 
     with socket.socket() as s:
@@ -114,7 +114,7 @@ def two_ranks(config: dict, ds, device: str) -> dict:
     return got
 
 
-def one_process(config: dict, ds, device: str, threads: int) -> dict:
+def one_process(config, ds, device: str, threads: int) -> dict:
     from workers import train
 
     t = time.perf_counter()
@@ -143,12 +143,12 @@ def main() -> None:
     from workers.data import prepare
 
     trained = spec(args.device, args.quick, 3e-3)
-    ds = prepare(trained.data.model_dump())
+    ds = prepare(trained.worker_config().data)
     print(f"config: {trained.model.n_layer} layers, d_model {trained.model.d_model}, D {trained.model.ffn_width}, "
           f"{trained.train.steps} steps × {trained.train.batch_size} sequences of {trained.data.context}; "
           f"`all` on {trained.measure.pooled_tokens} tokens, strata on {trained.measure.tokens} (rank 0's share)")
-    ranks = two_ranks(trained.config(), ds, args.device)
-    single = one_process(trained.config(), ds, args.device, threads=2)
+    ranks = two_ranks(trained.worker_config(), ds, args.device)
+    single = one_process(trained.worker_config(), ds, args.device, threads=2)
     print("\nstep  train loss (2 ranks / 1 process)     val loss (2 ranks / 1 process)")
     worst = 0.0
     for a, b in zip(ranks["result"].evals, single["result"].evals):
@@ -159,8 +159,8 @@ def main() -> None:
     print(f"trained spectra, largest relative eigenvalue difference: {spectra_gap(ranks['result'], single['result']):.2e}")
 
     frozen = spec(args.device, args.quick, 1e-30)
-    gap = spectra_gap(two_ranks(frozen.config(), ds, args.device)["result"],
-                      one_process(frozen.config(), ds, args.device, threads=2)["result"])
+    gap = spectra_gap(two_ranks(frozen.worker_config(), ds, args.device)["result"],
+                      one_process(frozen.worker_config(), ds, args.device, threads=2)["result"])
     print(f"same weights, same tokens (lr 1e-30): largest relative eigenvalue difference {gap:.2e} (goal ≤ 1e-9)")
 
     print(f"\nwall: 2 ranks {ranks['wall']:.2f} s, 1 process {single['wall']:.2f} s, "

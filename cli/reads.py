@@ -8,7 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import DEFAULT_DB, DbOpt, FormatOpt, capped_memory, check_format, cli_time_limit, fail, translated
+from cli.common import (DEFAULT_DB, DbOpt, FormatOpt, capped_memory, check_format, cli_time_limit, fail,
+                        need_extra, translated)
 from cli.output import printable, render_stream
 from cli.query import DivergedOpt, SiteOpt, WhereOpt
 
@@ -186,6 +187,7 @@ def serve(db: Optional[str] = DbOpt, host: str = typer.Option("127.0.0.1", help=
 
     Examples: specdb serve · specdb serve --host 0.0.0.0 --allowed-host lab-box --token "$(openssl rand -hex 16)"
     """
+    need_extra("serve", "serve")
     import uvicorn
 
     from spectraldb.bounds import SERVICE_TIME_S, ReadLimits, cap_process_memory

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import DEFAULT_DB, DbOpt, FormatOpt, SetOpt, check_format, fail, translated
+from cli.common import DEFAULT_DB, DbOpt, FormatOpt, SetOpt, check_format, fail, need_extra, translated
 from cli.output import printable, render
 from contract.vocabulary import PLAN_STATUSES
 
@@ -36,6 +36,7 @@ def run(spec: Path = typer.Argument(..., help="Spec file, e.g. experiments.yaml"
     from spectraldb.run.progress import reporter_for
     from spectraldb.run.sweep import EXECUTORS, run_sweep
 
+    need_extra("run", "train")
     if executor not in EXECUTORS:
         fail(f"--executor: unknown executor {executor!r} (expected ray or inline)", 2)
     with translated():
@@ -215,6 +216,8 @@ def measure(spec: Path = typer.Argument(..., help="A checkpoints spec, e.g. exam
     from spectraldb.run.measure import measure_checkpoints
     from spectraldb.run.progress import reporter_for
     from spectraldb.spec.checkpoints import load_checkpoints
+
+    need_extra("measure", "hf")
 
     with translated():
         cspec, runs = load_checkpoints(spec, set_ or [])

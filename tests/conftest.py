@@ -176,13 +176,15 @@ def planted_factors(tmp_path_factory):
 
 # ---------------------------------------------------------------- optimizer configs and a tiny model
 
-ADAMW = {"name": "adamw", "lr": 3e-3, "betas": [0.9, 0.95], "weight_decay": 0.01, "eps": 1e-8}
-MUON = {"name": "muon", "lr": 0.02, "momentum": 0.95, "nesterov": True, "weight_decay": 0.01,
-        "lr_scale": "spectral", "ns": "dion_quintic5", "ns_dtype": "auto", "scalar_lr": None,
-        "lion_betas": [0.95, 0.98]}
-NORMUON = {**MUON, "name": "normuon", "beta2": 0.95, "eps": 1e-8, "mode": "preserve_norm"}
-DION = {"name": "dion", "lr": 0.02, "mu": 0.95, "weight_decay": 0.01, "rank_fraction": 0.5,
-        "rank_multiple_of": 1, "eps": 1e-8, "state_dtype": "fp32", "scalar_lr": None, "lion_betas": [0.95, 0.98]}
+def optimizer(name: str, **kw):
+    """The typed optimizer record a worker receives (contract/config.py), from the spec's defaults."""
+    from spectraldb.spec import RunSpec
+
+    return RunSpec.model_validate({"optimizer": {"name": name, **kw}}).worker_config().optimizer
+
+
+ADAMW, MUON, NORMUON, DION = optimizer("adamw"), optimizer("muon"), optimizer("normuon"), \
+    optimizer("dion", rank_fraction=0.5)
 
 
 def tiny_model(**kw):

@@ -23,17 +23,17 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, corpus, optimizer):
     spec.write_text(tiny_spec(corpus, tmp_path / "c.duckdb", "", steps=9,
                               extra=f"optimizer: {optimizer}\ncheckpoint: {{every: 4, dir: {tmp_path / 'ck'}}}\n"))
     run = load_spec(spec)[0].runs[0]
-    ds = prepare(run.data.model_dump())
-    clean = train_run(run.config(), ds)
+    ds = prepare(run.worker_config().data)
+    clean = train_run(run.worker_config(), ds)
 
     def crash_at_7(step, steps):
         if step == 7:
             raise Crash("simulated crash")
 
     ckpt = tmp_path / "ck" / f"{run.run_id}.pt"
-    crashed = train_run(run.config(), ds, crash_at_7, checkpoint=ckpt)
+    crashed = train_run(run.worker_config(), ds, crash_at_7, checkpoint=ckpt)
     assert crashed.status == "failed" and ckpt.exists()
-    resumed = train_run(run.config(), ds, checkpoint=ckpt)
+    resumed = train_run(run.worker_config(), ds, checkpoint=ckpt)
     assert resumed.status == "done" and resumed.resumed_from == 4
     assert resumed.evals == clean.evals
     assert len(resumed.spectra) == len(clean.spectra)

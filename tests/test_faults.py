@@ -45,7 +45,7 @@ def dying_at(step: int, markers):
     def train(config, ds, progress=None, threads=None, checkpoint=None):
         from workers.train import run
 
-        marker = markers / f"killed-{hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]}"
+        marker = markers / f"killed-{hashlib.sha1(repr(config).encode()).hexdigest()[:16]}"
         first = not marker.exists()
         marker.touch()
 

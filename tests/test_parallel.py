@@ -68,7 +68,7 @@ def dying_rank(markers, step):
         import torch.distributed as dist
         from workers.train import run
 
-        key = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+        key = hashlib.sha1(repr(config).encode()).hexdigest()[:12]
         rank = dist.get_rank()
         first = not (markers / f"killed-{key}").exists()
         if rank == 0:

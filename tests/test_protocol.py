@@ -1,6 +1,7 @@
 """The study's protocol: the window per series, train-batch timing, protocol versions in a store."""
 
 import json
+from dataclasses import replace
 
 import duckdb
 import numpy as np
@@ -52,11 +53,11 @@ def by_hand(run, ds, *, until: int) -> dict:
     from workers.optim import build_optimizers, lr_multiplier, set_lr
     from workers.train import is_measured
 
-    cfg, m, T, B = run.config(), run.model, run.data.context, run.train.batch_size
+    cfg, m, T, B = run.worker_config(), run.model, run.data.context, run.train.batch_size
     torch.manual_seed(run.train.seed)
     rng = np.random.default_rng(run.train.seed)
     model = GPT(GPTConfig.from_run(cfg, ds.vocab_size))
-    optimizers = build_optimizers(model, cfg["optimizer"])
+    optimizers = build_optimizers(model, cfg.optimizer)
     strata = torch.from_numpy(ds.strata.astype(np.int64))
 
     def draw():
@@ -64,9 +65,9 @@ def by_hand(run, ds, *, until: int) -> dict:
         return torch.from_numpy(ds.train[starts[:, None] + np.arange(T + 1)].astype(np.int64))
 
     def spectra(x):
-        ms = cfg["measure"]
-        return measure(model, x, strata, sites=ms["sites"], strata=ms["strata"], min_tokens=ms["min_stratum_tokens"],
-                       limit=ms["tokens"], all_limit=ms["all_tokens"] or ms["tokens"])
+        ms = cfg.measure
+        return measure(model, x, strata, sites=ms.sites, strata=ms.strata, min_tokens=ms.min_stratum_tokens,
+                       limit=ms.tokens, all_limit=ms.pooled_tokens)
 
     out, batch = {}, draw()
     for s in range(1, until + 1):
@@ -96,7 +97,7 @@ def protocol_run(tmp_path, corpus, steps=5, measure="tokens: 64, all_tokens: 96,
     spec.write_text(tiny_spec(corpus, tmp_path / "t.duckdb", "", steps=steps).replace(
         "tokens: 1024", measure).replace("batch_size: 4", "batch_size: 8").replace("every: 3", "every: 2"))
     run = load_spec(spec)[0].runs[0]
-    return run, prepare(run.data.model_dump())
+    return run, prepare(run.worker_config().data)
 
 
 def test_the_step_s_spectrum_is_of_the_weights_after_s_updates(tmp_path, corpus):
@@ -108,7 +109,7 @@ def test_the_step_s_spectrum_is_of_the_weights_after_s_updates(tmp_path, corpus)
     from workers.data import eval_batch
 
     run, ds = protocol_run(tmp_path, corpus)
-    res = train_run(run.config(), ds)
+    res = train_run(run.worker_config(), ds)
     assert res.status == "done", res.error
     hand = by_hand(run, ds, until=run.train.steps)
     assert sorted({r.step for r in res.spectra}) == sorted(hand["spectra"]) == [1, 2, 4, 5]
@@ -129,8 +130,8 @@ def test_a_resumed_run_measures_the_step_it_saved_on_the_next_batch(tmp_path, co
     from workers import train as train_module
 
     run, ds = protocol_run(tmp_path, corpus)
-    cfg = {**run.config(), "checkpoint": {"every": 2, "dir": str(tmp_path), "keep": True}}
-    whole = train_run(run.config(), ds)
+    cfg = replace(run.worker_config(), checkpoint_every=2)
+    whole = train_run(run.worker_config(), ds)
     ckpt = tmp_path / "c.pt"
     calls = []
 
@@ -151,7 +152,7 @@ def test_the_pooled_spectrum_is_never_skipped_for_want_of_tokens(tmp_path, corpu
     eigenvalues), the pooled spectrum is measured anyway."""
     run, ds = protocol_run(tmp_path, corpus, measure="tokens: 64, source: train_batch")
     run = run.model_copy(update={"measure": run.measure.model_copy(update={"min_stratum_tokens": 100000})})
-    res = train_run(run.config(), ds)
+    res = train_run(run.worker_config(), ds)
     assert res.status == "done", res.error
     assert {r.stratum for r in res.spectra if r.eigenvalues is not None} == {"all"}
     assert {r.stratum for r in res.spectra if r.eigenvalues is None} == {"head", "mid", "tail"}

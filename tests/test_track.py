@@ -148,8 +148,8 @@ def test_tracked_runs_give_the_beta_of_the_same_runs_trained_by_specdb(tiny):
     assert runner.invoke(app, ["run", str(spec), "--executor", "inline"]).exit_code == 0
     tracked_db = db.with_name("tracked.duckdb")
     for r in load_spec(spec)[0].runs:
-        ds = prepare(r.data.model_dump())
-        res = train_run(r.config(), ds)
+        ds = prepare(r.worker_config().data)
+        res = train_run(r.worker_config(), ds)
         with track(tracked_db, optimizer=r.label, d_model=r.model.d_model, n_layer=r.model.n_layer,
                    ffn_width=r.model.ffn_width, seed=r.train.seed, steps=r.train.steps, last_k=r.measure.last_k,
                    vocab_size=ds.vocab_size) as run:

@@ -26,12 +26,13 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from contract import metrics
+from contract.config import AdamWConfig
 from workers import extract
 from workers.model import GPT, GPTConfig
 from workers.optim import build_optimizers
 
 from contract.vocabulary import SITES, STRATA  # noqa: E402
-ADAMW = {"name": "adamw", "lr": 3e-3, "betas": [0.9, 0.95], "weight_decay": 0.01, "eps": 1e-8}
+ADAMW = AdamWConfig(name="adamw", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01, eps=1e-8)
 
 
 def sync(device):

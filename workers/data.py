@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.config import DataConfig
 from contract.sizes import frequency_strata
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
@@ -153,20 +154,20 @@ def _split_tokens(tokens: np.ndarray, eot: int, fraction: float) -> tuple[np.nda
     return tokens[~held], tokens[held]
 
 
-def prepare(data: dict, cache_dir: Path | None = None) -> Dataset:
-    """Build (or load from cache) the dataset a `data:` spec section describes."""
+def prepare(data: DataConfig, cache_dir: Path | None = None) -> Dataset:
+    """Build (or load from cache) the dataset a run's `data` record describes (contract/config.py)."""
     try:
         return _prepare(data, cache_dir)
     except OSError as exc:  # unreadable file, vanished folder, full cache disk: one line
-        name = getattr(exc, "filename", None) or data["corpus"]
+        name = getattr(exc, "filename", None) or data.corpus
         raise DataError(f"{name}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
-        raise DataError(f"corpus {data['corpus']}: not UTF-8 text ({exc.reason})") from None
+        raise DataError(f"corpus {data.corpus}: not UTF-8 text ({exc.reason})") from None
 
 
-def _prepare(data: dict, cache_dir: Path | None = None) -> Dataset:
-    kind, files = resolve_corpus(data["corpus"])
-    frac = float(data["heldout_fraction"])
+def _prepare(data: DataConfig, cache_dir: Path | None = None) -> Dataset:
+    kind, files = resolve_corpus(data.corpus)
+    frac = data.heldout_fraction
     cache_dir = Path(cache_dir or default_cache_dir())
     if kind == "shards":
         val = [p for p in files if "val" in p.name]
@@ -176,13 +177,13 @@ def _prepare(data: dict, cache_dir: Path | None = None) -> Dataset:
         else:
             tokens = _concat([read_shard(p) for p in files])
             if not _contains(tokens, GPT2_EOT):
-                raise DataError(f"corpus {data['corpus']}: no <|endoftext|> separators, cannot split by document")
+                raise DataError(f"corpus {data.corpus}: no <|endoftext|> separators, cannot split by document")
             train, heldout = _split_tokens(tokens, GPT2_EOT, frac)
         vocab = GPT2_VOCAB
         key = hashlib.sha256(f"shards|{_hash_files(files)}|{frac}".encode()).hexdigest()[:16]
     else:
         corpus_hash = _hash_files(files)
-        key = hashlib.sha256(f"text|{corpus_hash}|{data['vocab_size']}|{frac}|{CACHE_FORMAT}".encode()
+        key = hashlib.sha256(f"text|{corpus_hash}|{data.vocab_size}|{frac}|{CACHE_FORMAT}".encode()
                              ).hexdigest()[:16]
         cached = cache_dir / f"dataset-{key}.npz"
         if cached.exists():
@@ -192,7 +193,7 @@ def _prepare(data: dict, cache_dir: Path | None = None) -> Dataset:
             docs = _read_documents(files)
             held = heldout_documents(len(docs), frac)
             train_docs = [d for d, h in zip(docs, held) if not h]
-            tok = train_tokenizer(train_docs, int(data["vocab_size"]))
+            tok = train_tokenizer(train_docs, data.vocab_size)
             vocab = tok.get_vocab_size()
             eot = tok.token_to_id(EOT)
             enc = [e.ids for e in tok.encode_batch(docs)]
@@ -205,7 +206,7 @@ def _prepare(data: dict, cache_dir: Path | None = None) -> Dataset:
             os.replace(tmp, cached)  # atomic: parallel sweeps never read half a cache file
     counts = unigram_counts(train, vocab)
     if counts.size > vocab:
-        raise DataError(f"corpus {data['corpus']}: token id {counts.size - 1} outside the vocabulary of {vocab}")
+        raise DataError(f"corpus {data.corpus}: token id {counts.size - 1} outside the vocabulary of {vocab}")
     return Dataset(key, vocab, train, heldout, counts, frequency_strata(counts))
 
 

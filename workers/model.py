@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from contract.config import RunConfig
 from contract.sizes import ffn_width, n_post_norm
 from contract.vocabulary import BASELINE_ARCHITECTURE
 
@@ -38,12 +39,12 @@ class GPTConfig:
     activation: str = BASELINE_ARCHITECTURE["activation"]
 
     @classmethod
-    def from_run(cls, config: dict, vocab_size: int) -> "GPTConfig":
-        """The model of a resolved run config (`RunSpec.config()`)."""
-        m = config["model"]
-        return cls(vocab_size=vocab_size, context=config["data"]["context"], n_layer=m["n_layer"],
-                   d_model=m["d_model"], n_head=m["n_head"], ffn_mult=m["ffn_mult"], pos=m["pos"], norm=m["norm"],
-                   postln_frac=m["postln_frac"], activation=m["activation"])
+    def from_run(cls, config: RunConfig, vocab_size: int) -> "GPTConfig":
+        """The model of a run's typed config (`RunSpec.worker_config()`)."""
+        m = config.model
+        return cls(vocab_size=vocab_size, context=config.data.context, n_layer=m.n_layer, d_model=m.d_model,
+                   n_head=m.n_head, ffn_mult=m.ffn_mult, pos=m.pos, norm=m.norm, postln_frac=m.postln_frac,
+                   activation=m.activation)
 
     @property
     def ffn_width(self) -> int:

@@ -12,11 +12,11 @@ from typing import Iterable
 
 import torch
 
+from contract.config import AdamWConfig, DionConfig, MuonConfig, NorMuonConfig, OptimizerConfig
 from workers.dion import Dion, dion_rank, dion_update  # noqa: F401  (re-exported)
 from workers.muon import (NS_SCHEDULES, Muon, NorMuon, lr_scale, muon_update,  # noqa: F401
                           normuon_normalize, orthogonalize)
 
-MATRIX_OPTIMIZERS = ("muon", "normuon", "dion")
 
 
 def lion_update(grad, exp_avg, beta1: float, beta2: float) -> torch.Tensor:
@@ -73,35 +73,32 @@ def _params(pairs) -> list:
     return [p for _, p in pairs]
 
 
-def build_optimizers(model: torch.nn.Module, spec: dict) -> list[torch.optim.Optimizer]:
-    """Optimizers for a resolved optimizer spec (a dict with `name` and its hyperparameters)."""
+def build_optimizers(model: torch.nn.Module, spec: OptimizerConfig) -> list[torch.optim.Optimizer]:
+    """Optimizers for a run's typed optimizer config (contract/config.py)."""
     groups = route_parameters(model)
-    name = spec["name"]
     d_model = model.cfg.d_model
-    if name == "adamw":
+    if isinstance(spec, AdamWConfig):
         decay = groups["matrix"]
         no_decay = groups["embedding"] + groups["head"] + groups["other"]
-        pg = [{"params": _params(decay), "weight_decay": spec["weight_decay"]},
+        pg = [{"params": _params(decay), "weight_decay": spec.weight_decay},
               {"params": _params(no_decay), "weight_decay": 0.0}]
-        return [torch.optim.AdamW([g for g in pg if g["params"]], lr=spec["lr"],
-                                  betas=tuple(spec["betas"]), eps=spec["eps"])]
-    if name not in MATRIX_OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}")
+        return [torch.optim.AdamW([g for g in pg if g["params"]], lr=spec.lr, betas=spec.betas, eps=spec.eps)]
     matrices = _params(groups["matrix"])
-    common = dict(lr=spec["lr"], weight_decay=spec["weight_decay"])
-    if name == "dion":
-        matrix_opt = Dion(matrices, mu=spec["mu"], rank_fraction=spec["rank_fraction"],
-                          rank_multiple_of=spec["rank_multiple_of"], eps=spec["eps"],
-                          state_dtype=spec["state_dtype"], seed=torch.initial_seed(), **common)
+    common = dict(lr=spec.lr, weight_decay=spec.weight_decay)
+    if isinstance(spec, DionConfig):
+        matrix_opt = Dion(matrices, mu=spec.mu, rank_fraction=spec.rank_fraction,
+                          rank_multiple_of=spec.rank_multiple_of, eps=spec.eps, state_dtype=spec.state_dtype,
+                          seed=torch.initial_seed(), **common)
+    elif isinstance(spec, MuonConfig):
+        muon_args = dict(momentum=spec.momentum, nesterov=spec.nesterov, lr_scale=spec.lr_scale, ns=spec.ns,
+                         ns_dtype=spec.ns_dtype, **common)
+        matrix_opt = NorMuon(matrices, beta2=spec.beta2, eps=spec.eps, mode=spec.mode, **muon_args) \
+            if isinstance(spec, NorMuonConfig) else Muon(matrices, **muon_args)
     else:
-        muon_args = dict(momentum=spec["momentum"], nesterov=spec["nesterov"], lr_scale=spec["lr_scale"],
-                         ns=spec["ns"], ns_dtype=spec["ns_dtype"], **common)
-        matrix_opt = (Muon(matrices, **muon_args) if name == "muon" else
-                      NorMuon(matrices, beta2=spec["beta2"], eps=spec["eps"], mode=spec["mode"], **muon_args))
-    scalar_lr = spec.get("scalar_lr") or spec["lr"]
-    pg = [{"params": _params(groups["embedding"] + groups["other"]), "lr": scalar_lr},
-          {"params": _params(groups["head"]), "lr": scalar_lr / math.sqrt(d_model)}]
-    lion = Lion([g for g in pg if g["params"]], lr=scalar_lr, betas=tuple(spec["lion_betas"]), weight_decay=0.0)
+        raise ValueError(f"unknown optimizer {type(spec).__name__}")
+    pg = [{"params": _params(groups["embedding"] + groups["other"]), "lr": spec.scalar_lr},
+          {"params": _params(groups["head"]), "lr": spec.scalar_lr / math.sqrt(d_model)}]
+    lion = Lion([g for g in pg if g["params"]], lr=spec.scalar_lr, betas=spec.lion_betas, weight_decay=0.0)
     return [matrix_opt, lion]
 
 

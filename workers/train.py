@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+from contract.config import RunConfig
 from contract.records import Evaluation, RunResult, Spectrum
 from workers.data import Dataset, eval_batch, measurement_batch
 from workers.extract import NonFiniteActivations, accumulate, decompose
@@ -64,11 +65,12 @@ def evaluate(model, windows: torch.Tensor, autocast_dtype, chunk: int = 64, rank
     return total / count
 
 
-def run(config: dict, ds: Dataset, progress: Progress | None = None, threads: int | None = None,
+def run(config: RunConfig, ds: Dataset, progress: Progress | None = None, threads: int | None = None,
         checkpoint: str | Path | None = None, overlap: bool = True, distributed: bool = False) -> RunResult:
     """Train and measure one run; failures come back as status 'failed' with what was measured.
 
-    With `checkpoint` (a file path) and `config["checkpoint"]["every"]`, the run saves its whole
+    `config` is the typed record of contract/config.py (`RunSpec.worker_config()`). With
+    `checkpoint` (a file path) and `config.checkpoint_every`, the run saves its whole
     state there every N steps and, if the file exists when it starts, resumes from it: a resumed
     run ends with exactly the measurements of an uninterrupted one (bitwise on CPU).
     `overlap` False decomposes each measured step inline (the same numbers, later). With
@@ -149,38 +151,38 @@ class Decompositions:
                 self.pool.shutdown(wait=True)
 
 
-def _run(config: dict, ds: Dataset, result: RunResult, progress: Progress | None, threads: int | None,
+def _run(config: RunConfig, ds: Dataset, result: RunResult, progress: Progress | None, threads: int | None,
          ckpt_path: Path | None, background: Decompositions, distributed: bool) -> None:
-    tr, ms = config["train"], config["measure"]
-    device = pick_device(tr["device"])
+    tr, ms = config.train, config.measure
+    device = pick_device(tr.device)
     result.device = str(device)
     ranks = Ranks(distributed, device)
     if threads and device.type == "cpu":
         torch.set_num_threads(threads)
-    torch.manual_seed(tr["seed"])
-    rng = np.random.default_rng(tr["seed"])
+    torch.manual_seed(tr.seed)
+    rng = np.random.default_rng(tr.seed)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     result.forward_dtype = "bfloat16" if autocast is not None else "float32"
-    precision = ms["precision"]
+    precision = ms.precision
 
     cfg = GPTConfig.from_run(config, ds.vocab_size)
     model = GPT(cfg).to(device)  # the same seed on every rank: the same initial weights
-    optimizers = build_optimizers(model, config["optimizer"])
-    T, B, steps = cfg.context, tr["batch_size"], tr["steps"]
+    optimizers = build_optimizers(model, config.optimizer)
+    T, B, steps = cfg.context, tr.batch_size, tr.steps
     mine = ranks.rows(B)
     train = ds.train  # numpy (uint16 shards or int32): gather each batch, never copy the corpus
     if train.size < T + 2:
         raise ValueError("the training split is shorter than one context window")
-    windows = eval_batch(ds, tr["eval_tokens"], T)
+    windows = eval_batch(ds, tr.eval_tokens, T)
     windows = np.array_split(windows, ranks.world)[ranks.rank]
     evals = torch.from_numpy(windows.astype(np.int64)).to(device)
     token_strata = torch.from_numpy(ds.strata.astype(np.int64)).to(device)
     # budgets in positions of the whole measurement batch, whole sequences: the strata's first, then `all`'s
-    strata_budget = ms["tokens"] // T * T
-    all_budget = max(strata_budget, (ms["all_tokens"] or ms["tokens"]) // T * T)
+    strata_budget = ms.tokens // T * T
+    all_budget = max(strata_budget, ms.pooled_tokens // T * T)
     fixed = torch.from_numpy(measurement_batch(ds, all_budget, T).astype(np.int64)).to(device) \
-        if ms["source"] == "heldout" else None
-    every = (config.get("checkpoint") or {}).get("every") if ckpt_path else None
+        if ms.source == "heldout" else None
+    every = config.checkpoint_every if ckpt_path else None
     first = 1
     if every and ckpt_path.exists():
         first = _restore(ckpt_path, model, optimizers, rng, result, device) + 1
@@ -199,14 +201,14 @@ def _run(config: dict, ds: Dataset, result: RunResult, progress: Progress | None
         all_limit = min(max(0, all_budget - offset), span)
         used = rows[: max(1, -(-all_limit // T))]  # a rank with nothing to count still joins the reduction
         try:
-            records = accumulate(model, used, token_strata, sites=ms["sites"], strata=ms["strata"],
-                                 min_tokens=ms["min_stratum_tokens"], autocast_dtype=autocast, precision=precision,
-                                 limit=limit, all_limit=all_limit, memory=ms["memory"], which=ms["metrics"])
+            records = accumulate(model, used, token_strata, sites=ms.sites, strata=ms.strata,
+                                 min_tokens=ms.min_stratum_tokens, autocast_dtype=autocast, precision=precision,
+                                 limit=limit, all_limit=all_limit, memory=ms.memory, which=ms.metrics)
         except NonFiniteActivations as exc:
             _diverged(result, f"diverged at step {step} (rule: non-finite activations): {exc}")
             return False
         if ranks.leader:
-            background.submit(step, records, precision, ms["metrics"])
+            background.submit(step, records, precision, ms.metrics)
         return True
 
     def measure_batch(step: int, batch: torch.Tensor) -> bool:
@@ -214,12 +216,12 @@ def _run(config: dict, ds: Dataset, result: RunResult, progress: Progress | None
 
     for step in range(first, steps + 1):
         batch = draw()
-        if fixed is None and step > 1 and is_measured(step - 1, steps, ms["every"]):
+        if fixed is None and step > 1 and is_measured(step - 1, steps, ms.every):
             # the study's timing: spectrum s-1 is of the batch update s is about to learn from
             if not measure_batch(step - 1, batch):
                 return
         x, y = batch[:, :-1], batch[:, 1:]
-        set_lr(optimizers, lr_multiplier(step, steps, tr["warmup"], tr["warmdown"]))
+        set_lr(optimizers, lr_multiplier(step, steps, tr.warmup, tr.warmdown))
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             _, loss = model(x, y)
         loss.backward()
@@ -229,7 +231,7 @@ def _run(config: dict, ds: Dataset, result: RunResult, progress: Progress | None
             for opt in optimizers:
                 opt.step()
         model.zero_grad(set_to_none=True)
-        measured = is_measured(step, steps, ms["every"])
+        measured = is_measured(step, steps, ms.every)
         if measured or not math.isfinite(train_loss):
             val_loss = evaluate(model, evals, autocast, ranks=ranks) if math.isfinite(train_loss) else math.nan
             val_ppl = math.exp(val_loss) if math.isfinite(val_loss) and val_loss < 700 else math.inf
@@ -252,7 +254,7 @@ def _run(config: dict, ds: Dataset, result: RunResult, progress: Progress | None
             progress(step, steps)
     background.join()
     result.status = "done"
-    threshold = tr["diverged_ppl"]
+    threshold = tr.diverged_ppl
     final = result.final
     if final is not None and final.step == steps and final.val_ppl > threshold:
         _diverged(result, f"diverged (rule: final val ppl {final.val_ppl:.1f} > train.diverged_ppl "

@@ -39,7 +39,7 @@ def prepare_data(runs: list[RunSpec], cache_dir=None) -> dict[str, object]:
         key = json.dumps(r.data.model_dump(), sort_keys=True)
         if key not in out:
             try:
-                out[key] = prepare(r.data.model_dump(), cache_dir)
+                out[key] = prepare(r.worker_config().data, cache_dir)
             except DataError as exc:
                 raise SpecError(f"data.corpus: {exc}") from None
         ds = out[key]
@@ -80,7 +80,7 @@ def run_inline(runs, datasets, sink) -> None:
             if throttle.ready(step, steps):
                 reporter.step(r.run_id, r.label, step, steps)
 
-        sink.put(r, train_run(r.config(), ds, progress, checkpoint=checkpoint_path(r)), ds.vocab_size)
+        sink.put(r, train_run(r.worker_config(), ds, progress, checkpoint=checkpoint_path(r)), ds.vocab_size)
 
 
 @contextlib.contextmanager
@@ -136,7 +136,7 @@ def run_ray(runs, datasets, sink, address, max_in_flight=None) -> None:
                 else:
                     task = _ray_task.options(num_cpus=r.resources.cpus, num_gpus=r.resources.gpus,
                                              max_retries=r.resources.max_retries)
-                    ref = task.remote(r.config(), data_refs[data_key(r)], board, r.run_id,
+                    ref = task.remote(r.worker_config(), data_refs[data_key(r)], board, r.run_id,
                                       max(1, int(r.resources.cpus)), checkpoint_path(r), TRAIN)
                 pending[ref] = r
 

@@ -29,7 +29,8 @@ def submit(run, data_ref, board, checkpoint: str | None, train_hook=None):
     """Start one data-parallel run; the ObjectRef of its result dict."""
     # the data's ref inside a list: a task's top-level refs arrive resolved, and only the ranks need the data
     return _launch.options(num_cpus=0, max_retries=0).remote(
-        run.config(), [data_ref], board, run.run_id, checkpoint and str(Path(checkpoint).absolute()), train_hook)
+        run.worker_config(), run.resources.model_dump(), [data_ref], board, run.run_id,
+        checkpoint and str(Path(checkpoint).absolute()), train_hook)
 
 
 def rank_main(cfg: dict) -> None:
@@ -39,8 +40,8 @@ def rank_main(cfg: dict) -> None:
     import torch
 
     rank = ray.train.get_context().get_world_rank()
-    config, resources = cfg["config"], cfg["config"]["resources"]
-    if resources["gpus"] > 0:
+    config = cfg["config"]
+    if config.resources.gpus > 0:
         import ray.train.torch
 
         torch.cuda.set_device(ray.train.torch.get_device())
@@ -55,7 +56,7 @@ def rank_main(cfg: dict) -> None:
     else:
         train = cfg["train"]
     ds = cfg["data"][0]  # the dataset's ObjectRef: fetched once per rank
-    result = train(config, ray.get(ds), progress, max(1, int(resources["cpus"])), checkpoint=cfg["checkpoint"],
+    result = train(config, ray.get(ds), progress, max(1, int(config.resources.cpus)), checkpoint=cfg["checkpoint"],
                    distributed=True)
     if rank == 0:
         ray.get(cfg["board"].deliver.remote(cfg["run_id"], result.to_dict()))
@@ -65,11 +66,10 @@ def _make_launch():
     import ray
 
     @ray.remote(num_cpus=0, max_retries=0)
-    def launch(config, data, board, run_id, checkpoint, train_hook):
+    def launch(config, res, data, board, run_id, checkpoint, train_hook):
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        res = config["resources"]
         storage = tempfile.mkdtemp(prefix="specdb-train-")  # Ray Train's own run state; specdb keeps none of it
         per_worker = {"CPU": res["cpus"], **({"GPU": res["gpus"]} if res["gpus"] else {})}
         trainer = TorchTrainer(

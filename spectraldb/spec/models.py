@@ -16,6 +16,7 @@ import unicodedata
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from contract import config as worker
 from contract.memory import MAX_BYTES, parse_bytes
 from contract.sizes import ffn_width, n_post_norm
 from contract.vocabulary import BASELINE_ARCHITECTURE, PROTOCOL, REDUCTIONS, SITES, STRATA
@@ -277,8 +278,20 @@ class RunSpec(Section):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def config(self) -> dict:
-        """The plain dict a worker receives."""
+        """The spec as stored (`runs.config`, the spool): plain JSON values, read back by `spec_of`."""
         return self.model_dump(mode="json")
+
+    def worker_config(self) -> worker.RunConfig:
+        """The typed record a worker receives (contract/config.py), every value resolved here."""
+        o, ms, doc = self.optimizer, self.measure, self.model_dump(mode="json")
+        resolved = {"scalar_lr": getattr(o, "scalar_lr", None) or o.lr} if hasattr(o, "scalar_lr") else {}
+        return worker.RunConfig(
+            data=worker.record(worker.DataConfig, doc["data"]), model=worker.record(worker.ModelConfig, doc["model"]),
+            train=worker.record(worker.TrainConfig, doc["train"]),
+            optimizer=worker.record(worker.OPTIMIZER_CONFIGS[o.name], doc["optimizer"], **resolved),
+            measure=worker.record(worker.MeasureConfig, doc["measure"], pooled_tokens=ms.pooled_tokens),
+            resources=worker.record(worker.ResourcesConfig, doc["resources"]),
+            checkpoint_every=self.checkpoint.every if self.checkpoint else None)
 
 
 def cross_checks(run: RunSpec) -> tuple[tuple, str] | None:

@@ -75,16 +75,45 @@ def test_the_derived_sizes_have_one_definition_everywhere():
 
 
 def test_the_model_of_a_run_comes_from_its_spec_alone():
-    """Run defaults exist once: the spec fills every field; the model reads them, with no fallback."""
+    """Run defaults exist once: the spec fills every field of the worker's typed record; the model
+    reads them, with no fallback."""
     from spectraldb.spec import RunSpec
     from workers.model import GPTConfig
 
-    config = RunSpec.model_validate({}).config()
+    config = RunSpec.model_validate({}).worker_config()
     cfg = GPTConfig.from_run(config, vocab_size=300)
     assert (cfg.n_layer, cfg.d_model, cfg.pos, cfg.norm, cfg.activation) == (2, 64, "rope", "pre", "relu2")
-    del config["model"]["activation"]
-    with pytest.raises(KeyError):
-        GPTConfig.from_run(config, vocab_size=300)
+    with pytest.raises(AttributeError):
+        config.model.activation = "gelu"  # frozen: a worker cannot change what the spec resolved
+
+
+# spec fields the driver keeps for itself (stored, hashed, read by queries), never sent to a worker
+DRIVER_ONLY = {"measure": {"last_k", "all_tokens", "reduction", "keep_eigenvalues"},
+               "resources": {"max_retries", "collective_timeout_s"}, "optimizer": {"label"}}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon", "normuon", "dion"])
+def test_every_spec_field_reaches_the_worker_record_by_name_and_resolved_values_are_filled(optimizer):
+    """A field added to a spec section and not to its contract record (or the reverse) fails here."""
+    import dataclasses
+
+    from contract import config as records
+    from spectraldb.spec import RunSpec
+
+    spec = RunSpec.model_validate({"optimizer": {"name": optimizer}, "measure": {"tokens": 4096, "all_tokens": 8192},
+                                   "checkpoint": {"every": 7}})
+    config = spec.worker_config()
+    resolved = {"measure": {"pooled_tokens"}}
+    for section in ("data", "model", "train", "optimizer", "measure", "resources"):
+        spec_fields = set(type(getattr(spec, section)).model_fields) - DRIVER_ONLY.get(section, set())
+        record_fields = {f.name for f in dataclasses.fields(getattr(config, section))} - resolved.get(section, set())
+        assert spec_fields == record_fields, section
+    assert config.measure.pooled_tokens == 8192 and config.checkpoint_every == 7
+    assert isinstance(config.optimizer, records.OPTIMIZER_CONFIGS[optimizer])
+    if optimizer != "adamw":
+        assert config.optimizer.scalar_lr == config.optimizer.lr  # resolved: the spec left it out
+    assert RunSpec.model_validate({}).worker_config().checkpoint_every is None
+    assert isinstance(config.measure.sites, tuple) and hash(config)  # plain, frozen values
 
 
 def test_metric_functions_are_pure_and_keep_their_invariants():
