@@ -12,6 +12,7 @@ from cli.common import (DEFAULT_DB, DbOpt, FormatOpt, capped_memory, check_forma
                         need_extra, translated)
 from cli.output import printable, render_stream
 from cli.query import DivergedOpt, SiteOpt, WhereOpt
+from spectraldb.verbs import PLOTS
 
 
 def sql(query: Optional[str] = typer.Argument(None, help='A SELECT statement, or "-" to read it from stdin'),
@@ -84,7 +85,7 @@ def schema(kind: str = typer.Option("sweep", "--kind", help="sweep (specdb run) 
     typer.echo(json.dumps(json_schema() if kind == "sweep" else checkpoints_schema(), indent=2))
 
 
-def plot(kind: str = typer.Argument(..., help="scaling | dynamics | depth | renyi"),
+def plot(kind: str = typer.Argument(..., help=" | ".join(PLOTS)),
          output: Path = typer.Option(..., "-o", "--output", help="FILE.png, .svg or .pdf"),
          stratum: List[str] = typer.Option(["all"], "--stratum", help="Stratum; scaling takes several "
                                            "(--stratum all,tail: one row of panels each)"),
@@ -94,8 +95,9 @@ def plot(kind: str = typer.Argument(..., help="scaling | dynamics | depth | reny
     """Draw one of the study's figures.
 
     scaling: rank vs FFN width (log–log) with fitted lines and 95% bands, hard and soft side by
-    side, one row per stratum; dynamics: β over training; depth: β per layer; renyi: R_α and ρ_α
-    against α at one width.
+    side, one row per stratum; dynamics: β over training; trajectories: hard rank over training, one
+    line per width; depth: β per layer; renyi: R_α and ρ_α against α at one width (the figures of
+    the questions declared in spectraldb/verbs.py).
 
     Examples:
 
@@ -107,8 +109,8 @@ def plot(kind: str = typer.Argument(..., help="scaling | dynamics | depth | reny
     from spectraldb.selection import Selection
     from spectraldb.store import connect
 
-    if kind not in ("scaling", "dynamics", "depth", "renyi"):
-        fail(f"plot: unknown figure {kind!r} (expected scaling, dynamics, depth or renyi)", 2)
+    if kind not in PLOTS:
+        fail(f"plot: unknown figure {kind!r} (expected one of: {', '.join(PLOTS)})", 2)
     if output.suffix.lower() not in (".png", ".svg", ".pdf"):
         fail(f"-o: {output}: use a .png, .svg or .pdf file name", 2)
     with translated(where):
@@ -116,12 +118,7 @@ def plot(kind: str = typer.Argument(..., help="scaling | dynamics | depth | reny
         if kind == "renyi" and ffn_mult is None:
             fail("--ffn-mult: the renyi figure needs a width (e.g. --ffn-mult 4)", 2)
         with connect(db or DEFAULT_DB, read_only=True, time_limit_s=cli_time_limit()) as con:
-            if kind == "scaling":
-                fig = plots.scaling(con, sel)
-            elif kind == "renyi":
-                fig = plots.renyi(con, sel, ffn_mult=ffn_mult)
-            else:
-                fig = getattr(plots, kind)(con, sel)
+            fig = getattr(plots, kind)(con, sel, **({"ffn_mult": ffn_mult} if kind == "renyi" else {}))
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=130)
     typer.echo(f"wrote {output}", err=True)
@@ -179,7 +176,7 @@ def serve(db: Optional[str] = DbOpt, host: str = typer.Option("127.0.0.1", help=
                                                            help="A name clients use to reach a non-loopback --host "
                                                                 "(checked against the Host header; repeatable).")):
     """Serve the store read-only over HTTP: a JSON API with one endpoint per verb (/api/beta,
-    /api/matched, /api/delta, /api/dynamics, /api/depth, /api/renyi, /api/runs, /api/status,
+    /api/matched, /api/delta, /api/dynamics, /api/trajectories, /api/depth, /api/renyi, /api/runs, /api/status,
     POST /api/sql), the dashboard at / and OpenAPI docs at /docs (offline). Ctrl-C stops it.
 
     Only requests whose Host header names this server are answered (localhost, 127.0.0.1, [::1],

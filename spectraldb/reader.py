@@ -15,19 +15,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spectraldb import catalog, queries
+from spectraldb import catalog
 from spectraldb.answer import Answer
 from spectraldb.bounds import CLI_TIME_S, ReadLimits
 from spectraldb.errors import StoreError
-from spectraldb.selection import Selection
 from spectraldb.store import connect
-
-SELECTION_FIELDS = ("strata", "site", "where", "include_diverged", "by", "window", "step", "layer")
-
+from spectraldb.verbs import VERBS
 
 class Reader:
-    """A store, read-only. Selection fields (strata, site, where, include_diverged, by, window,
-    step, layer) are keyword arguments of every question; the rest are the question's own."""
+    """A store, read-only. One method per question declared in spectraldb/verbs.py (`beta`,
+    `dynamics`, `trajectories`, `depth`, `matched`, `delta`, `renyi`), each taking that question's
+    options as keywords (`stratum`, or the Selection's name `strata`; `site`, `where`, `by`, …),
+    a required one also by position (`renyi(4)`)."""
 
     def __init__(self, path: str | Path, time_limit_s: float | None = None):
         self.path = Path(path)
@@ -40,35 +39,6 @@ class Reader:
 
     def _connect(self):
         return connect(self.path, read_only=True, time_limit_s=self.time_limit_s)
-
-    def _ask(self, verb, kw: dict) -> Answer:
-        sel = Selection(**{k: kw.pop(k) for k in SELECTION_FIELDS if k in kw})
-        with self._connect() as con:
-            return verb(con, sel, **kw)
-
-    def beta(self, **kw) -> Answer:
-        """β of rank vs FFN width per group (`specdb query beta`); `metric=` picks one metric."""
-        return self._ask(queries.beta, kw)
-
-    def dynamics(self, **kw) -> Answer:
-        """β at every measured step (`specdb query dynamics`)."""
-        return self._ask(queries.dynamics, kw)
-
-    def depth(self, **kw) -> Answer:
-        """β per layer (`specdb query depth`)."""
-        return self._ask(queries.depth, kw)
-
-    def matched(self, **kw) -> Answer:
-        """Matched perplexity, divergent β (`specdb query matched`): metric, ppl_tol, min_dbeta."""
-        return self._ask(queries.matched, kw)
-
-    def delta(self, **kw) -> Answer:
-        """Optimizer gain against architecture shift (`specdb query delta`): arch, baseline, reference."""
-        return self._ask(queries.delta, kw)
-
-    def renyi(self, ffn_mult: float, **kw) -> Answer:
-        """R_α and ρ_α at one width (`specdb query renyi`)."""
-        return self._ask(queries.renyi, {**kw, "ffn_mult": ffn_mult})
 
     def status(self) -> Answer:
         """Runs by status with the eigenvalue MiB they hold (`specdb status`)."""
@@ -98,3 +68,27 @@ class Reader:
         with self._connect() as con:
             check_statement(con, text)
             return con.sql(text).to_arrow_table()
+
+
+def _question(verb):
+    """The Reader method of one declared question."""
+    fields = {o.field: o.name for o in verb.options if o.field}
+    required = [o.name for o in verb.options if o.required]
+
+    def ask(self, *args, **kw) -> Answer:
+        if len(args) > len(required):
+            raise TypeError(f"{verb.name}() takes {len(required)} positional argument(s): {', '.join(required) or 'none'}")
+        values = {**dict(zip(required, args)), **{fields.get(k, k): v for k, v in kw.items()}}
+        missing = [name for name in required if values.get(name) is None]
+        if missing:
+            raise TypeError(f"{verb.name}() needs {missing[0]}=")
+        with self._connect() as con:
+            return verb.ask(con, values)
+
+    ask.__name__ = ask.__qualname__ = verb.name
+    ask.__doc__ = f"{verb.help}\n\n(`specdb query {verb.name}`; options: {', '.join(o.name for o in verb.options)})"
+    return ask
+
+
+for _verb in VERBS:
+    setattr(Reader, _verb.name, _question(_verb))

@@ -122,6 +122,9 @@ def _rows(cur, metrics, by_layer, by_step) -> list[RunValue]:
             f = facts[r[0]] = dict(zip(fact_names, r[n_keys + n_vals:]))
         rows.append(RunValue(r[0], r[2] if by_layer else None, r[2 + by_layer] if by_step else None,
                              dict(zip(metrics, r[n_keys:n_keys + n_vals])), f, r[1]))
+    # in one order whatever order the scan's threads return: a mean over runs is then the same
+    # to the last bit on every call (the CLI, the service and the notebook agree exactly)
+    rows.sort(key=lambda v: (v.run_id, v.stratum, -1 if v.layer is None else v.layer, -1 if v.step is None else v.step))
     return rows
 
 

@@ -73,7 +73,24 @@ SAME_AS_CLI = [
     ("/api/delta", {"arch": "n_head", "reference": "4", "stratum": "all"},
      ["query", "delta", "--arch", "n_head", "--reference", "4", "--stratum", "all"]),
     ("/api/renyi", {"ffn_mult": 2}, ["query", "renyi", "--ffn-mult", "2"]),
+    ("/api/trajectories", {"where": "n_head = 8", "stratum": "all"},
+     ["query", "trajectories", "--where", "n_head = 8", "--stratum", "all"]),
 ]
+
+
+def test_every_question_is_answered_alike_by_the_cli_the_api_and_the_notebook_reader(db, client):
+    """One declaration per question (spectraldb/verbs.py): each answers the same rows everywhere."""
+    import spectraldb
+    from spectraldb.verbs import VERBS
+
+    reader = spectraldb.open(db)
+    for verb in VERBS:
+        required = {o.name: 2.0 for o in verb.options if o.required}
+        args = [a for name, v in required.items() for a in (f"--{name.replace('_', '-')}", str(v))]
+        rows, _ = cli_json(db, "query", verb.name, *args)
+        response = client.get(f"/api/{verb.name}", params=required)
+        assert response.status_code == 200 and response.json()["rows"] == rows, verb.name
+        assert json.loads(json.dumps(reader.__getattribute__(verb.name)(**required).rows, default=str)) == rows
 
 
 @pytest.mark.parametrize("path, params, args", SAME_AS_CLI, ids=[f"{p}{i}" for i, (p, _, _) in enumerate(SAME_AS_CLI)])

@@ -10,6 +10,7 @@ prints. Errors are translated once, by spectraldb.errors' table.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -18,13 +19,14 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from spectraldb import catalog, errors, queries, store
+from spectraldb import catalog, errors, store
 from spectraldb.bounds import SERVICE_TIME_S, Deadline, ReadLimits
 from spectraldb.errors import QueryError, StoreLocked
 from spectraldb.run.progress import read_sidecar
 from spectraldb.selection import Selection, split
 from spectraldb.service import assets, guard
 from spectraldb.service.cache import AnswerCache
+from spectraldb.verbs import VERBS
 
 log = logging.getLogger("specdb.service")
 
@@ -94,51 +96,30 @@ def create_app(db: str | Path, token: str | None = None, allowed_hosts=(), limit
     def reader():
         return store.connect(db, read_only=True, time_limit_s=limits.time_s)
 
-    def answer(verb, sel: Selection, **options) -> Response:
-        with reader() as con:
-            result = verb(con, sel, **options)
-        return body({"rows": records(result.rows), "notes": result.all_notes()})
+    def route(verb):
+        """`GET /api/NAME` of one declared question: its options as query parameters."""
 
-    @app.get("/api/beta")
-    def beta(stratum: str = "all", site: str = "post", include_diverged: bool = False,
-             by: list[str] | None = Query(None), metric: str | None = None, window: int | None = None,
-             layer: str = "agg", step: int | None = None, where: str | None = None):
-        """β of rank vs FFN width per group (as `specdb query beta`)."""
-        return answer(queries.beta, Selection(stratum, site, where, include_diverged, split(by), window, step, layer),
-                      metric=metric)
+        def endpoint(**values):
+            with reader() as con:
+                result = verb.ask(con, values)
+            return body({"rows": records(result.rows), "notes": result.all_notes()})
 
-    @app.get("/api/dynamics")
-    def dynamics(stratum: str = "all", site: str = "post", include_diverged: bool = False, where: str | None = None):
-        """β_hard and β_soft at every measured step (as `specdb query dynamics`)."""
-        return answer(queries.dynamics, Selection(stratum, site, where, include_diverged))
+        params = []
+        for o in verb.options:
+            if o.kind is list:
+                annotation, default = list[str] | None, Query(None)
+            elif o.required:
+                annotation, default = o.kind, inspect.Parameter.empty
+            else:
+                annotation, default = (o.kind if o.default is not None else o.kind | None), o.default
+            params.append(inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                            annotation=annotation))
+        endpoint.__signature__ = inspect.Signature(params)
+        endpoint.__name__, endpoint.__doc__ = verb.name, f"{verb.summary} (as `specdb query {verb.name}`)."
+        app.get(f"/api/{verb.name}", summary=verb.summary)(endpoint)
 
-    @app.get("/api/depth")
-    def depth(stratum: str = "all", site: str = "post", include_diverged: bool = False, where: str | None = None):
-        """β per layer (as `specdb query depth`)."""
-        return answer(queries.depth, Selection(stratum, site, where, include_diverged))
-
-    @app.get("/api/matched")
-    def matched(stratum: str = "all", site: str = "post", include_diverged: bool = False,
-                by: list[str] | None = Query(None), metric: str = "hard", ppl_tol: float = 0.03,
-                min_dbeta: float = 0.1, where: str | None = None):
-        """Pairs with matched perplexity and divergent β (as `specdb query matched`)."""
-        return answer(queries.matched, Selection(stratum, site, where, include_diverged, split(by)), metric=metric,
-                      ppl_tol=ppl_tol, min_dbeta=min_dbeta)
-
-    @app.get("/api/delta")
-    def delta(arch: str = "n_head", baseline: str = "adamw", reference: str | None = None,
-              stratum: list[str] | None = Query(None), site: str = "post", include_diverged: bool = False,
-              where: str | None = None):
-        """Optimizer gain against architecture shift of β (as `specdb query delta`)."""
-        return answer(queries.delta, Selection(split(stratum), site, where, include_diverged), arch=arch,
-                      baseline=baseline, reference=reference)
-
-    @app.get("/api/renyi")
-    def renyi(ffn_mult: float, step: int | None = None, stratum: str = "all", include_diverged: bool = False,
-              where: str | None = None):
-        """R_α and ρ_α at one width (as `specdb query renyi`)."""
-        return answer(queries.renyi, Selection(stratum, where=where, include_diverged=include_diverged, step=step),
-                      ffn_mult=ffn_mult)
+    for verb in VERBS:
+        route(verb)
 
     @app.get("/api/scaling")
     def scaling(stratum: str = "all", site: str = "post", include_diverged: bool = False,
