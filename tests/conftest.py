@@ -203,6 +203,15 @@ def tiny_model(**kw):
 UNIT = Path(__file__).resolve().parent / "unit"
 
 
+def pytest_ignore_collect(collection_path, config):
+    """`-m unit` collects tests/unit/ alone: importing the other modules (torch, Ray, the service)
+    would cost the tier more than its tests take."""
+    if config.getoption("markexpr", "").strip() == "unit" and collection_path.suffix == ".py" \
+            and UNIT not in collection_path.resolve().parents and collection_path.name != "conftest.py":
+        return True
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     """tests/unit/ is the unit tier (`pytest -m unit`): a module at a time, no training."""
     for item in items:

@@ -88,8 +88,11 @@ def shards(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "cpu_reproduction.yaml" else n
-                                  for n in sorted(EXAMPLES)])  # cpu_reproduction's plan tokenises its corpus
+TOKENISING = ("cpu_reproduction.yaml", "cpu_full_study.yaml")  # their plans tokenise the corpus: the slow tier
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in TOKENISING else n
+                                  for n in sorted(EXAMPLES)])
 def test_example_validates_and_plans(name, tmp_path, shards):
     """The paper specs plan for a GPU cluster (`--address`: this machine's memory and GPUs are not
     what will run them) on their token shards, made small here."""

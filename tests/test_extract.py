@@ -1,6 +1,8 @@
 import numpy as np
+import pytest
 import torch
 
+from contract.metrics import hard_rank
 from workers.extract import StreamingCovariance, measure
 from workers.probe import attach
 from workers.model import GPT, GPTConfig
@@ -76,3 +78,25 @@ def test_probe_hooks_live_only_while_measuring():
         with probe.measuring(torch.zeros(1, 4, dtype=torch.long)):
             assert mlp.c_fc._forward_hooks and mlp.c_proj._forward_pre_hooks
     assert not mlp.c_fc._forward_hooks and not mlp.c_proj._forward_pre_hooks
+
+
+def test_gaussian_sample_hard_rank_follows_marchenko_pastur():
+    # Identity covariance sampled N times: E Σλ² ≈ D²(1 + D/N)/D, so hard ≈ D / (1 + D/N).
+    from workers.extract import StreamingCovariance
+
+    D, N = 100, 2000
+    x = np.random.default_rng(0).standard_normal((N, D))
+    eig = StreamingCovariance(D).update(x).eigenvalues()
+    assert hard_rank(eig) == pytest.approx(D / (1 + D / N), rel=0.03)
+    assert hard_rank(eig) < D * 0.97  # sampling noise visibly lowers the rank of a flat spectrum
+
+
+def test_the_streamed_covariance_hard_rank_equals_the_identity():
+    from contract.metrics import hard_rank_of_covariance
+    from workers.extract import StreamingCovariance
+
+    x = np.random.default_rng(3).standard_normal((500, 48)) * np.linspace(0.1, 3, 48)
+    acc = StreamingCovariance(48)
+    for chunk in np.array_split(x, 7):
+        acc.update(chunk)
+    assert hard_rank(acc.eigenvalues()) == pytest.approx(hard_rank_of_covariance(acc.covariance()), rel=1e-11)

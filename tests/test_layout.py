@@ -106,6 +106,7 @@ EXTRA_PACKAGES = ("torch", "ray", "tokenizers", "transformers", "scipy", "thread
 WITHOUT = "import sys\nfor m in {names!r}: sys.modules[m] = None  # as if not installed\n"
 
 
+@pytest.mark.slow  # five fresh interpreters
 def test_a_store_is_read_without_torch_ray_or_the_web_stack_and_the_rest_names_its_extra(tmp_path):
     """`spectraldb.open(…)` and `specdb query` read a store with every extra's package missing;
     `specdb run`, `measure` and `serve` say which extra they need in one line, exit 2, nothing written."""

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from contract import metrics, sizes, vocabulary
+from contract import metrics, vocabulary
 from contract.records import Evaluation, RunResult, Spectrum
 from tests.builders import evaluations, result, spectrum
 
@@ -59,32 +59,6 @@ def test_the_vocabulary_is_built_once_from_the_renyi_orders():
     assert set(vocabulary.METRICS.values()) <= set(vocabulary.RANK_COLUMNS)
     assert list(metrics.metrics(np.ones(4))) == list(vocabulary.RANK_COLUMNS)
     assert list(metrics.reinjection(np.ones(4), np.ones(4))) == list(vocabulary.REINJECTION_COLUMNS)
-
-
-def test_the_derived_sizes_have_one_definition_everywhere():
-    from spectraldb.spec.models import ModelSpec
-    from workers.model import GPTConfig
-
-    for mult, d, norm, frac, layers in ((4.0, 64, "pre", None, 2), (2.7, 96, "post", 0.5, 5), (1 / 3, 48, "post", None, 3)):
-        spec = ModelSpec(d_model=d, ffn_mult=mult, norm=norm, postln_frac=frac, n_layer=layers, n_head=4)
-        model = GPTConfig(vocab_size=10, context=8, n_layer=layers, d_model=d, n_head=4, ffn_mult=mult, norm=norm,
-                          postln_frac=frac)
-        assert spec.ffn_width == model.ffn_width == sizes.ffn_width(mult, d) == int(round(mult * d))
-        assert spec.n_post_norm == model.n_post_norm == sizes.n_post_norm(norm, layers, frac)
-    assert sizes.n_post_norm("post", 5, 0.5) == 2 and sizes.n_post_norm("pre", 5, 1.0) == 0
-
-
-def test_the_model_of_a_run_comes_from_its_spec_alone():
-    """Run defaults exist once: the spec fills every field of the worker's typed record; the model
-    reads them, with no fallback."""
-    from spectraldb.spec import RunSpec
-    from workers.model import GPTConfig
-
-    config = RunSpec.model_validate({}).worker_config()
-    cfg = GPTConfig.from_run(config, vocab_size=300)
-    assert (cfg.n_layer, cfg.d_model, cfg.pos, cfg.norm, cfg.activation) == (2, 64, "rope", "pre", "relu2")
-    with pytest.raises(AttributeError):
-        config.model.activation = "gelu"  # frozen: a worker cannot change what the spec resolved
 
 
 # spec fields the driver keeps for itself (stored, hashed, read by queries), never sent to a worker
