@@ -10,7 +10,7 @@ import typer
 
 from cli.common import DEFAULT_DB, DbOpt, FormatOpt, SetOpt, check_format, fail, need_extra, translated
 from cli.output import printable, render
-from contract.vocabulary import PLAN_STATUSES
+from contract.vocabulary import PLAN_STATUSES, STATUSES
 
 
 def _load(spec: Path, overrides: Optional[List[str]]):
@@ -84,7 +84,7 @@ def plan(spec: Path = typer.Argument(..., help="Spec file"), db: Optional[str] =
             rows = checkpoint_rows(cspec, runs, db or cspec.store)
         render(rows, fmt)
         typer.echo(f"{len(rows)} checkpoints: " + ", ".join(f"{sum(r['status'] == s for r in rows)} {s}"
-                                                             for s in ("new", "done", "diverged", "failed")), err=True)
+                                                             for s in ("new", *STATUSES)), err=True)
         return
     with translated():
         p = _load(spec, set_)

@@ -7,6 +7,7 @@ dataset's vocabulary size, the spec, provenance) never travels inside it.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -14,6 +15,12 @@ from typing import Any
 import numpy as np
 
 from contract.vocabulary import PROTOCOL
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), the perplexity every source stores; inf where the loss is not finite or exp would
+    overflow a float64 (past 709; 700 keeps a margin)."""
+    return math.exp(loss) if math.isfinite(loss) and loss < 700 else math.inf
 
 
 @dataclass

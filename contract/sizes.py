@@ -14,6 +14,13 @@ def ffn_width(ffn_mult: float, d_model: int) -> int:
     return int(round(ffn_mult * d_model))
 
 
+def is_measured(step: int, steps: int, every: int) -> bool:
+    """Which steps are measured, wherever a run trains (specdb's loop, the HF and Lightning
+    callbacks): the first, every `every`-th and the last. A predicate: O(1) memory however many
+    steps a run has."""
+    return step == 1 or step == steps or step % every == 0
+
+
 def n_post_norm(norm: str, n_layer: int, postln_frac: float | None) -> int:
     """How many leading blocks are post-norm: ⌊n_layer · postln_frac⌋ with norm 'post' (None: all)."""
     if norm != "post":

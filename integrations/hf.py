@@ -5,7 +5,7 @@
                       callbacks=[SpecdbCallback("specdb.duckdb", every=200, optimizer="AdamW",
                                                 token_counts=counts, factors={"dataset": "fineweb"})])
 
-Every `every` optimizer steps (and at the last one) the forwards of that step — its micro-batches,
+At the first optimizer step, every `every`-th and the last (contract.sizes.is_measured) the forwards of that step — its micro-batches,
 pads left out, at most `tokens` positions when given — are measured; HF callbacks never see the batch, so the token ids come from a
 forward pre-hook on the model. Train and eval losses of those steps come from the trainer's logs
 (set `logging_steps` and `eval_steps` to a divisor of `every` to have them). When training
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
+from contract.sizes import is_measured
 from integrations.common import Tap
 from spectraldb.track import track
 from workers.probe import attach, model_config, model_shape
@@ -44,7 +45,7 @@ class SpecdbCallback(TrainerCallback):
                          * args.gradient_accumulation_steps, **shape)
 
     def _measured(self, step: int, state) -> bool:
-        return step % self.every == 0 or step == state.max_steps
+        return is_measured(step, state.max_steps, self.every)
 
     def on_step_begin(self, args, state, control, **kw):
         self.tap.arm(self._measured(state.global_step + 1, state))

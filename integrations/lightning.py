@@ -4,7 +4,7 @@
     trainer = L.Trainer(max_steps=6000, callbacks=[SpecdbLightningCallback(
         "specdb.duckdb", every=200, optimizer="Muon", token_counts=counts, model_attr="model")])
 
-Every `every` steps (and at the last one) the forwards of that training step are measured (at
+At the first step, every `every`-th and the last (contract.sizes.is_measured) the forwards of that training step are measured (at
 most `tokens` positions when given): the batch's `input_ids` (and `attention_mask`) label the positions. `model_attr` names the
 LightningModule's attribute holding the language model (None: the module itself). Logged
 `train_loss` / `val_loss` metrics join the step's record. When training ends the run is stored.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from contract.sizes import is_measured
 from spectraldb.track import track
 from workers.probe import attach, model_config, model_shape
 
@@ -55,7 +56,7 @@ class SpecdbLightningCallback(Callback):
                          model_config=model_config(model), **shape)
 
     def _measured(self, step: int, trainer) -> bool:
-        return step % self.every == 0 or step == self.total
+        return is_measured(step, self.total, self.every)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         ids, mask = _ids(batch)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from contract.vocabulary import FINISHED
 from spectraldb.answer import Answer
 from spectraldb.predicates import check_site, check_strata, check_where
 from spectraldb.store import connect
@@ -100,8 +101,8 @@ def trainability(con, factors, *, where: str | None = None) -> Answer:
     return _answer(con.execute(
         f"""SELECT {cols}, ffn_mult, optimizer, count(*) AS runs, count(*) FILTER (status = 'diverged') AS diverged,
                    avg(final_val_ppl) FILTER (status = 'done') AS val_ppl
-            FROM runs WHERE status IN ('done', 'diverged') AND {check_where(con, where)}
-            GROUP BY ALL ORDER BY ALL"""))
+            FROM runs WHERE status IN (SELECT unnest(?)) AND {check_where(con, where)}
+            GROUP BY ALL ORDER BY ALL""", [list(FINISHED)]))
 
 
 def has_run(con, run_id: str) -> bool:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from contract.records import Evaluation, RunResult
+from contract.records import Evaluation, RunResult, perplexity
 from spectraldb import store
 from spectraldb.errors import SpecError, StoreError
 from spectraldb.provenance import provenance
@@ -88,8 +88,7 @@ class Tracker:
                 known.train_loss = float(train_loss)
             if val_loss is not None:
                 known.val_loss = float(val_loss)
-                known.val_ppl = math.exp(known.val_loss) if math.isfinite(known.val_loss) and known.val_loss < 700 \
-                    else math.inf
+                known.val_ppl = perplexity(known.val_loss)
 
     def finish(self, status: str = "done", error: str | None = None) -> str:
         """Store the run; returns "committed" or "spooled" (a `specdb run` held the store). Under

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from contract.vocabulary import FACTORS
+from contract.vocabulary import FACTORS, FINISHED
 from spectraldb.points import point_ctes
 from spectraldb.predicates import (check_factors, check_metric, check_site, check_strata, check_where,
                                    declared_factors, runs_relation)
@@ -48,7 +48,7 @@ class Point(NamedTuple):
 
 
 def selected_statuses(include_diverged: bool) -> list[str]:
-    return ["done", "diverged"] if include_diverged else ["done"]
+    return list(FINISHED) if include_diverged else ["done"]
 
 
 def excluded_diverged(con, where: str | None = None) -> int:

@@ -96,7 +96,7 @@ def test_plan_shows_each_runs_memory_estimate(tmp_path, corpus):
 
 def test_a_huge_step_count_is_planned_instantly():
     """The measured-step schedule is a predicate, not a materialised set of 2·10⁷ steps."""
-    from workers.train import is_measured
+    from contract.sizes import is_measured
 
     t0 = time.monotonic()
     plan, _ = load_spec(None, ["train.steps=2000000000", "measure.every=100"])

@@ -57,7 +57,7 @@ def test_the_hf_trainer_callback_writes_runs_the_verbs_answer(tmp_path):
         assert callback.run.outcome == "committed"
     assert rows(db, "SELECT count(*), min(steps), min(d_model), list(ffn_width ORDER BY ffn_width) FROM runs") == [
         (3, 6, 16, [32, 64, 128])]
-    assert rows(db, "SELECT DISTINCT step FROM spectra ORDER BY 1") == [(2,), (4,), (6,)]
+    assert rows(db, "SELECT DISTINCT step FROM spectra ORDER BY 1") == [(1,), (2,), (4,), (6,)]  # contract.sizes.is_measured
     # two micro-batches (2 × 4 rows) per measured step merge into one record; pads are left out;
     # a token budget (the widest run: tokens=100) counts across the step's micro-batches
     counts = rows(db, "SELECT DISTINCT n_tokens FROM spectra WHERE stratum = 'all' AND run_id IN "
@@ -95,6 +95,6 @@ def test_the_lightning_callback_writes_a_run(tmp_path):
     assert callback.run.outcome == "committed"
     (source, steps, factors, status), = rows(db, "SELECT source, steps, factors, status FROM runs")
     assert (source, steps, json.loads(factors), status) == ("tracked", 4, {"framework": "lightning"}, "done")
-    assert rows(db, "SELECT DISTINCT step FROM spectra ORDER BY 1") == [(2,), (4,)]
-    assert rows(db, "SELECT count(*) FROM evals") == [(2,)]
+    assert rows(db, "SELECT DISTINCT step FROM spectra ORDER BY 1") == [(1,), (2,), (4,)]
+    assert rows(db, "SELECT count(*) FROM evals") == [(3,)]  # the training loss of each measured step
     assert rows(db, "SELECT DISTINCT n_tokens FROM spectra WHERE stratum = 'all'") == [(80,)]  # across micro-batches

@@ -51,7 +51,7 @@ def by_hand(run, ds, *, until: int) -> dict:
     """The loop written out: {s: spectra of the weights after s updates, measured on batch s+1's
     first measure.tokens (strata) / measure.all_tokens (all) positions}, plus the final model."""
     from workers.optim import build_optimizers, lr_multiplier, set_lr
-    from workers.train import is_measured
+    from contract.sizes import is_measured
 
     cfg, m, T, B = run.worker_config(), run.model, run.data.context, run.train.batch_size
     torch.manual_seed(run.train.seed)

@@ -25,7 +25,8 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from contract.config import RunConfig
-from contract.records import Evaluation, RunResult, Spectrum
+from contract.records import Evaluation, RunResult, Spectrum, perplexity
+from contract.sizes import is_measured
 from workers.data import Dataset, eval_batch, measurement_batch
 from workers.extract import NonFiniteActivations, accumulate, decompose
 from workers.model import GPT, GPTConfig
@@ -41,11 +42,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but no CUDA device is visible to this worker")
     return torch.device(name)
-
-
-def is_measured(step: int, steps: int, every: int) -> bool:
-    """The schedule as a predicate: O(1) memory however many steps a run has."""
-    return step == 1 or step == steps or step % every == 0
 
 
 @torch.no_grad()
@@ -234,8 +230,7 @@ def _run(config: RunConfig, ds: Dataset, result: RunResult, progress: Progress |
         measured = is_measured(step, steps, ms.every)
         if measured or not math.isfinite(train_loss):
             val_loss = evaluate(model, evals, autocast, ranks=ranks) if math.isfinite(train_loss) else math.nan
-            val_ppl = math.exp(val_loss) if math.isfinite(val_loss) and val_loss < 700 else math.inf
-            result.evals.append(Evaluation(step, train_loss, val_loss, val_ppl))
+            result.evals.append(Evaluation(step, train_loss, val_loss, perplexity(val_loss)))
             # a non-finite loss stops the run at once; the perplexity rule is the study's, applied to
             # the final evaluation only (a barely trained model is still above it mid-run)
             if not math.isfinite(val_loss):

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 
 from contract.memory import MemoryBudgetError, default_budget, uniform_plan
-from contract.records import Evaluation, RunResult
+from contract.records import Evaluation, RunResult, perplexity
 from contract.vocabulary import FINISHED
 from spectraldb import catalog, store
 from spectraldb.errors import SpecError, one_line
@@ -109,10 +109,9 @@ def outcome_result(entry: CheckpointEntry, run: TrackedSpec, out: dict):
     run = run.model_copy(update={"model": TrackedModel(**shape, gated=out["gated"], config=out["config"]),
                                  "tokens_seen": entry.tokens_seen})
     loss = out["val_loss"]
-    ppl = math.exp(loss) if math.isfinite(loss) and loss < 700 else math.inf
     res = RunResult(status="done", spectra=out["spectra"], started_at=started, device=out["device"],
                     forward_dtype=out["forward_dtype"],
-                    evals=[Evaluation(entry.step or 0, math.nan, loss, ppl)]).finish()
+                    evals=[Evaluation(entry.step or 0, math.nan, loss, perplexity(loss))]).finish()
     return run, res, out["vocab_size"]
 
 

@@ -21,6 +21,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from contract.vocabulary import DEFAULT_STORE
 from spectraldb.errors import SpecError
 from spectraldb.spec.models import INT32_MAX, Bytes, MeasureSpec, Name, Section, Stratum
 from spectraldb.spec.source import _first_error, fmt_path, parse_yaml, read_spec_text
@@ -80,7 +81,7 @@ class CheckpointResources(Section):
 
 class CheckpointsSpec(Section):
     name: Name = "checkpoints"
-    store: Name = "specdb.duckdb"
+    store: Name = DEFAULT_STORE
     corpus: Name = "sotu"
     measure: CheckpointMeasure = Field(default_factory=CheckpointMeasure)
     resources: CheckpointResources = Field(default_factory=CheckpointResources)

@@ -19,7 +19,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from contract import config as worker
 from contract.memory import MAX_BYTES, parse_bytes
 from contract.sizes import ffn_width, n_post_norm
-from contract.vocabulary import BASELINE_ARCHITECTURE, PROTOCOL, REDUCTIONS, SITES, STRATA
+from contract.vocabulary import BASELINE_ARCHITECTURE, DEFAULT_STORE, PROTOCOL, REDUCTIONS, SITES, STRATA
 
 
 def visible(text: str) -> str:
@@ -256,7 +256,7 @@ class CheckpointSpec(Section):
 
 class RunSpec(Section):
     name: Name = "specdb"
-    store: Name = "specdb.duckdb"
+    store: Name = DEFAULT_STORE
     data: DataSpec = Field(default_factory=DataSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
