@@ -5,8 +5,11 @@ library caller and a CLI user read the same message.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import weakref
+from dataclasses import dataclass
 
 import duckdb
 
@@ -87,7 +90,56 @@ MAX_WHERE = 4096
 WHERE_HELP = 'one predicate on the runs table, e.g. "n_head = 12 AND seed < 3"'
 
 
-def check_where(con, where: str | None) -> str:
+@dataclass(frozen=True)
+class RunFilter:
+    """Which runs a question reads: the user's predicate `where` (checked once per connection) and
+    `held`, (factor, value) pairs each run must equal — the report's baseline, delta's protocol.
+    A held value never enters SQL text: it is bound to a session variable and read back with
+    getvariable(), so the fragment stays parameter-free wherever a verb places it."""
+    where: str | None = None
+    held: tuple = ()
+
+    def sql(self, con) -> str:
+        parts = [check_where(con, self.where)]
+        if self.held:
+            relation = runs_relation(con)
+            declared = declared_factors(con)
+            for name, _ in self.held:
+                if name not in FACTORS and name not in declared:
+                    raise QueryError(f"held: unknown factor {name!r} (expected one of: "
+                                     f"{', '.join((*FACTORS, *sorted(declared)))})")
+            for name, value in self.held:
+                key = hashlib.sha1(repr((type(value).__name__, value)).encode()).hexdigest()[:16]
+                variable = f"specdb_held_{name}_{key}"  # a checked identifier and a hash: nothing of the value
+                con.execute(f"SET VARIABLE {variable} = ?", [value])
+                parts.append(f"run_id IN (SELECT run_id FROM {relation} runs "
+                             f"WHERE {name} IS NOT DISTINCT FROM getvariable('{variable}'))")
+        return " AND ".join(parts)
+
+
+# read-only connection → {predicate: its checked fragment}: a question (or a report of many)
+# checks each predicate once; a writer's runs may change under it, so it checks every time
+_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def check_where(con, where) -> str:
+    """`_check_where`, once per predicate per read-only connection (a RunFilter: its fragment)."""
+    if isinstance(where, RunFilter):
+        return where.sql(con)
+    if where is None or not where.strip():
+        return "TRUE"
+    memo = _CHECKED.get(con)
+    if memo is None:
+        read_only = con.execute("SELECT current_setting('access_mode')").fetchone()[0] == "read_only"
+        memo = _CHECKED[con] = {} if read_only else None
+    if memo is None:
+        return _check_where(con, where)
+    if where not in memo:
+        memo[where] = _check_where(con, where)
+    return memo[where]
+
+
+def _check_where(con, where: str) -> str:
     """A user predicate on `runs`, as a fragment that selects run ids and nothing else.
 
     DuckDB's own parser (json_serialize_sql) must see exactly `SELECT run_id FROM runs WHERE

@@ -23,7 +23,7 @@ from spectraldb.values import (Point, excluded_diverged, flag_low_n, run_factors
 
 
 def answered(con, sel: Selection, rows_, notes, groups=()) -> Answer:
-    excluded = 0 if sel.include_diverged else excluded_diverged(con, sel.where)
+    excluded = 0 if sel.include_diverged else excluded_diverged(con, sel.runs)
     return Answer(rows_, notes, excluded, list(groups))
 
 
@@ -32,7 +32,7 @@ def beta(con, sel: Selection = Selection(), *, metric: str | None = None) -> Ans
     metrics = (metric,) if metric else ("hard", "soft")
     notes: list[str] = []
     vals = run_values(con, metrics, factors=sel.group_by() + ("protocol", "d_model"), stratum=sel.stratum,
-                      site=sel.site, window=sel.window, step=sel.step, by_layer=sel.layer == "each", where=sel.where,
+                      site=sel.site, window=sel.window, step=sel.step, by_layer=sel.layer == "each", where=sel.runs,
                       include_diverged=sel.include_diverged)
     by = split_protocols(sel.group_by(), run_factors(vals).values(), notes)
     extra = ("layer",) if sel.layer == "each" else ()
@@ -65,7 +65,7 @@ def dynamics(con, sel: Selection = Selection()) -> Answer:
     """β_hard and β_soft at every measured step (each run's point: median over layers)."""
     notes: list[str] = []
     vals = run_values(con, ("hard", "soft"), factors=("optimizer", "protocol"), stratum=sel.stratum, site=sel.site,
-                      by_step=True, include_diverged=sel.include_diverged, where=sel.where)
+                      by_step=True, include_diverged=sel.include_diverged, where=sel.runs)
     by = split_protocols(("optimizer",), run_factors(vals).values(), notes)
     pts = [Point(tuple(v.factors[f] for f in by) + (v.step,), v.factors["ffn_width"], v.factors["seed"], v.values)
            for v in vals]
@@ -77,7 +77,7 @@ def trajectories(con, sel: Selection = Selection()) -> Answer:
     """Rank at every measured step per optimizer × training length × width (each run's point:
     median over layers; seeds averaged): how hard and soft rank move as training goes on."""
     vals = run_values(con, ("hard", "soft"), factors=("optimizer", "steps", "ffn_mult"), stratum=sel.stratum,
-                      site=sel.site, by_step=True, where=sel.where, include_diverged=sel.include_diverged)
+                      site=sel.site, by_step=True, where=sel.runs, include_diverged=sel.include_diverged)
     groups: dict[tuple, list] = defaultdict(list)
     for v in vals:
         groups[(v.factors["optimizer"], v.factors["steps"], v.factors["ffn_mult"], v.step)].append(v.values)
@@ -102,7 +102,7 @@ def renyi(con, sel: Selection = Selection(), *, ffn_mult: float) -> Answer:
         raise QueryError(f"--ffn-mult: must be a finite number > 0 (got {ffn_mult})")
     step_filter = "k.step = ?" if step is not None else \
         "k.step = (SELECT max(step) FROM ranks x WHERE x.run_id = k.run_id)"
-    step_filter += f" AND {check_where(con, sel.where)}"
+    step_filter += f" AND {check_where(con, sel.runs)}"
     params = [stratum, ffn_mult, selected_statuses(sel.include_diverged)] + ([step] if step is not None else [])
     ranks = con.execute(
         f"""SELECT r.optimizer, k.metric, k.site, median(k.value)
@@ -140,7 +140,7 @@ def matched(con, sel: Selection = Selection(), *, metric: str = "hard", ppl_tol:
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise QueryError(f"{name}: must be a finite number ≥ 0 (got {value})")
     check_metric(metric)
-    where, include_diverged = sel.where, sel.include_diverged
+    where, include_diverged = sel.runs, sel.include_diverged
     notes: list[str] = []
     by = split_protocols(sel.group_by(("optimizer", "steps")), selected_protocols(con, where, include_diverged), notes)
     means = width_means(con, (metric,), by, strata=[sel.stratum], site=sel.site, where=where,
@@ -186,14 +186,14 @@ def delta(con, sel: Selection = Selection(), *, arch: str = "n_head", baseline: 
     max_o β_o − β_baseline at the reference architecture; a comparison passes when gain > shift."""
     if arch not in FACTORS or arch in ("optimizer", "optimizer_name", "ffn_mult", "seed"):
         raise QueryError(f"--arch: {arch!r} is not an architecture factor of runs (e.g. {', '.join(ARCHITECTURE_FACTORS)})")
-    where, include_diverged, site, strata = sel.where, sel.include_diverged, sel.site, sel.strata_or(STRATA)
+    include_diverged, site, strata = sel.include_diverged, sel.site, sel.strata_or(STRATA)
     found, notes = [], []
-    check_where(con, where)  # one balanced predicate before it is combined with the protocol below
-    protocols = selected_protocols(con, where, include_diverged)
+    protocols = selected_protocols(con, sel.runs, include_diverged)
     if len(protocols) > 1:  # the k-of-n comparison has one reference: use the current protocol only
         newest = max(f["protocol"] for f in protocols)
         notes.append(f"runs of several protocols selected; comparing those of protocol {newest} only")
-        where = f"({where}) AND protocol = {int(newest)}" if where else f"protocol = {int(newest)}"
+        sel = sel.but(held=(*sel.held, ("protocol", int(newest))))
+    where = sel.runs
     everything = width_means(con, metrics, ("optimizer", arch), strata=list(strata), site=site, where=where,
                              include_diverged=include_diverged)
     names = dict(con.execute("SELECT DISTINCT optimizer, optimizer_name FROM runs").fetchall())

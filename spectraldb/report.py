@@ -106,14 +106,16 @@ def _varied(con, sel: Selection, factor: str) -> list:
     """The distinct values of a runs column among the selected runs (a factor from the vocabulary)."""
     statuses = selected_statuses(sel.include_diverged)
     return [v for (v,) in con.execute(
-        f"SELECT DISTINCT {factor} FROM runs WHERE status IN (SELECT unnest(?)) AND {check_where(con, sel.where)} "
+        f"SELECT DISTINCT {factor} FROM runs WHERE status IN (SELECT unnest(?)) AND {check_where(con, sel.runs)} "
         "ORDER BY 1", [statuses]).fetchall()]
 
 
-def _literal(v) -> str:
-    if isinstance(v, str):
-        return "'" + v.replace("'", "''") + "'"
-    return repr(float(v)) if isinstance(v, float) else str(int(v))
+def shown_where(sel: Selection) -> str:
+    """The selection as a `--where` a reader can paste (display only: the report's own queries
+    bind the held values, never this text)."""
+    held = [f"{f} = " + ("'" + v.replace("'", "''") + "'" if isinstance(v, str) else cell(v)) for f, v in sel.held]
+    parts = ([f"({sel.where})"] if sel.where and held else [sel.where] if sel.where else []) + held
+    return " AND ".join(parts)
 
 
 def narrowed(con, sel: Selection, factors) -> tuple[Selection, str]:
@@ -124,15 +126,14 @@ def narrowed(con, sel: Selection, factors) -> tuple[Selection, str]:
     held = []
     for f in factors:
         counts = con.execute(f"SELECT {f}, count(*) FROM runs WHERE status IN (SELECT unnest(?)) AND "
-                             f"{check_where(con, sel.where)} AND {f} IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1",
+                             f"{check_where(con, sel.runs)} AND {f} IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1",
                              [statuses]).fetchall()
         if len(counts) > 1:
             held.append((f, counts[0][0]))
     if not held:
         return sel, ""
-    clause = " AND ".join(f"{f} = {_literal(v)}" for f, v in held)
-    where = f"({sel.where}) AND {clause}" if sel.where else clause
-    return sel.but(where=where), "held at the most common value: " + ", ".join(f"{f} = {cell(v)}" for f, v in held)
+    return sel.but(held=(*sel.held, *held)), "held at the most common value: " + \
+        ", ".join(f"{f} = {cell(v)}" for f, v in held)
 
 
 COUPLED = {"norm": ("norm", "postln_frac"), "postln_frac": ("norm", "postln_frac")}
@@ -170,7 +171,7 @@ def beta_section(con, scope: Scope) -> Section:
                 "β_hard and β_soft with 95 % t-intervals, R², Δ₁,₂ = β_soft − β_hard and the widths fitted "
                 "(site post; each run's point is the median over layers of its last `last_k` measured values). "
                 f"The same numbers as `specdb query beta --stratum S --by {','.join(by)}"
-                + (f' --where "{sel.where}"`.' if sel.where else "`.") + _held(scope.arch_note))
+                + (f' --where "{shown_where(sel)}"`.' if shown_where(sel) else "`.") + _held(scope.arch_note))
     for stratum in STRATA:
         s.tables.append(_table(f"beta_{stratum}", stratum, queries.beta(con, sel.but(strata=(stratum,)))))
     fitted = tuple(t.caption for t in s.tables if any(r.get("beta_hard") is not None for r in t.rows))
@@ -217,7 +218,7 @@ def rank_fraction_section(con, scope: Scope) -> Section:
     sel = scope.base
     s = Section("Dion's rank fraction", "β per Dion rank fraction (TAIL and all tokens; the full-rank "
                                         "optimizers are in the first section)." + _held(scope.base_note))
-    dion = {r["optimizer"] for r in catalog.list_runs(con, where=sel.where, limit=100_000).rows
+    dion = {r["optimizer"] for r in catalog.list_runs(con, where=sel.runs, limit=100_000).rows
             if r["optimizer_name"] == "dion"}
     if len(dion) < 2:
         s.missing = ("needs Dion at two or more rank fractions: `optimizer: {dion: {rank_fraction: [0.5, 0.0625]}}` "
@@ -244,7 +245,7 @@ def architecture_section(con, scope: Scope) -> Section:
         return s
     # the baseline: the AdamW label with the most runs (a store may hold several AdamW arms)
     labels = {}
-    for r in catalog.list_runs(con, where=sel.where, limit=100_000).rows:
+    for r in catalog.list_runs(con, where=sel.runs, limit=100_000).rows:
         if r["optimizer_name"] == "adamw":
             labels[r["optimizer"]] = labels.get(r["optimizer"], 0) + 1
     if not labels:
@@ -321,7 +322,7 @@ def trainability_section(con, scope: Scope) -> Section:
         s.missing = ("no architecture factor varies: `examples/paper_160m_postln.yaml` sweeps the post-LN "
                      "fraction against the optimizers")
         return s
-    answer = catalog.trainability(con, varied, where=sel.where)
+    answer = catalog.trainability(con, varied, where=sel.runs)
     s.tables.append(_table("trainability", " × ".join(varied), answer))
     return s
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 from contract.vocabulary import STRATA
 from spectraldb.errors import QueryError
-from spectraldb.predicates import check_factors, check_site, check_strata
+from spectraldb.predicates import RunFilter, check_factors, check_site, check_strata
 
 LAYER_MODES = ("agg", "each")
 
@@ -33,7 +33,8 @@ class Selection:
     site: pre | post; where: a predicate on `runs`; include_diverged: keep diverged runs in fits;
     by: factors that group the fits (None: the verb's default); window: median over each run's last
     K measured steps (None: its measure.last_k); step: one measured step instead of the window;
-    layer: agg (median over layers) | each (one value per layer).
+    layer: agg (median over layers) | each (one value per layer); held: (factor, value) pairs every
+    run must equal, bound as values (the report's baseline, delta's protocol).
     """
     strata: tuple[str, ...] | None = None
     site: str = "post"
@@ -43,6 +44,7 @@ class Selection:
     window: int | None = None
     step: int | None = None
     layer: str = "agg"
+    held: tuple = ()  # (factor, value) pairs every run must equal (spectraldb.predicates.RunFilter)
 
     def __post_init__(self):
         if self.strata is not None and (isinstance(self.strata, str) or len(self.strata)) and not split(self.strata):
@@ -64,6 +66,11 @@ class Selection:
             raise QueryError("--where: must be text")
         if self.where is not None and not self.where.strip():
             object.__setattr__(self, "where", None)
+
+    @property
+    def runs(self) -> RunFilter:
+        """The runs this selection reads, as every verb filters them (`where` and `held`)."""
+        return RunFilter(self.where, tuple(self.held))
 
     @property
     def stratum(self) -> str:

@@ -141,3 +141,43 @@ def test_the_notebook_example_prints_tail_beta(db):
     assert out.returncode == 0, out.stderr
     assert "beta_hard" in out.stdout and "AdamW" in out.stdout and "Muon" in out.stdout
     assert "ln(hard rank) ≈" in out.stdout
+
+
+def test_a_predicate_is_checked_once_per_question_and_once_per_report(db, monkeypatch):
+    """Checking a predicate parses it twice and binds it (three statements): a question checks it
+    once, a report of many sections once per distinct predicate; a writer re-checks every time."""
+    from spectraldb import predicates, report
+    from spectraldb.verbs import VERBS
+
+    checked = []
+    real = predicates._check_where
+    monkeypatch.setattr(predicates, "_check_where", lambda con, where: checked.append(where) or real(con, where))
+    reader = spectraldb.open(db)
+    for verb in VERBS:
+        checked.clear()
+        getattr(reader, verb.name)(**{o.name: 2.0 for o in verb.options if o.required}, where="seed = 0")
+        assert checked == ["seed = 0"], verb.name
+    checked.clear()
+    with store.connect(db, read_only=True) as con:
+        report.build(con, Selection(where="seed = 0"), store=str(db))
+    assert sorted(checked) == sorted(set(checked)) and checked and len(checked) <= 3, checked
+    checked.clear()
+    with store.connect(db) as con:  # a writer's runs may change between checks
+        predicates.check_where(con, "seed = 0")
+        predicates.check_where(con, "seed = 0")
+    assert checked == ["seed = 0", "seed = 0"]
+
+
+def test_held_values_are_bound_never_written_into_the_sql(db):
+    """The report's baseline and delta's protocol hold factors at values read from the store; a
+    value is compared as a value, whatever it holds, and an unknown factor is refused."""
+    with store.connect(db, read_only=True) as con:
+        everyone = queries.beta(con, Selection(strata="tail")).rows
+        assert queries.beta(con, Selection(strata="tail", held=(("seed", 1),))).rows != everyone
+        hostile = Selection(strata="tail", held=(("optimizer", "AdamW') OR TRUE OR ('"),))
+        assert [r["beta_hard"] for r in queries.beta(con, hostile).rows] == []
+        same = Selection(strata="tail", where="optimizer = 'AdamW'")
+        held = Selection(strata="tail", held=(("optimizer", "AdamW"),))
+        assert queries.beta(con, held).rows == queries.beta(con, same).rows
+        with pytest.raises(QueryError, match="^held: unknown factor 'colour'"):
+            queries.beta(con, Selection(held=(("colour", "red"),)))
