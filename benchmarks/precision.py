@@ -28,7 +28,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from spectraldb.spec import load_spec
-from workers import extract
+from workers import extract, measurement
 from workers.bench import previous_design
 from workers.data import measurement_batch, prepare
 from workers.model import GPT, GPTConfig
@@ -66,7 +66,7 @@ def variant(model, tokens, strata_of, min_tokens, accumulate, decompose, tf32=Fa
     extract.PRECISIONS["bench"] = extract.Precision(accumulate, decompose)
     extract.gram = tf32_gram if tf32 else GRAM
     try:
-        recs = extract.measure(model, tokens, strata_of, min_tokens=min_tokens, precision="bench", **KW)
+        recs = measurement.measure(model, tokens, strata_of, min_tokens=min_tokens, precision="bench", **KW)
     finally:
         extract.gram = GRAM
     return {(r.layer, r.site, r.stratum): r.to_dict() for r in recs if r.eigenvalues is not None}

@@ -10,7 +10,7 @@
    strata — by the probe, against a naive reference that buffers every activation and calls
    `numpy.cov` and `numpy.linalg.eigvalsh` per layer × site × stratum (what NerVE-style tools do).
    Both compute the same metric suite; the spectra are checked to agree.
-3. One measured step of specdb's own loop through the probe (`workers.extract.measure`) against
+3. One measured step of specdb's own loop through the probe (`workers.measurement.measure`) against
    the probe driven directly by a user's loop: the same code path, so the same cost.
 """
 
@@ -25,13 +25,13 @@ import torch
 
 from contract import metrics
 from contract.sizes import frequency_strata
-from workers import extract
+from workers import extract, measurement
 from workers.model import GPT, GPTConfig
 from workers.probe import attach
 
 V, T, D_MODEL, MULT, LAYERS = 4096, 256, 256, 4, 2  # D = 1024
 TOKENS = 32768
-CHUNK = 64  # sequences per forward, as specdb's own loop (workers.extract.accumulate)
+CHUNK = 64  # sequences per forward, as specdb's own loop (workers.measurement.accumulate)
 
 
 def model_and_data(seed=0):
@@ -149,9 +149,9 @@ def main() -> None:
 
     strata_of = torch.from_numpy(frequency_strata(counts).astype(np.int64))
     kw = dict(sites=["pre", "post"], strata=["all", "head", "mid", "tail"], min_tokens=1000)
-    own = min(timed(lambda: extract.measure(model, ids, strata_of, **kw)) for _ in range(3))
+    own = min(timed(lambda: measurement.measure(model, ids, strata_of, **kw)) for _ in range(3))
     direct = min(timed(lambda: probe_measurement(model, ids, counts)) for _ in range(3))
-    print(f"\n3. one measured step: specdb's loop (extract.measure) {own:.2f} s, the probe driven by a user's "
+    print(f"\n3. one measured step: specdb's loop (measurement.measure) {own:.2f} s, the probe driven by a user's "
           f"loop {direct:.2f} s → ratio {direct / own:.2f} (one code path)")
 
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from contract.metrics import hard_rank
-from workers.extract import StreamingCovariance, measure
+from workers.extract import StreamingCovariance
+from workers.measurement import measure
 from workers.probe import attach
 from workers.model import GPT, GPTConfig
 

@@ -6,7 +6,7 @@ import torch
 
 from spectraldb.spec import load_spec
 from tests.conftest import tiny_spec
-from workers import extract, train
+from workers import measurement, train
 from workers.data import prepare
 from workers.model import GPT, GPTConfig
 
@@ -19,12 +19,12 @@ def test_the_device_path_equals_the_cpu_path_in_float64():
     model = GPT(GPTConfig(vocab_size=60, context=8, n_layer=2, d_model=16, n_head=2, ffn_mult=2))
     tokens = torch.randint(0, 60, (40, 8))
     strata_of = torch.arange(60) % 3
-    cpu = extract.measure(model, tokens, strata_of, **KW)
-    gpu = extract.measure(model.cuda(), tokens.cuda(), strata_of.cuda(), **KW, autocast_dtype=torch.bfloat16)
+    cpu = measurement.measure(model, tokens, strata_of, **KW)
+    gpu = measurement.measure(model.cuda(), tokens.cuda(), strata_of.cuda(), **KW, autocast_dtype=torch.bfloat16)
     for a, b in zip(cpu, gpu):  # bfloat16 forward on the GPU: the activations differ, not the arithmetic after
         assert b.eigenvalues is not None and np.all(np.diff(b.eigenvalues) <= 0)
         assert b.metrics["hard_rank"] == pytest.approx(a.metrics["hard_rank"], rel=0.05)
-    exact = extract.measure(model, tokens.cuda(), strata_of.cuda(), **KW)  # fp32 forward: same activations
+    exact = measurement.measure(model, tokens.cuda(), strata_of.cuda(), **KW)  # fp32 forward: same activations
     for a, b in zip(cpu, exact):
         assert b.metrics["hard_rank"] == pytest.approx(a.metrics["hard_rank"], rel=1e-5)
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from tests.conftest import rows, tiny_model, tiny_spec
-from workers import extract
+from workers import measurement
 
 runner = CliRunner()
 
@@ -19,9 +19,9 @@ def test_hard_only_records_carry_the_hard_rank_of_the_full_path_and_no_eigenvalu
     tokens = torch.randint(0, 64, (20, 16), generator=torch.Generator().manual_seed(0))
     strata = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(1))
     kw = dict(sites=("pre", "post"), strata=("all", "head", "mid", "tail"), min_tokens=20)
-    full = extract.measure(model, tokens, strata, **kw)
+    full = measurement.measure(model, tokens, strata, **kw)
     monkeypatch.setattr(torch.linalg, "eigvalsh", lambda *a, **k: pytest.fail("hard_only decomposed a matrix"))
-    hard = extract.measure(model, tokens, strata, which="hard_only", **kw)
+    hard = measurement.measure(model, tokens, strata, which="hard_only", **kw)
     assert [r.key for r in hard] == [r.key for r in full]
     for a, b in zip(full, hard):
         assert b.eigenvalues is None and b.reinjection is None

@@ -13,7 +13,7 @@ import torch
 from spectraldb import store
 from spectraldb.spec import load_spec
 from tests.conftest import tiny_spec
-from workers import extract, train
+from workers import extract, measurement, train
 from workers.bench import naive
 from workers.data import prepare
 from workers.model import GPT, GPTConfig
@@ -68,7 +68,7 @@ def test_the_fp64_measurement_equals_the_naive_reference_within_1e_9():
     model = tiny_model()
     tokens = torch.randint(0, 60, (40, 8), generator=torch.Generator().manual_seed(1))
     strata_of = torch.arange(60) % 3
-    got = extract.measure(model, tokens, strata_of, **KW, chunk=7)  # uneven chunks
+    got = measurement.measure(model, tokens, strata_of, **KW, chunk=7)  # uneven chunks
     ref = naive(model, tokens, strata_of)  # every activation kept, numpy.cov, numpy eigvalsh
     assert len(got) == 16
     for rec in got:
@@ -84,8 +84,8 @@ def test_fp32_products_stay_close_and_differ_from_fp64():
     model = tiny_model()
     tokens = torch.randint(0, 60, (40, 8), generator=torch.Generator().manual_seed(1))
     strata_of = torch.arange(60) % 3
-    a = extract.measure(model, tokens, strata_of, **KW)
-    b = extract.measure(model, tokens, strata_of, **KW, precision="fp32")
+    a = measurement.measure(model, tokens, strata_of, **KW)
+    b = measurement.measure(model, tokens, strata_of, **KW, precision="fp32")
     assert any(not np.array_equal(x.eigenvalues, y.eigenvalues) for x, y in zip(a, b))
     for x, y in zip(a, b):
         assert y.metrics["hard_rank"] == pytest.approx(x.metrics["hard_rank"], rel=1e-4)
@@ -102,7 +102,7 @@ def test_the_products_never_run_under_the_forward_autocast(monkeypatch):
 
     monkeypatch.setattr(extract, "gram", watched)
     model = tiny_model()
-    extract.accumulate(model, torch.randint(0, 60, (10, 8)), torch.arange(60) % 3, **KW,
+    measurement.accumulate(model, torch.randint(0, 60, (10, 8)), torch.arange(60) % 3, **KW,
                        autocast_dtype=torch.bfloat16, precision="fp32")
     assert seen and all(state == (False, torch.float32) for state in seen)
 
@@ -114,7 +114,7 @@ def test_non_finite_activations_are_caught_before_any_decomposition(monkeypatch)
     calls = []
     monkeypatch.setattr(extract, "spectra_of", lambda *a: calls.append(a))
     with pytest.raises(extract.NonFiniteActivations):
-        extract.accumulate(model, torch.randint(0, 60, (10, 8)), torch.arange(60) % 3, **KW)
+        measurement.accumulate(model, torch.randint(0, 60, (10, 8)), torch.arange(60) % 3, **KW)
     assert not calls
 
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from contract import memory as mem
 from tests.conftest import rows, tiny_model, tiny_spec
-from workers import extract
+from workers import extract, measurement
 from workers.probe import ProbeError, attach
 
 STRATA = ("all", "head", "mid", "tail")
@@ -36,10 +36,10 @@ def test_passes_give_the_spectra_of_one_pass_bitwise(units_per_pass, monkeypatch
     folds = []
     fold = extract.StreamingCovariance._update_owned
     monkeypatch.setattr(extract.StreamingCovariance, "_update_owned", lambda self, x: folds.append(1) or fold(self, x))
-    one = extract.measure(model, tokens, strata, **KW)
+    one = measurement.measure(model, tokens, strata, **KW)
     in_one = len(folds)
     budget = mem.pass_bytes([32] * units_per_pass, STRATA)
-    many = extract.measure(model, tokens, strata, memory=budget, **KW)
+    many = measurement.measure(model, tokens, strata, memory=budget, **KW)
     same(one, many)
     assert sum(r.reinjection is not None for r in many) == 3 * 4  # pre and post paired across passes
     # passes repeat the forwards, never a fold: each accumulator sees each chunk once

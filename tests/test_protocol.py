@@ -15,7 +15,7 @@ from spectraldb.spec import RunSpec, load_spec
 from tests.builders import evaluations, result, spectrum
 from tests.conftest import flat, put, tiny_spec
 from workers.data import prepare
-from workers.extract import measure
+from workers.measurement import measure
 from workers.model import GPT, GPTConfig
 from contract.vocabulary import PROTOCOL
 from workers.train import run as train_run

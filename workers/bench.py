@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 
 from contract import metrics
 from contract.config import AdamWConfig
-from workers import extract
+from workers import extract, measurement
 from workers.model import GPT, GPTConfig
 from workers.optim import build_optimizers
 
@@ -128,12 +128,12 @@ def one_step(device, n_tokens: int, repeats: int) -> None:
 
     for _ in range(repeats):
         rows.setdefault("forward passes alone", []).append(timed(forward, device)[0])
-        t_acc, selected = timed(lambda: extract.accumulate(model, tokens, strata_of, **kw), device)
+        t_acc, selected = timed(lambda: measurement.accumulate(model, tokens, strata_of, **kw), device)
         todo = [cov.scaled() for _, cov in selected if cov is not None]
         t_dec, _ = timed(lambda: extract.spectra_of(todo), device)
-        t_all, recs = timed(lambda: extract.measure(model, tokens, strata_of, **kw), device)
+        t_all, recs = timed(lambda: measurement.measure(model, tokens, strata_of, **kw), device)
         rows.setdefault("specdb: measure() with precision fp32", []).append(
-            timed(lambda: extract.measure(model, tokens, strata_of, precision="fp32", **kw), device)[0])
+            timed(lambda: measurement.measure(model, tokens, strata_of, precision="fp32", **kw), device)[0])
         t_met, _ = timed(lambda: [metrics.metrics(r.eigenvalues) for r in recs if r.eigenvalues is not None],
                          device)
         rows.setdefault("specdb: accumulate (forward + products)", []).append(t_acc)
@@ -180,7 +180,7 @@ def share(device, repeats: int) -> None:
             tokens = torch.randint(0, 2048, (n_tokens // 64, 64), generator=gen).to(device)
             waits, total, before = [], [], []
             for _ in range(repeats):
-                t_acc, selected = timed(lambda: extract.accumulate(model, tokens, strata_of, **kw), device)
+                t_acc, selected = timed(lambda: measurement.accumulate(model, tokens, strata_of, **kw), device)
                 t_dec, _ = timed(lambda: extract.decompose(selected), device)
                 waits.append(t_acc)
                 total.append(t_acc + t_dec)

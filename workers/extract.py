@@ -5,9 +5,10 @@ Activations are never stored: each forward hook folds its (N, D) chunk into runn
 accumulator whatever N is. A measurement has two halves, so the second can leave the
 training loop (workers/train.py runs it on a background thread):
 
-- `accumulate` needs this step's weights: it runs the tokens through the model; per chunk the
-  positions are sorted by stratum once, and each stratum's centred product is one symmetric
-  rank-k update (SYRK, half the work of a GEMM) in the precision's accumulation dtype;
+- `workers.measurement.accumulate` needs this step's weights: it runs the tokens through the
+  model and the probe folds each chunk here; per chunk the positions are sorted by stratum once,
+  and each stratum's centred product is one symmetric rank-k update (SYRK, half the work of a
+  GEMM) in the precision's accumulation dtype;
 - `decompose` turns the moments into spectra (one batched `eigvalsh` per width, on the device
   that holds them) and the spectra into the metric suite (`contract.metrics`).
 
@@ -142,38 +143,6 @@ def _upper(c) -> torch.Tensor:
     return c.scaled() if isinstance(c, StreamingCovariance) else c
 
 
-@torch.no_grad()
-def accumulate(model, tokens: torch.Tensor, token_strata: torch.Tensor, *, sites, strata, min_tokens: int,
-               chunk: int = 64, autocast_dtype=None, precision: str = "fp64", limit: int | None = None,
-               all_limit: int | None = None, memory: int | None = None,
-               which: str = "full") -> list[tuple[Spectrum, object]]:
-    """Run `tokens` (n, T) through specdb's GPT, `chunk` sequences at a time, measured by the one
-    probe (workers.probe): what `decompose` needs, as `Probe.select` gives it. The strata count
-    the first `limit` positions (row-major), `all` the first `all_limit` (both None: every one).
-    With a `memory` budget the accumulators do not fit, the tokens run once per pass."""
-    from workers.probe import Probe, find_sites
-
-    device = tokens.device
-    was_training = model.training
-    model.eval()
-    probe = Probe(model, find_sites(model), token_strata=token_strata, measure=sites, strata=strata,
-                  min_tokens=min_tokens, precision=precision, memory=memory, metrics=which)
-    width = tokens.shape[1]
-    try:
-        for part in probe.parts:
-            for i in range(0, tokens.shape[0], chunk):
-                idx = tokens[i:i + chunk]
-                start = i * width  # the budgets are over the whole batch; each chunk gets what is left
-                left = None if limit is None else max(0, limit - start)
-                left_all = None if all_limit is None else max(0, all_limit - start)
-                with probe.measuring(idx, limit=left, all_limit=left_all, part=part), \
-                        torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    model.hidden(idx)
-    finally:
-        model.train(was_training)
-    return probe.select()
-
-
 METRIC_SETS = ("full", "hard_only")  # every metric from the eigenvalues | the hard rank alone, without them
 
 
@@ -199,12 +168,3 @@ def decompose(selected: list[tuple[Spectrum, object]], precision: str = "fp64", 
     for rec in records:
         rec.step = step
     return metrics.attach_metrics(records)
-
-
-def measure(model, tokens: torch.Tensor, token_strata: torch.Tensor, *, sites, strata, min_tokens: int,
-            chunk: int = 64, autocast_dtype=None, precision: str = "fp64", limit: int | None = None,
-            all_limit: int | None = None, memory: int | None = None, which: str = "full") -> list[Spectrum]:
-    """Run `tokens` (n, T) through the model and return every requested spectrum (synchronous)."""
-    return decompose(accumulate(model, tokens, token_strata, sites=sites, strata=strata, min_tokens=min_tokens,
-                                chunk=chunk, autocast_dtype=autocast_dtype, precision=precision, limit=limit,
-                                all_limit=all_limit, memory=memory, which=which), precision, which=which)

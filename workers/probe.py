@@ -6,7 +6,7 @@
     records = probe.compute(step)                                   # contract.records.Spectrum, reset
 
 One measurement path: specdb's own training loop measures through this probe too
-(`workers.extract.accumulate`). Where the sites are and how a gated FFN's are defined:
+(`workers.measurement.accumulate`). Where the sites are and how a gated FFN's are defined:
 workers/sites.py; every run stores which definition it used (`SITE_DEFINITIONS`).
 
 Padded positions (attention_mask 0) never enter a covariance; `min_tokens` is the strata's floor

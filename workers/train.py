@@ -28,7 +28,8 @@ from contract.config import RunConfig
 from contract.records import Evaluation, RunResult, Spectrum, perplexity
 from contract.sizes import is_measured
 from workers.data import Dataset, eval_batch, measurement_batch
-from workers.extract import NonFiniteActivations, accumulate, decompose
+from workers.extract import NonFiniteActivations, decompose
+from workers.measurement import accumulate
 from workers.model import GPT, GPTConfig
 from workers.optim import build_optimizers, lr_multiplier, set_lr
 from workers.ranks import Ranks

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 
 from contract.records import RunResult
 from spectraldb.errors import RayStartError, SpecError, one_line
+from spectraldb.run import parallel
 from spectraldb.run.preflight import check_cluster, check_node_fits
+from spectraldb.run.remote import LazyRemote
 from spectraldb.run.progress import Throttle
 
 if TYPE_CHECKING:
@@ -130,8 +132,6 @@ def run_ray(runs, datasets, sink, address, max_in_flight=None) -> None:
             while queue and len(pending) < cap:
                 r = queue.pop(0)
                 if r.resources.workers > 1:
-                    from spectraldb.run import parallel
-
                     ref = parallel.submit(r, data_refs[data_key(r)], board, checkpoint_path(r), TRAIN)
                 else:
                     task = _ray_task.options(num_cpus=r.resources.cpus, num_gpus=r.resources.gpus,
@@ -160,18 +160,6 @@ def run_ray(runs, datasets, sink, address, max_in_flight=None) -> None:
                     res = RunResult.failed(f"{type(exc).__name__}: {exc}")
                 sink.put(r, res, datasets[data_key(r)].vocab_size)
             submit()
-
-
-class LazyRemote:
-    """Defers ray.remote until first use so that importing this module needs no ray."""
-
-    def __init__(self, factory):
-        self.factory, self.obj = factory, None
-
-    def __getattr__(self, name):
-        if self.obj is None:
-            self.obj = self.factory()
-        return getattr(self.obj, name)
 
 
 def _make_board():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from contract.records import RunResult
 from spectraldb.errors import one_line
-from spectraldb.run.executors import LazyRemote
+from spectraldb.run.remote import LazyRemote
 from spectraldb.run.progress import Throttle
 
 
