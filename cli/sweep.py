@@ -98,7 +98,7 @@ def plan(spec: Path = typer.Argument(..., help="Spec file"), db: Optional[str] =
 
 def _spool_notes(db) -> None:
     """Damaged spool entries (now, and moved aside earlier): their runs are trained again."""
-    from spectraldb.run.spool import Spool
+    from spectraldb.sidecar.spool import Spool
 
     spool = Spool(db)
     for path, why in spool.scan()[1]:
@@ -120,8 +120,8 @@ def status(spec: Optional[Path] = typer.Argument(None, help="A spec: count its r
     """
     from contract.vocabulary import PROTOCOL
     from spectraldb import catalog
-    from spectraldb.run.progress import read_sidecar
-    from spectraldb.run.spool import Spool
+    from spectraldb.sidecar.progress import read_sidecar
+    from spectraldb.sidecar.spool import Spool
     from spectraldb.store import connect
 
     check_format(fmt)
@@ -182,9 +182,9 @@ def ingest(db: Optional[str] = DbOpt):
     Example: specdb ingest --db results.duckdb
     """
     from spectraldb import store
-    from spectraldb.run.lock import WriterLock
-    from spectraldb.run.preflight import check_store_folder
-    from spectraldb.run.spool import Spool, drain
+    from spectraldb.sidecar.lock import WriterLock
+    from spectraldb.sidecar.files import check_store_folder
+    from spectraldb.sidecar.spool import Spool, drain
 
     path = db or DEFAULT_DB
     damaged: list[str] = []

@@ -32,9 +32,9 @@ from contract.records import Evaluation, RunResult, perplexity
 from spectraldb import store
 from spectraldb.errors import SpecError, StoreError
 from spectraldb.provenance import provenance
-from spectraldb.run.lock import WriterLock
-from spectraldb.run.preflight import check_store_folder
-from spectraldb.run.spool import Spool, drain
+from spectraldb.sidecar.lock import WriterLock
+from spectraldb.sidecar.files import check_store_folder
+from spectraldb.sidecar.spool import Spool, drain
 from spectraldb.spec.tracked import TrackedSpec
 
 # declared as factors, these are the built-in columns of the same name

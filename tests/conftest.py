@@ -62,7 +62,7 @@ def start_sweep(tmp_path, corpus, steps: int, every: int, seeds=(0, 1, 2)):
     import sys
     import time
 
-    from spectraldb.run.lock import writer_pid
+    from spectraldb.sidecar.lock import writer_pid
 
     db, spec = tmp_path / "s.duckdb", tmp_path / "s.yaml"
     spec.write_text(tiny_spec(corpus, db, f"sweep:\n  seed: {list(seeds)}\n", steps=steps)

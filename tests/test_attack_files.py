@@ -14,10 +14,11 @@ from cli.main import app
 from contract.records import RunResult
 from spectraldb import store
 from spectraldb.errors import StoreError
-from spectraldb.run.progress import SidecarReporter, PlainReporter
+from spectraldb.run.progress import PlainReporter
+from spectraldb.sidecar.progress import SidecarReporter
 from spectraldb.spec import load_spec
-from spectraldb.run.lock import WriterLock
-from spectraldb.run.spool import Spool
+from spectraldb.sidecar.lock import WriterLock
+from spectraldb.sidecar.spool import Spool
 from tests.conftest import tiny_spec
 
 runner = CliRunner()

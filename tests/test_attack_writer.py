@@ -16,10 +16,11 @@ from spectraldb import store
 from spectraldb.run import sink as sinks
 from spectraldb.run import sweep
 from spectraldb.errors import StoreError
-from spectraldb.run.progress import PlainReporter, SidecarReporter
+from spectraldb.run.progress import PlainReporter
+from spectraldb.sidecar.progress import SidecarReporter
 from spectraldb.spec import RunSpec, load_spec
-from spectraldb.run.lock import WriterLock
-from spectraldb.run.spool import Spool
+from spectraldb.sidecar.lock import WriterLock
+from spectraldb.sidecar.spool import Spool
 from tests.builders import evaluations, result, spectrum
 from tests.conftest import start_sweep, tiny_spec
 

@@ -74,7 +74,7 @@ def modules_after(code: str) -> set[str]:
 
 def test_the_library_imports_without_torch_or_ray():
     loaded = modules_after("import spectraldb.store, spectraldb.queries, spectraldb.service, spectraldb.run.sweep, "
-                           "spectraldb.run.executors, spectraldb.run.spool, spectraldb.plots, cli.main")
+                           "spectraldb.run.executors, spectraldb.sidecar.spool, spectraldb.plots, cli.main")
     assert not {"torch", "ray", "workers"} & loaded
 
 
@@ -186,3 +186,14 @@ def test_no_import_cycle_hides_behind_a_lazy_import():
     for node in sorted(graph):
         visit(node, [])
     assert not cycles, " → ".join(cycles[0])
+
+
+def test_the_tracker_and_the_service_share_the_store_files_not_the_driver():
+    """The lock, the spool and the progress file live in spectraldb.sidecar, which the driver, the
+    tracker and the service all use; the tracker and the service never import the driver (run/)."""
+    graph = first_party_graph()
+    for module in ("spectraldb.track", "spectraldb.service.app", "spectraldb.sidecar.spool", "spectraldb.sidecar.lock",
+                   "spectraldb.sidecar.progress", "spectraldb.sidecar.files"):
+        assert not {d for d in graph[module] if d.startswith("spectraldb.run")}, module
+    assert "spectraldb.sidecar.progress" in graph["spectraldb.service.app"]
+    assert {"spectraldb.sidecar.lock", "spectraldb.sidecar.spool"} <= graph["spectraldb.track"]

@@ -214,7 +214,7 @@ def test_precision_is_a_spec_field_that_changes_the_run_id_only_when_set(tmp_pat
 
 
 def test_a_spooled_result_keeps_the_worker_metrics_exactly(tiny_run, tmp_path):
-    from spectraldb.run.spool import Spool
+    from spectraldb.sidecar.spool import Spool
 
     run, ds = tiny_run
     result = train.run(run.worker_config(), ds)

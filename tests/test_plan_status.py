@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from contract.vocabulary import PLAN_STATUSES
-from spectraldb.run.spool import Spool
+from spectraldb.sidecar.spool import Spool
 from spectraldb.spec import load_spec
 from tests.builders import result
 from tests.conftest import tiny_spec

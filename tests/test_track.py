@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from spectraldb.errors import SpecError
-from spectraldb.run.lock import WriterLock
-from spectraldb.run.spool import Spool
+from spectraldb.sidecar.lock import WriterLock
+from spectraldb.sidecar.spool import Spool
 from spectraldb.track import track
 from tests.builders import spectrum
 from tests.conftest import flat, query, rows, start_sweep

@@ -22,7 +22,7 @@ from spectraldb.errors import RayStartError, SpecError, one_line
 from spectraldb.run import parallel
 from spectraldb.run.preflight import check_cluster, check_node_fits
 from spectraldb.run.remote import LazyRemote
-from spectraldb.run.progress import Throttle
+from spectraldb.sidecar.progress import Throttle
 
 if TYPE_CHECKING:
     from spectraldb.spec import RunSpec

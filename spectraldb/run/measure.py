@@ -23,11 +23,11 @@ from spectraldb import catalog, store
 from spectraldb.errors import SpecError, one_line
 from spectraldb.provenance import provenance
 from spectraldb.run import executors
-from spectraldb.run.lock import WriterLock
-from spectraldb.run.preflight import check_store_folder
+from spectraldb.sidecar.lock import WriterLock
+from spectraldb.sidecar.files import check_store_folder
 from spectraldb.run.progress import PlainReporter
 from spectraldb.run.sink import COMMIT_WAIT_S, FINAL_WAIT_S
-from spectraldb.run.spool import Spool, drain
+from spectraldb.sidecar.spool import Spool, drain
 from spectraldb.run.sweep import EXECUTORS, SweepResult
 from spectraldb.spec.checkpoints import CheckpointEntry, CheckpointsSpec
 from spectraldb.spec.tracked import TrackedModel, TrackedSpec

@@ -22,7 +22,7 @@ from pathlib import Path
 from contract.records import RunResult
 from spectraldb.errors import one_line
 from spectraldb.run.remote import LazyRemote
-from spectraldb.run.progress import Throttle
+from spectraldb.sidecar.progress import Throttle
 
 
 def submit(run, data_ref, board, checkpoint: str | None, train_hook=None):

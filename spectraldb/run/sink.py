@@ -11,7 +11,7 @@ from contract.records import RunResult
 from spectraldb import store
 from spectraldb.errors import one_line
 from spectraldb.run.executors import checkpoint_path
-from spectraldb.run.spool import Spool, drain
+from spectraldb.sidecar.spool import Spool, drain
 from spectraldb.spec import RunSpec
 
 COMMIT_WAIT_S = 5.0      # during a sweep: wait this long for a reader, then spool and go on

@@ -13,11 +13,13 @@ from spectraldb.errors import SpecError
 from spectraldb.provenance import provenance
 from spectraldb.run import executors
 from spectraldb.run.executors import prepare_data
-from spectraldb.run.lock import WriterLock
-from spectraldb.run.preflight import check_store_folder, estimate_memory, measurement_plan, preflight
-from spectraldb.run.progress import PlainReporter, SidecarReporter
+from spectraldb.sidecar.lock import WriterLock
+from spectraldb.run.preflight import estimate_memory, measurement_plan, preflight
+from spectraldb.sidecar.files import check_store_folder
+from spectraldb.run.progress import PlainReporter
+from spectraldb.sidecar.progress import SidecarReporter
 from spectraldb.run.sink import Sink
-from spectraldb.run.spool import Spool, drain
+from spectraldb.sidecar.spool import Spool, drain
 from spectraldb.spec import Plan, RunSpec
 
 EXECUTORS = ("ray", "inline")

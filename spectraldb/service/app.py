@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from spectraldb import catalog, errors, store
 from spectraldb.bounds import SERVICE_TIME_S, Deadline, ReadLimits
 from spectraldb.errors import QueryError, StoreLocked
-from spectraldb.run.progress import read_sidecar
+from spectraldb.sidecar.progress import read_sidecar
 from spectraldb.selection import Selection, split
 from spectraldb.service import assets, guard
 from spectraldb.service.cache import AnswerCache

@@ -72,7 +72,7 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT
     `time_limit_s` stops every statement on the connection once that long has passed since it
     opened (a QueryTimeout, one line)."""
     path = Path(path)
-    if "\\" in str(path):  # DuckDB would read it as a folder separator (spectraldb.run.preflight.check_store_name)
+    if "\\" in str(path):  # DuckDB would read it as a folder separator (spectraldb.sidecar.files.check_store_name)
         raise StoreError(f"{path}: a store path cannot contain a backslash (DuckDB reads it as a folder separator)")
     if read_only and not path.exists():
         raise StoreError(f"{path}: no such store (run `specdb run SPEC` first, or pass --db)")

@@ -10,7 +10,7 @@ import socket
 import time
 
 from spectraldb.errors import StoreError, one_line_text
-from spectraldb.files import NOFOLLOW, beside
+from spectraldb.sidecar.files import NOFOLLOW, beside
 
 
 class WriterLock:

@@ -19,7 +19,7 @@ import numpy as np
 from contract.records import RunResult
 from contract.vocabulary import STATUSES
 from spectraldb.errors import one_line, one_line_text
-from spectraldb.files import beside, read_regular, write_atomically
+from spectraldb.sidecar.files import beside, read_regular, write_atomically
 
 
 def _jsonable(x):

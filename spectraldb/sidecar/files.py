@@ -6,8 +6,11 @@ after the store file itself, whatever path reached it.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from pathlib import Path
+
+from spectraldb.errors import SpecError
 
 NOFOLLOW = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
@@ -70,3 +73,34 @@ def read_regular(path: Path, max_bytes: int) -> bytes:
         return data
     finally:
         os.close(fd)
+
+
+SPECIAL_NAME = re.compile(r"^(:|[A-Za-z][A-Za-z0-9+.-]*:)")
+
+
+def check_store_name(store_path) -> None:
+    """A store is a file: DuckDB reads `:memory:`, `file:…`, `md:…` (any `word:` prefix) as
+    something else, so training into them would fail at every commit. A backslash DuckDB reads as
+    a folder separator: such a store would land elsewhere, or nowhere."""
+    if SPECIAL_NAME.match(str(store_path)):
+        raise SpecError(f"{store_path}: not a store file name (DuckDB reads ':memory:' and 'word:' prefixes "
+                        "as special databases); name a file, e.g. ./results.duckdb")
+    if "\\" in str(store_path):
+        raise SpecError(f"{store_path}: a store path cannot contain a backslash (DuckDB reads it as a "
+                        "folder separator)")
+
+
+def check_store_folder(store_path) -> None:
+    """A store whose folder is missing or read-only is refused before anything trains."""
+    check_store_name(store_path)
+    folder = Path(store_path).resolve().parent
+    if not folder.is_dir():
+        raise SpecError(f"{store_path}: folder {folder} does not exist (create it, or pass another --db)")
+    try:  # a real probe: permission bits say nothing for root or on a read-only mount
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=folder, prefix=".specdb-probe-"):
+            pass
+    except OSError as exc:
+        raise SpecError(f"{store_path}: folder {folder} is not writable ({exc.strerror or exc}); the store, "
+                        "its lock and its spool live there") from None
