@@ -58,7 +58,7 @@ class Verb:
     help: str                     # the first line is the one-line summary (API, notebook, CLI list)
     options: tuple[Option, ...]   # in the CLI's order
     plot: str | None = None       # its figure: `specdb plot PLOT` (spectraldb.plots.PLOT)
-    section: str | None = None    # its report section (spectraldb.report, a function of that name)
+    section: str | None = None    # its report section (a function of that name in spectraldb.report.sections)
     columns: tuple[str, ...] | None = None  # the CLI's column order (None: the answer's)
 
     @property

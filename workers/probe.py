@@ -21,47 +21,20 @@ is installed; inside one, an activation-checkpoint recomputation during backward
 from __future__ import annotations
 
 import contextlib
-import math
 
 import numpy as np
 import torch
 
 from contract import memory as mem
 from contract.records import Spectrum
-from contract.sizes import frequency_strata
-from contract.vocabulary import SITE_DEFINITIONS, SITES, STRATA, STRATA_SCOPES
+from contract.vocabulary import SITE_DEFINITIONS, SITES, STRATA
 from workers.collectives import _rank, _world, fold_to_owner, reduce_across_ranks
 from workers.extract import (METRIC_SETS, PRECISIONS, NonFiniteActivations, StreamingCovariance, decompose,
                              eigenvalues_of)
 from workers.layouts import batch_first, check_unsharded, whole_features
+from workers.positions import MEASURED, REST, by_stratum, label, strata_table  # noqa: F401 - strata_table: the API
 from workers.sites import (SITE_FAMILIES, ProbeError, Site, declared_widths, find_sites,  # noqa: F401 - the API
-                           model_config, model_shape, pre_width)
-
-MEASURED = ("head", "mid", "tail")  # stratum index 0, 1, 2 of a token-strata table
-REST = 3  # positions past the strata's budget that still count toward `all` (measuring's all_limit)
-
-
-def strata_table(counts=None, *, strata_of_ids=None, scope: str = "global", group=None) -> torch.Tensor:
-    """Stratum (0 head, 1 mid, 2 tail) of every token id: from a token-count table (the study's
-    frequency rule, contract.sizes.frequency_strata) or given directly. Under torch.distributed,
-    `scope` `global` sums the ranks' counts first; `rank0_local` uses rank 0's counts everywhere."""
-    if scope not in STRATA_SCOPES:
-        raise ProbeError(f"strata scope: expected one of {', '.join(STRATA_SCOPES)}, got {scope!r}")
-    if strata_of_ids is not None:
-        return torch.as_tensor(np.asarray(strata_of_ids), dtype=torch.int64)
-    counts = np.asarray(counts, dtype=np.float64)
-    if counts.ndim != 1 or not counts.size or not np.isfinite(counts).all() or (counts < 0).any():
-        raise ProbeError(f"token counts: expected one finite count ≥ 0 per token id (got shape {counts.shape}, "
-                         f"{int((~np.isfinite(counts)).sum())} non-finite, {int((counts < 0).sum())} negative)")
-    counts = torch.tensor(counts)  # a copy: the reduction must not touch the caller's table
-    if _world(group) > 1:
-        import torch.distributed as dist
-
-        if scope == "global":
-            dist.all_reduce(counts, group=group)
-        else:
-            dist.broadcast(counts, src=0, group=group)
-    return torch.from_numpy(frequency_strata(counts.numpy()).astype(np.int64))
+                           device_budget, model_config, model_shape, pre_width)
 
 
 class Probe:
@@ -140,12 +113,10 @@ class Probe:
     @contextlib.contextmanager
     def measuring(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                   limit: int | None = None, all_limit: int | None = None, part: int | None = None):
-        """The forwards inside this block are measured: their positions, in `input_ids` order
-        (batch × time), labelled by stratum; positions with attention_mask 0 are left out. With
-        `limit` only the first `limit` others count; with `all_limit` (≥ `limit`) the positions
-        after those, up to `all_limit`, count toward `all` alone (`self.counted` says how many
-        positions counted at all). `part`: which pass of `parts` these forwards feed (needed only
-        when there are several); entering another part finishes the one before."""
+        """The forwards inside this block are measured, their positions labelled as
+        workers.positions.label says (`self.counted`: how many counted). `part`: which pass of
+        `parts` these forwards feed (needed only when there are several; another part finishes
+        the one before)."""
         if part is None:
             if self.plan.n_passes > 1:
                 raise ProbeError(f"memory: this model's accumulators need {mem.fmt_bytes(self.plan.whole)}, over the "
@@ -178,39 +149,12 @@ class Probe:
             self._handles.clear()
             self.order = None
 
-    def _label(self, input_ids: torch.Tensor, attention_mask, limit: int | None = None,
-               all_limit: int | None = None) -> None:
-        ids = torch.as_tensor(input_ids)
-        self.shape = tuple(ids.shape)
-        if self.token_strata is None:
-            labels = torch.zeros(ids.numel(), dtype=torch.int64, device=ids.device)
-        else:
-            if self.token_strata.device != ids.device:
-                self.token_strata = self.token_strata.to(ids.device)
-            if ids.numel() and int(ids.max()) >= self.token_strata.numel():
-                raise ProbeError(f"token strata: the table covers {self.token_strata.numel()} token ids but the input "
-                                 f"holds id {int(ids.max())}; build it from this model's tokenizer")
-            labels = self.token_strata[ids].reshape(-1)
-        if attention_mask is not None:
-            mask = torch.as_tensor(attention_mask, device=labels.device).reshape(-1)
-            if mask.numel() != labels.numel():
-                raise ProbeError(f"attention_mask: {mask.numel()} positions, input_ids {labels.numel()}")
-            labels = torch.where(mask.bool(), labels, torch.full_like(labels, -1))
-        if all_limit is not None and (limit is None or all_limit < limit):
-            raise ProbeError(f"all_limit: {all_limit} needs a limit no larger than it (limit {limit})")
-        if limit is not None:  # token budgets: the strata's first `limit` unpadded positions, then `all`'s
-            valid = labels >= 0
-            seen = torch.cumsum(valid.long(), 0)
-            labels = torch.where(valid & (seen > max(0, limit)), REST, labels)
-            labels = torch.where(valid & (seen > max(0, limit if all_limit is None else all_limit)), -1, labels)
-        if attention_mask is not None or limit is not None:
-            self.n_pad = int((labels < 0).sum())
-            kept = labels[labels >= 0]
-        else:
-            self.n_pad, kept = 0, labels
-        self.order = torch.argsort(labels, stable=True)[self.n_pad:]  # padded positions (−1) sort first
-        self.counts = torch.bincount(kept, minlength=REST + 1).tolist()
-        self.positions, self.counted = labels.numel(), sum(self.counts)
+    def _label(self, input_ids, attention_mask, limit: int | None = None, all_limit: int | None = None) -> None:
+        if self.token_strata is not None and self.token_strata.device != torch.as_tensor(input_ids).device:
+            self.token_strata = self.token_strata.to(torch.as_tensor(input_ids).device)
+        labels = label(input_ids, self.token_strata, attention_mask, limit, all_limit)
+        self.shape, self.positions = labels.shape, labels.positions
+        self.order, self.counts, self.n_pad, self.counted = labels.order, labels.counts, labels.n_pad, labels.counted
 
     def _fold(self, where: Site, site: str, act) -> None:
         if self.order is None or torch._C._current_graph_task_id() != -1:
@@ -286,19 +230,8 @@ class Probe:
             for name in self.measure:
                 if (site.layer, name, self.needed[0]) not in acc:
                     continue  # another pass's unit
-                parts = {s: acc[(site.layer, name, s)] for s in self.needed}
-                for stratum in self.strata:
-                    if stratum == "all":
-                        cov = StreamingCovariance(parts[0].dim, parts[0].accumulate, parts[0].device)
-                        for p in parts.values():
-                            cov.merge(p)
-                        floor = 2  # the pooled spectrum is never skipped for want of tokens (protocol 3)
-                    else:
-                        cov = parts[MEASURED.index(stratum)]
-                        floor = max(self.min_tokens, math.ceil(cov.dim / 4), 2)
-                    rec = Spectrum.skipped(step=0, layer=site.layer, site=name, stratum=stratum, n_tokens=cov.n,
-                                           n_dim=cov.dim)
-                    out.append((rec, cov if cov.n >= floor else None))
+                out += by_stratum({s: acc[(site.layer, name, s)] for s in self.needed}, self.strata,
+                                  self.min_tokens, site.layer, name)
         kept = [c.m2 for _, c in out if c is not None]
         if kept and not torch.isfinite(torch.stack([m.sum() for m in kept])).all():
             raise NonFiniteActivations("non-finite FFN activations: the covariance has inf or NaN entries")
@@ -338,14 +271,6 @@ class Probe:
         self.close()
 
 
-def device_budget(model: torch.nn.Module) -> int:
-    """The default accumulator budget: a share of the memory of the device the model is on."""
-    param = next(model.parameters(), None)
-    if param is not None and param.device.type == "cuda":
-        return mem.default_budget(torch.cuda.get_device_properties(param.device).total_memory)
-    return mem.default_budget()
-
-
 def attach(model: torch.nn.Module, *, patterns: tuple[str, str] | None = None, token_strata=None,
            token_counts=None, strata_scope: str = "global", measure=SITES, strata=None, min_tokens: int = 1000,
            precision: str = "fp64", group=None, memory: int | None = None, shard: bool = False,
@@ -367,6 +292,6 @@ def attach(model: torch.nn.Module, *, patterns: tuple[str, str] | None = None, t
     if token_strata is not None or token_counts is not None:
         table = strata_table(token_counts, strata_of_ids=token_strata, scope=strata_scope, group=group)
     strata = tuple(strata) if strata is not None else (STRATA if table is not None else ("all",))
-    return Probe(model, find_sites(model, patterns, gated, sequence_first, stack), token_strata=table, measure=measure, strata=strata,
-                 min_tokens=min_tokens, precision=precision, strata_scope=strata_scope, group=group, memory=memory,
-                 shard=shard, metrics=metrics, tensor_parallel=tensor_parallel)
+    return Probe(model, find_sites(model, patterns, gated, sequence_first, stack), token_strata=table, measure=measure,
+                 strata=strata, min_tokens=min_tokens, precision=precision, strata_scope=strata_scope, group=group,
+                 memory=memory, shard=shard, metrics=metrics, tensor_parallel=tensor_parallel)

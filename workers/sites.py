@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from contract.memory import default_budget
+
 
 @dataclass(frozen=True)
 class Family:
@@ -199,3 +201,10 @@ def model_config(model: torch.nn.Module) -> dict:
         return {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}
     return {}
 
+
+def device_budget(model: torch.nn.Module) -> int:
+    """The default accumulator budget: a share of the memory of the device the model is on."""
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type == "cuda":
+        return default_budget(torch.cuda.get_device_properties(param.device).total_memory)
+    return default_budget()

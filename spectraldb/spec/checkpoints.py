@@ -23,7 +23,8 @@ from pydantic import Field, ValidationError, model_validator
 
 from contract.vocabulary import DEFAULT_STORE
 from spectraldb.errors import SpecError
-from spectraldb.spec.models import INT32_MAX, Bytes, MeasureSpec, Name, Section, Stratum
+from spectraldb.spec.models import MeasureSpec
+from spectraldb.spec.types import INT32_MAX, Bytes, Name, Section, Stratum
 from spectraldb.spec.source import _first_error, fmt_path, parse_yaml, read_spec_text
 from spectraldb.spec.sweep import read_source
 from spectraldb.predicates import MAX_FACTORS

@@ -15,7 +15,8 @@ import yaml
 from pydantic import ValidationError
 
 from spectraldb.errors import SpecError
-from spectraldb.spec.models import OPTIMIZER_NAMES, RunSpec, cross_checks
+from spectraldb.spec.models import RunSpec, cross_checks
+from spectraldb.spec.optimizers import OPTIMIZER_NAMES
 
 MAX_SPEC_BYTES = 1 << 20  # a spec is a page of YAML; anything larger is a mistake or an attack
 MAX_YAML_NODES = 100_000  # after alias expansion (a 1 KB alias bomb expands to billions)

@@ -12,7 +12,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from spectraldb.errors import SpecError
-from spectraldb.spec.models import ALIASES, OPTIMIZER_SPECS, RunSpec, _optimizer_shorthand, optimizer_variants
+from spectraldb.spec.models import ALIASES, RunSpec
+from spectraldb.spec.optimizers import OPTIMIZER_SPECS, _optimizer_shorthand, optimizer_variants
 from spectraldb.spec.source import Source, check_run, fmt_path, parse_yaml, read_spec_text, validate_run
 
 

@@ -18,7 +18,8 @@ from pydantic import Field, model_validator
 
 from contract.vocabulary import FACTORS, PROTOCOL, STRATA_SCOPES
 from spectraldb.predicates import FACTOR_NAME, MAX_FACTORS
-from spectraldb.spec.models import INT32_MAX, MeasureSpec, Name, Section, hashed_part
+from spectraldb.spec.models import MeasureSpec, RunSpec, hashed_part
+from spectraldb.spec.types import INT32_MAX, Name, Section
 
 INT64_MAX = 2**63 - 1  # the store's BIGINT columns
 # columns of `runs` a declared factor may not shadow
@@ -110,8 +111,6 @@ class TrackedSpec(Section):
 def spec_of(config: dict):
     """The spec a stored or spooled config describes: a TrackedSpec for runs trained elsewhere and
     checkpoints (their `source`), a RunSpec for specdb's own."""
-    from spectraldb.spec.models import RunSpec
-
     if isinstance(config, dict) and config.get("source") in ("tracked", "checkpoint"):
         return TrackedSpec.model_validate(config)
     return RunSpec.model_validate(config)

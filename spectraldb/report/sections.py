@@ -1,83 +1,21 @@
-"""The study assembled: every finding a store can answer, as one page (`specdb report`).
-
-`build(con, selection, store=…)` asks the same library verbs the CLI and the service ask
-(spectraldb.queries, spectraldb.plots, spectraldb.catalog) and returns a `Report`: sections of
-tables and figures, or, where the store lacks the runs a section needs, one line saying which
-spec or factor would produce them. `to_html` renders it as one self-contained page (inline CSS,
-figures as PNG data URIs, no script: it opens offline); `write_markdown` as a folder (report.md,
-one PNG per figure, one CSV per table). Both render every cell with `cell()`, so their tables
-agree; HTML cells also carry the full value (`data-value`).
-"""
+"""The report's sections: each asks the same library verbs the CLI and the service ask
+(spectraldb.queries, spectraldb.plots, spectraldb.catalog), on the selected runs held at the
+study's baseline where it compares one factor at a time; a section the store cannot answer says
+which spec or factor would produce it."""
 
 from __future__ import annotations
 
-import base64
-import csv
-import html
 import io
-import math
-import os
-import re
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 from contract.vocabulary import ARCHITECTURE_FACTORS, STRATA
 from spectraldb import catalog, plots, queries
 from spectraldb.errors import QueryError
 from spectraldb.predicates import check_where
+from spectraldb.report.model import Figure, Report, Section, Table, cell
 from spectraldb.selection import Selection
 from spectraldb.values import selected_statuses
-
-
-@dataclass
-class Table:
-    name: str                     # file name of its CSV, and its id on the page
-    caption: str
-    columns: list[str]
-    rows: list[dict]
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Figure:
-    name: str
-    caption: str
-    png: bytes
-
-
-@dataclass
-class Section:
-    title: str
-    text: str = ""
-    tables: list[Table] = field(default_factory=list)
-    figures: list[Figure] = field(default_factory=list)
-    missing: str | None = None    # one line: what would produce this section
-
-
-@dataclass
-class Report:
-    store: str
-    where: str | None
-    version: str
-    protocols: dict
-    runs: dict
-    generated: str
-    sections: list[Section]
-
-
-def cell(v) -> str:
-    """One value as both renderings show it."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return f"{v:.4g}" if abs(v) >= 1e4 or (v and abs(v) < 1e-3) else f"{v:.4f}".rstrip("0").rstrip(".")
-    return str(v)
 
 
 def _png(fig) -> bytes:
@@ -344,106 +282,3 @@ def build(con, sel: Selection = Selection(), *, store: str) -> Report:
     return Report(store=store, where=sel.where, version=_version(), protocols=catalog.protocols(con),
                   runs=catalog.status_counts(con), generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   sections=[make(con, scope) for make in SECTIONS])
-
-
-# ------------------------------------------------------------------ rendering
-
-CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:70em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.2em;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}
-th{background:#f4f4f4}td{text-align:right}td.text{text-align:left}caption{text-align:left;font-weight:600}
-.missing{color:#8a5a00}.note{color:#555;font-size:12px}img{max-width:100%}"""
-
-
-def _id(name: str) -> str:
-    return re.sub(r"[^a-z0-9_-]", "_", name.lower())
-
-
-def to_html(report: Report) -> str:
-    e = html.escape
-    out = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-           "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; "
-           "style-src 'unsafe-inline'\">", f"<title>specdb report — {e(report.store)}</title>",
-           f"<style>{CSS}</style></head><body>", "<h1>specdb report</h1>", "<ul class='meta'>"]
-    for key, value in _meta(report):
-        out.append(f"<li><b>{e(key)}</b>: {e(value)}</li>")
-    out.append("</ul>")
-    for section in report.sections:
-        out.append(f"<section><h2>{e(section.title)}</h2><p>{e(section.text)}</p>")
-        if section.missing:
-            out.append(f"<p class='missing'>Not in this store: {e(section.missing)}</p>")
-        for t in section.tables:
-            out.append(f"<table id='{_id(t.name)}'><caption>{e(t.caption)}</caption><tr>"
-                       + "".join(f"<th>{e(c)}</th>" for c in t.columns) + "</tr>")
-            for r in t.rows:
-                out.append("<tr>" + "".join(
-                    f"<td class='{'text' if isinstance(r.get(c), str) else 'num'}' data-value='{e(repr(r.get(c)))}'>"
-                    f"{e(cell(r.get(c)))}</td>" for c in t.columns) + "</tr>")
-            out.append("</table>")
-            out += [f"<p class='note'>{e(n)}</p>" for n in t.notes]
-        for f in section.figures:
-            data = base64.b64encode(f.png).decode()
-            out.append(f"<figure><img alt='{e(f.caption)}' src='data:image/png;base64,{data}'>"
-                       f"<figcaption>{e(f.caption)}</figcaption></figure>")
-        out.append("</section>")
-    out.append("</body></html>")
-    return "\n".join(out)
-
-
-def _meta(report: Report) -> list[tuple[str, str]]:
-    return [("store", report.store), ("selection", report.where or "every finished run"),
-            ("specdb", report.version),
-            ("protocols", ", ".join(f"{p} ({n} runs)" for p, n in report.protocols.items())),
-            ("runs", ", ".join(f"{n} {s}" for s, n in report.runs.items())), ("generated", report.generated)]
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
-
-def to_markdown(report: Report) -> str:
-    out = ["# specdb report", ""] + [f"- **{k}**: {_md_cell(v)}" for k, v in _meta(report)] + [""]
-    for section in report.sections:
-        out += [f"## {section.title}", "", section.text, ""]
-        if section.missing:
-            out += [f"*Not in this store: {section.missing}*", ""]
-        for t in section.tables:
-            out += [f"**{_md_cell(t.caption)}** (`tables/{t.name}.csv`)", "",
-                    "| " + " | ".join(_md_cell(c) for c in t.columns) + " |",
-                    "|" + "|".join("---" for _ in t.columns) + "|"]
-            out += ["| " + " | ".join(_md_cell(cell(r.get(c))) for c in t.columns) + " |" for r in t.rows]
-            out += [""] + [f"> {_md_cell(n)}" for n in t.notes] + ([""] if t.notes else [])
-        for f in section.figures:
-            out += [f"![{_md_cell(f.caption)}](figures/{f.name}.png)", ""]
-    return "\n".join(out) + "\n"
-
-
-def write_html(report: Report, path: str | Path) -> None:
-    """One file, written whole (a temporary file in the same folder, renamed)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(to_html(report))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # a page to share: the permissions of any new file, not mkstemp's 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_markdown(report: Report, folder: str | Path) -> None:
-    """report.md with figures/NAME.png and tables/NAME.csv beside it."""
-    folder = Path(folder)
-    (folder / "figures").mkdir(parents=True, exist_ok=True)
-    (folder / "tables").mkdir(exist_ok=True)
-    for section in report.sections:
-        for f in section.figures:
-            (folder / "figures" / f"{f.name}.png").write_bytes(f.png)
-        for t in section.tables:
-            with open(folder / "tables" / f"{t.name}.csv", "w", newline="", encoding="utf-8") as fh:
-                w = csv.writer(fh)
-                w.writerow(t.columns)
-                w.writerows([["" if r.get(c) is None else r.get(c) for c in t.columns] for r in t.rows])
-    (folder / "report.md").write_text(to_markdown(report), encoding="utf-8")
