@@ -130,3 +130,32 @@ class RunResult:
                    spectra=[Spectrum.from_dict(s) for s in d.get("spectra", [])],
                    started_at=d.get("started_at") or 0.0, finished_at=d.get("finished_at"), error=d.get("error"),
                    device=d.get("device"), forward_dtype=d.get("forward_dtype"), protocol=d.get("protocol", PROTOCOL), resumed_from=d.get("resumed_from"))
+
+
+@dataclass
+class CheckpointResult:
+    """One saved checkpoint measured (`workers.checkpoints.measure_entry` → the driver): what
+    loading revealed (its shape, `gated`, its config), its spectra and its loss on the measured
+    tokens — or, with status failed or diverged, the one line saying why."""
+    status: str
+    started_at: float
+    error: str | None = None
+    d_model: int | None = None
+    n_layer: int | None = None
+    ffn_width: int | None = None
+    n_head: int | None = None
+    context: int | None = None
+    gated: bool = False
+    config: dict = field(default_factory=dict)
+    spectra: list = field(default_factory=list)
+    val_loss: float = math.nan
+    vocab_size: int | None = None
+    tokens: int = 0          # positions measured
+    passes: int = 1          # the accumulators' passes under the memory budget
+    device: str | None = None
+    forward_dtype: str | None = None
+
+    @property
+    def shape(self) -> dict:
+        return {"d_model": self.d_model, "n_layer": self.n_layer, "ffn_width": self.ffn_width, "n_head": self.n_head,
+                "context": self.context}

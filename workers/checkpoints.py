@@ -17,6 +17,7 @@ import time
 import numpy as np
 import torch
 
+from contract.records import CheckpointResult
 from workers.data import DataError, _read_documents, resolve_corpus
 from workers.probe import attach, model_config, model_shape
 
@@ -42,9 +43,9 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:240] if lines else ''}"
 
 
-def measure_entry(kw: dict, threads: int | None = None) -> dict:
-    """One checkpoint of a suite, as a Ray task or inline: `measure(**kw)` with `status` done, or
-    {status: diverged | failed, error: one line}. Never raises, so only a dying process is retried."""
+def measure_entry(kw: dict, threads: int | None = None) -> CheckpointResult:
+    """One checkpoint of a suite, as a Ray task or inline: `measure(**kw)`, or a result with status
+    diverged or failed and the one line saying why. Never raises, so only a dying process is retried."""
     from threadpoolctl import threadpool_limits
 
     from workers.extract import NonFiniteActivations
@@ -54,11 +55,13 @@ def measure_entry(kw: dict, threads: int | None = None) -> dict:
         with threadpool_limits(threads, user_api="blas") if threads else contextlib.nullcontext():
             if threads:
                 torch.set_num_threads(threads)
-            return {"status": "done", "started_at": started, **measure(**kw)}
+            result = measure(**kw)
+        result.started_at = started
+        return result
     except NonFiniteActivations as exc:
-        return {"status": "diverged", "error": f"diverged (rule: non-finite activations): {exc}", "started_at": started}
+        return CheckpointResult("diverged", started, f"diverged (rule: non-finite activations): {exc}")
     except Exception as exc:  # noqa: BLE001 - a checkpoint that fails is a failed run; the others go on
-        return {"status": "failed", "error": _one_line(exc), "started_at": started}
+        return CheckpointResult("failed", started, _one_line(exc))
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -117,13 +120,10 @@ def measure(*, documents: list[str], path: str | None = None, model_id: str | No
             revision: str | None = None, tokens: int, context: int, strata, min_tokens: int, precision: str,
             step: int = 0, batch: int = 8, patterns: tuple[str, str] | None = None,
             memory: int | None = None, device: str = "auto", dtype: str = "auto", metrics: str = "full",
-            gated: bool = False) -> dict:
-    """Load, measure and release one checkpoint, on `device` (auto: CUDA when visible). Returns its
-    shape (d_model, n_layer, ffn_width, …), `gated`, its `config`, the `spectra`
-    (contract.records.Spectrum), the `val_loss` on the measured tokens, the vocabulary size, the
-    passes its accumulators took under the `memory` budget, the device and the forward dtype
-    (`dtype`: auto, stored, float32, bfloat16 or float16; the covariances fold in float64).
-    Raises CheckpointError, or NonFiniteActivations."""
+            gated: bool = False) -> CheckpointResult:
+    """Load, measure and release one checkpoint, on `device` (auto: CUDA when visible), in the
+    forward `dtype` (auto, stored, float32, bfloat16 or float16; the covariances fold in float64):
+    a contract.records.CheckpointResult. Raises CheckpointError, or NonFiniteActivations."""
     where = pick_device(device)
     tokenizer, model = load(path, model_id, revision, forward_dtype(dtype, where))
     model = model.to(where)
@@ -147,10 +147,11 @@ def measure(*, documents: list[str], path: str | None = None, model_id: str | No
                 if part == 0:
                     loss += float(out.loss) * x.numel()
                     n += x.numel()
-        return {**model_shape(model, probe), "gated": probe.gated, "config": model_config(model),
-                "spectra": probe.compute(step), "val_loss": loss / n if n and math.isfinite(loss) else math.nan,
-                "vocab_size": vocab, "tokens": n, "passes": probe.plan.n_passes, "device": str(where),
-                "forward_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+        return CheckpointResult("done", time.time(), **model_shape(model, probe), gated=probe.gated,
+                                config=model_config(model), spectra=probe.compute(step),
+                                val_loss=loss / n if n and math.isfinite(loss) else math.nan, vocab_size=vocab, tokens=n,
+                                passes=probe.plan.n_passes, device=str(where),
+                                forward_dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
     finally:
         del model
         gc.collect()

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from contract.records import RunResult
+from contract.records import CheckpointResult, RunResult
 from spectraldb.errors import RayStartError, SpecError, one_line
 from spectraldb.run import parallel
 from spectraldb.run.preflight import check_cluster, check_node_fits
@@ -224,7 +224,7 @@ def checkpoint_documents(corpus: str) -> list[str]:
 MEASURE = None
 
 
-def workers_measure_entry(kw: dict, threads: int | None = None) -> dict:
+def workers_measure_entry(kw: dict, threads: int | None = None):
     from workers.checkpoints import measure_entry
 
     return measure_entry(kw, threads)
@@ -254,7 +254,7 @@ def measure_ray(jobs: list[dict], documents: list[str], resources, address: str 
                 try:
                     outcome = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - the worker died past its retries: a failed checkpoint
-                    outcome = {"status": "failed", "error": one_line(exc), "started_at": time.time()}
+                    outcome = CheckpointResult("failed", time.time(), one_line(exc))
                 deliver(i, outcome)
 
 

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 
 from contract.memory import MemoryBudgetError, default_budget, uniform_plan
-from contract.records import Evaluation, RunResult, perplexity
+from contract.records import CheckpointResult, Evaluation, RunResult, perplexity
 from contract.vocabulary import FINISHED
 from spectraldb import catalog, store
 from spectraldb.errors import SpecError, one_line
@@ -100,19 +100,16 @@ def job(spec: CheckpointsSpec, entry: CheckpointEntry) -> dict:
                 metrics=m.metrics, gated=m.gated)
 
 
-def outcome_result(entry: CheckpointEntry, run: TrackedSpec, out: dict):
+def outcome_result(entry: CheckpointEntry, run: TrackedSpec, out: CheckpointResult):
     """(run with the checkpoint's shape, RunResult, vocabulary size) of one task's outcome."""
-    started = out["started_at"]
-    if out["status"] != "done":
-        return run, RunResult(status=out["status"], error=out["error"], started_at=started).finish(), None
-    shape = {k: out.get(k) for k in ("d_model", "n_layer", "ffn_width", "n_head", "context")}
-    run = run.model_copy(update={"model": TrackedModel(**shape, gated=out["gated"], config=out["config"]),
+    if out.status != "done":
+        return run, RunResult(status=out.status, error=out.error, started_at=out.started_at).finish(), None
+    run = run.model_copy(update={"model": TrackedModel(**out.shape, gated=out.gated, config=out.config),
                                  "tokens_seen": entry.tokens_seen})
-    loss = out["val_loss"]
-    res = RunResult(status="done", spectra=out["spectra"], started_at=started, device=out["device"],
-                    forward_dtype=out["forward_dtype"],
-                    evals=[Evaluation(entry.step or 0, math.nan, loss, perplexity(loss))]).finish()
-    return run, res, out["vocab_size"]
+    res = RunResult(status="done", spectra=out.spectra, started_at=out.started_at, device=out.device,
+                    forward_dtype=out.forward_dtype,
+                    evals=[Evaluation(entry.step or 0, math.nan, out.val_loss, perplexity(out.val_loss))]).finish()
+    return run, res, out.vocab_size
 
 
 def measure_checkpoints(spec: CheckpointsSpec, runs: list[TrackedSpec], db: str | Path, *,
