@@ -187,15 +187,59 @@ ADAMW, MUON, NORMUON, DION = optimizer("adamw"), optimizer("muon"), optimizer("n
     optimizer("dion", rank_fraction=0.5)
 
 
-def tiny_model(**kw):
-    """A seeded 2-layer d_model-16 GPT (vocab 64, context 16, ffn_mult 4 unless overridden)."""
+def tiny_model(seed: int = 0, **kw):
+    """The one builder of specdb's GPT in tests: seeded, 2 layers, d_model 16 (vocab 64, context 16,
+    ffn_mult 4 unless overridden)."""
     import torch
 
     from workers.model import GPT, GPTConfig
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return GPT(GPTConfig(**{"vocab_size": 64, "context": 16, "n_layer": 2, "d_model": 16, "n_head": 2,
                             "ffn_mult": 4, **kw}))
+
+
+# ---------------------------------------------------------------- servers
+
+
+def start_server(db, *extra, env=None, preexec_fn=None, token=None):
+    """The one way tests start a real `specdb serve`: a free loopback port, returned once
+    /api/status answers — (process, base URL). `extra`: more `serve` options."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--db", str(db), "--port", str(port), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
+                            env={**os.environ, **(env or {})})
+    base = f"http://127.0.0.1:{port}"
+    token = token or (extra[extra.index("--token") + 1] if "--token" in extra else None)
+    deadline = time.time() + 60
+    while True:
+        try:
+            request = urllib.request.Request(f"{base}/api/status",
+                                             headers={"Authorization": f"Bearer {token}"} if token else {})
+            urllib.request.urlopen(request, timeout=5).read()
+            return proc, base
+        except (urllib.error.URLError, ConnectionError):
+            assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "slow"
+            time.sleep(0.2)
+
+
+def stop_server(proc) -> str:
+    """Ctrl-C, as a user stops it; its stderr."""
+    import signal
+
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    return err
 
 
 # ---------------------------------------------------------------- tiers

@@ -7,12 +7,11 @@ from spectraldb.errors import SpecError
 from spectraldb.spec import RunSpec, load_spec
 from workers.model import GPT, Block, GPTConfig
 from workers.optim import build_optimizers, route_parameters
-from tests.conftest import ADAMW, DION, MUON, NORMUON
+from tests.conftest import ADAMW, DION, MUON, NORMUON, tiny_model
 
 
 def make(**kw):
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**{"vocab_size": 40, "context": 12, "n_layer": 2, "d_model": 16, "n_head": 2, "ffn_mult": 4, **kw}))
+    return tiny_model(**{"vocab_size": 40, "context": 12, **kw})
 
 
 def test_nope_without_causal_mask_is_permutation_equivariant():

@@ -6,10 +6,6 @@ under test, inside an outer address-space limit, so they cannot take down the te
 import json
 import os
 import resource
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -25,7 +21,7 @@ from spectraldb import store
 from spectraldb.service import create_app
 from spectraldb.spec import RunSpec
 from tests.builders import result
-from tests.conftest import plant_widths
+from tests.conftest import stop_server, start_server as serve, plant_widths
 
 runner = CliRunner()
 LOCAL = "http://localhost"
@@ -192,26 +188,8 @@ def _outer_limit():
     resource.setrlimit(resource.RLIMIT_AS, (OUTER_LIMIT, OUTER_LIMIT))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(db, *extra, env=None):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--db", str(db), "--port", str(port), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_outer_limit,
-                            env={**os.environ, **(env or {})})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            fetch(base + "/api/status", headers={"Authorization": "Bearer " + extra[-1]} if "--token" in extra else {})
-            return proc, base
-        except (urllib.error.URLError, ConnectionError):
-            assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "slow"
-            time.sleep(0.2)
+    return serve(db, *extra, env=env, preexec_fn=_outer_limit)
 
 
 def fetch(url, data=None, headers=None, timeout=60):
@@ -221,12 +199,6 @@ def fetch(url, data=None, headers=None, timeout=60):
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
-
-
-def stop(proc) -> str:
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
-    return err
 
 
 @pytest.mark.slow
@@ -240,7 +212,7 @@ def test_memory_attacks_fail_alone_and_the_server_lives(db):
         code, body = fetch(base + "/api/status")
         assert code == 200 and json.loads(body)["runs"]["done"] == 3
     finally:
-        err = stop(proc)
+        err = stop_server(proc)
     assert proc.returncode == 0 and "Traceback" not in err, err
 
 
@@ -263,7 +235,7 @@ def test_heavy_requests_never_hold_up_status(db):
         for t in threads:
             t.join(timeout=120)
     finally:
-        err = stop(proc)
+        err = stop_server(proc)
     assert max(waits) < 1.0, waits
     assert len(answers) == 24 and set(answers) <= {400, 503}, answers  # stopped at the limit, or told busy
     assert "Traceback" not in err
@@ -286,7 +258,7 @@ def test_the_token_never_reaches_the_servers_output(db):
         conn.request("GET", "/?token=wrong-token-xyz")
         conn.getresponse().read()
     finally:
-        err = stop(proc)
+        err = stop_server(proc)
     assert "never-in-logs-123" not in err and "wrong-token-xyz" not in err
 
 

@@ -3,39 +3,16 @@
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import planting
+from tests.conftest import planting, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def start_serve(db, env=None, preexec_fn=None):
-    """A real `specdb serve` on a free loopback port, once it answers: (process, base URL)."""
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--db", str(db), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
-                            env={**os.environ, **(env or {})})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/api/status", timeout=5).read()
-            return proc, base
-        except (urllib.error.URLError, ConnectionError):
-            assert time.time() < deadline and proc.poll() is None, "the server did not start"
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +24,9 @@ def server(tmp_path_factory):
             plant(mult=mult, strata={"all": 1.0, "tail": 0.5}, rank_of=lambda D, s, l: D / 4)
             plant(optimizer="muon", mult=mult, strata={"all": 1.0, "tail": 0.5}, ppl=51.0,
                 rank_of=lambda D, s, l: 2 * D ** 0.5)
-    proc, base = start_serve(db)
+    proc, base = start_server(db)
     yield base
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=30)
+    stop_server(proc)
 
 
 def traces(browser, kind="points"):
@@ -111,10 +87,9 @@ def hostile_server(tmp_path_factory):
     def outer():
         resource.setrlimit(resource.RLIMIT_AS, (6 * 1024**3, 6 * 1024**3))
 
-    proc, base = start_serve(db, {"SPECDB_PROCESS_MEMORY_MB": "1536", "SPECDB_READ_TIME_S": "5"}, outer)
+    proc, base = start_server(db, env={"SPECDB_PROCESS_MEMORY_MB": "1536", "SPECDB_READ_TIME_S": "5"}, preexec_fn=outer)
     yield base, db
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=30)
+    stop_server(proc)
 
 
 def test_stored_labels_are_shown_as_text_never_run(hostile_server, browser):

@@ -6,7 +6,7 @@ from contract.metrics import hard_rank
 from workers.extract import StreamingCovariance
 from workers.measurement import measure
 from workers.probe import attach
-from workers.model import GPT, GPTConfig
+from tests.conftest import tiny_model
 
 
 def test_streaming_covariance_equals_numpy_cov():
@@ -36,8 +36,7 @@ def test_eigenvalues_descending_clamped_and_match_eigvalsh():
 
 
 def test_probe_strata_are_centred_separately_and_pool_to_all():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50, context=8, n_layer=2, d_model=16, n_head=2, ffn_mult=2))
+    model = tiny_model(vocab_size=50, context=8, ffn_mult=2)
     tokens = torch.randint(0, 50, (20, 8))
     strata = torch.arange(50) % 3
     recs = measure(model, tokens, strata, sites=["pre", "post"], strata=["all", "head", "tail"],
@@ -62,7 +61,7 @@ def test_probe_strata_are_centred_separately_and_pool_to_all():
 
 
 def test_stratum_below_token_floor_is_skipped():
-    model = GPT(GPTConfig(vocab_size=30, context=4, n_layer=1, d_model=8, n_head=2, ffn_mult=1))
+    model = tiny_model(vocab_size=30, context=4, n_layer=1, d_model=8, ffn_mult=1)
     tokens = torch.zeros(3, 4, dtype=torch.long)  # every position is token 0 → head only
     strata = torch.tensor([0] + [2] * 29)
     recs = measure(model, tokens, strata, sites=["post"], strata=["head", "tail"], min_tokens=5)
@@ -72,7 +71,7 @@ def test_stratum_below_token_floor_is_skipped():
 
 
 def test_probe_hooks_live_only_while_measuring():
-    model = GPT(GPTConfig(vocab_size=20, context=4, n_layer=1, d_model=8, n_head=2, ffn_mult=4))
+    model = tiny_model(vocab_size=20, context=4, n_layer=1, d_model=8)
     mlp = model.transformer.h[0].mlp
     with attach(model) as probe:
         assert not mlp.c_fc._forward_hooks and not mlp.c_proj._forward_pre_hooks

@@ -5,18 +5,16 @@ import pytest
 import torch
 
 from spectraldb.spec import load_spec
-from tests.conftest import tiny_spec
+from tests.conftest import tiny_model, tiny_spec
 from workers import measurement, train
 from workers.data import prepare
-from workers.model import GPT, GPTConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 KW = dict(sites=("pre", "post"), strata=("all", "head", "mid", "tail"), min_tokens=20)
 
 
 def test_the_device_path_equals_the_cpu_path_in_float64():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=60, context=8, n_layer=2, d_model=16, n_head=2, ffn_mult=2))
+    model = tiny_model(vocab_size=60, context=8, ffn_mult=2)
     tokens = torch.randint(0, 60, (40, 8))
     strata_of = torch.arange(60) % 3
     cpu = measurement.measure(model, tokens, strata_of, **KW)

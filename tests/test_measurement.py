@@ -12,18 +12,17 @@ import torch
 
 from spectraldb import store
 from spectraldb.spec import load_spec
+from tests import conftest
 from tests.conftest import tiny_spec
 from workers import extract, measurement, train
 from workers.bench import naive
 from workers.data import prepare
-from workers.model import GPT, GPTConfig
 
 KW = dict(sites=("pre", "post"), strata=("all", "head", "mid", "tail"), min_tokens=20)
 
 
 def tiny_model(seed=0, ffn_mult=2):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=60, context=8, n_layer=2, d_model=16, n_head=2, ffn_mult=ffn_mult))
+    return conftest.tiny_model(seed, vocab_size=60, context=8, ffn_mult=ffn_mult)
 
 
 def test_the_cpu_syrk_product_equals_a_matmul_on_its_upper_triangle():

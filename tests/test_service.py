@@ -1,8 +1,6 @@
 """`specdb serve`: the JSON API through its test client and as a real server process."""
 
 import json
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +16,7 @@ from spectraldb import service
 from spectraldb.errors import QueryError
 from spectraldb.bounds import ReadLimits
 from spectraldb.service import create_app, sql_body
-from tests.conftest import planting, put
+from tests.conftest import planting, put, start_server, stop_server
 
 runner = CliRunner()
 SECRET = "TOP-SECRET-SERVICE"
@@ -172,12 +170,6 @@ def test_serving_beyond_loopback_needs_a_token(db):
     assert result.exit_code == 2 and "no such store" in result.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def get(url, token=None):
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     with urllib.request.urlopen(req, timeout=60) as response:
@@ -186,19 +178,8 @@ def get(url, token=None):
 
 @pytest.mark.slow
 def test_a_real_server_process_answers_over_http_and_waits_out_a_commit(db, client):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--db", str(db), "--port", str(port),
-                             "--token", "token-for-test"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_server(db, "--token", "token-for-test")
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                get(f"{base}/api/status", "token-for-test")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "slow"
-                time.sleep(0.2)
         with pytest.raises(urllib.error.HTTPError) as denied:
             get(f"{base}/api/beta")
         assert denied.value.code == 401
@@ -213,8 +194,7 @@ def test_a_real_server_process_answers_over_http_and_waits_out_a_commit(db, clie
         writer.wait()
         assert code == 200 and body["rows"] and time.monotonic() - t0 > 0.5
     finally:
-        proc.send_signal(signal.SIGINT)  # Ctrl-C
-        out, err = proc.communicate(timeout=30)
+        err = stop_server(proc)
     assert proc.returncode == 0 and "Traceback" not in err, err
 
 
