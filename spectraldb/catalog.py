@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from contract.vocabulary import FINISHED
+from contract.vocabulary import FACTORS, FINISHED
 from spectraldb.answer import Answer
+from spectraldb.errors import QueryError
 from spectraldb.predicates import check_site, check_strata, check_where
 from spectraldb.store import connect
 
@@ -134,3 +135,18 @@ def spectrum(con, run_id: str, *, step: int | None = None, layer: int = 0, site:
                                     AND step = coalesce(?, (SELECT max(step) FROM spectra WHERE run_id = ?))""",
                                 [run_id, layer, site, stratum, step, run_id]))
     return found[0] if found else None
+
+
+def optimizer_names(con) -> dict:
+    """optimizer label → optimizer name (adamw, muon, …) of every stored run."""
+    return dict(con.execute("SELECT DISTINCT optimizer, optimizer_name FROM runs").fetchall())
+
+
+def factor_counts(con, factor: str, runs, include_diverged: bool = False) -> list[tuple]:
+    """(value, runs) of one factor (a runs column from the vocabulary) among the selected runs,
+    the most common first (ties: the smallest value); NULL values left out."""
+    if factor not in FACTORS:
+        raise QueryError(f"{factor!r} is not a factor of runs (expected one of: {', '.join(FACTORS)})")
+    return con.execute(f"SELECT {factor}, count(*) FROM runs WHERE status IN (SELECT unnest(?)) AND "
+                       f"{check_where(con, runs)} AND {factor} IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1",
+                       [list(FINISHED) if include_diverged else ["done"]]).fetchall()

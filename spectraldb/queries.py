@@ -12,14 +12,15 @@ from collections import defaultdict
 
 import numpy as np
 
-from contract.vocabulary import ARCHITECTURE_FACTORS, FACTORS, RENYI_ALPHAS, STRATA, alpha_label, alpha_name
+from contract.vocabulary import ARCHITECTURE_FACTORS, FACTORS, RENYI_ALPHAS, STRATA, alpha_label
 from spectraldb.answer import Answer
 from spectraldb.errors import QueryError
 from spectraldb.fits import MIN_WIDTHS, fit_groups, natural, rows  # noqa: F401 - MIN_WIDTHS is part of this API
 from spectraldb.predicates import check_metric, check_strata, check_where  # noqa: F401 - the API's checks
 from spectraldb.selection import Selection
-from spectraldb.values import (Point, excluded_diverged, flag_low_n, run_factors, run_values, selected_protocols,
-                               split_protocols, selected_statuses, width_means)
+from spectraldb.catalog import optimizer_names
+from spectraldb.values import (Point, excluded_diverged, flag_low_n, renyi_medians, run_factors, run_values,
+                               selected_protocols, split_protocols, width_means)
 
 
 def answered(con, sel: Selection, rows_, notes, groups=()) -> Answer:
@@ -100,22 +101,7 @@ def renyi(con, sel: Selection = Selection(), *, ffn_mult: float) -> Answer:
     stratum, step = sel.stratum, sel.step
     if not (isinstance(ffn_mult, (int, float)) and math.isfinite(ffn_mult) and ffn_mult > 0):
         raise QueryError(f"--ffn-mult: must be a finite number > 0 (got {ffn_mult})")
-    step_filter = "k.step = ?" if step is not None else \
-        "k.step = (SELECT max(step) FROM ranks x WHERE x.run_id = k.run_id)"
-    step_filter += f" AND {check_where(con, sel.runs)}"
-    params = [stratum, ffn_mult, selected_statuses(sel.include_diverged)] + ([step] if step is not None else [])
-    ranks = con.execute(
-        f"""SELECT r.optimizer, k.metric, k.site, median(k.value)
-            FROM rank_metrics k JOIN runs r USING (run_id)
-            WHERE k.stratum = ? AND r.ffn_mult = ? AND r.status IN (SELECT unnest(?)) AND {step_filter}
-              AND k.metric LIKE 'renyi:%' GROUP BY ALL""", params).fetchall()
-    rho_cols = ", ".join(f"median(rho_{alpha_name(a)}), min(rho_{alpha_name(a)}), max(rho_{alpha_name(a)})"
-                         for a in RENYI_ALPHAS)
-    rho = con.execute(
-        f"""SELECT r.optimizer, median(k.js_divergence), count(DISTINCT k.layer), {rho_cols}
-            FROM reinjection k JOIN runs r USING (run_id)
-            WHERE k.stratum = ? AND r.ffn_mult = ? AND r.status IN (SELECT unnest(?)) AND {step_filter}
-            GROUP BY ALL""", params).fetchall()
+    ranks, rho = renyi_medians(con, sel.runs, stratum, ffn_mult, step, sel.include_diverged)
     value = {(o, m, s): v for o, m, s, v in ranks}
     out = []
     for o, js, n_layers, *stats in sorted(rho):
@@ -196,7 +182,7 @@ def delta(con, sel: Selection = Selection(), *, arch: str = "n_head", baseline: 
     where = sel.runs
     everything = width_means(con, metrics, ("optimizer", arch), strata=list(strata), site=site, where=where,
                              include_diverged=include_diverged)
-    names = dict(con.execute("SELECT DISTINCT optimizer, optimizer_name FROM runs").fetchall())
+    names = optimizer_names(con)
     for stratum in strata:
         pts = [Point(m.key, m.width, None, m.values) for m in everything if m.stratum == stratum]
         fits = rows(fit_groups(pts, metrics, ("optimizer", "variant"), [], bootstrap=False))

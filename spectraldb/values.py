@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from contract.vocabulary import FACTORS, FINISHED
+from contract.vocabulary import FACTORS, FINISHED, RENYI_ALPHAS, alpha_name
 from spectraldb.points import point_ctes
 from spectraldb.predicates import (check_factors, check_metric, check_site, check_strata, check_where,
                                    declared_factors, runs_relation)
@@ -203,3 +203,24 @@ def flag_low_n(rows, pts, key_names, notes) -> None:
                          f"(width {width}; under {LOW_N}, its rank is capped by N, not by the spectrum)")
 
 
+def renyi_medians(con, runs, stratum: str, ffn_mult: float, step: int | None, include_diverged: bool):
+    """At one width and step (None: each run's last measured one): (optimizer, metric, site, median
+    R_α over layers and seeds) rows, and (optimizer, median JS, layers, then median/min/max ρ_α for
+    each α) rows — what `renyi` answers from."""
+    step_filter = "k.step = ?" if step is not None else \
+        "k.step = (SELECT max(step) FROM ranks x WHERE x.run_id = k.run_id)"
+    step_filter += f" AND {check_where(con, runs)}"
+    params = [stratum, ffn_mult, selected_statuses(include_diverged)] + ([step] if step is not None else [])
+    ranks = con.execute(
+        f"""SELECT r.optimizer, k.metric, k.site, median(k.value)
+            FROM rank_metrics k JOIN runs r USING (run_id)
+            WHERE k.stratum = ? AND r.ffn_mult = ? AND r.status IN (SELECT unnest(?)) AND {step_filter}
+              AND k.metric LIKE 'renyi:%' GROUP BY ALL""", params).fetchall()
+    rho_cols = ", ".join(f"median(rho_{alpha_name(a)}), min(rho_{alpha_name(a)}), max(rho_{alpha_name(a)})"
+                         for a in RENYI_ALPHAS)
+    rho = con.execute(
+        f"""SELECT r.optimizer, median(k.js_divergence), count(DISTINCT k.layer), {rho_cols}
+            FROM reinjection k JOIN runs r USING (run_id)
+            WHERE k.stratum = ? AND r.ffn_mult = ? AND r.status IN (SELECT unnest(?)) AND {step_filter}
+            GROUP BY ALL""", params).fetchall()
+    return ranks, rho

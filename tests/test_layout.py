@@ -206,3 +206,13 @@ def test_every_module_is_read_in_one_sitting():
                                                            "benchmarks", "examples")
             for path in files(package) if (n := len(path.read_text(encoding="utf-8").splitlines())) > 300}
     assert not long, long
+
+
+def test_the_questions_hold_no_sql_of_their_own():
+    """Read SQL lives in the read layer (values.py, catalog.py, points.py, predicates.py); the
+    questions, their declarations, the figures, the report and the notebook reader compose it."""
+    for path in [*(ROOT / "spectraldb" / name for name in ("queries.py", "verbs.py", "plots.py", "selection.py",
+                                                             "answer.py", "fits.py")),
+                 *files("spectraldb/report")]:
+        text = path.read_text(encoding="utf-8")
+        assert ".execute(" not in text and "SELECT " not in text, path.name

@@ -15,7 +15,6 @@ from spectraldb.errors import QueryError
 from spectraldb.predicates import check_where
 from spectraldb.report.model import Figure, Report, Section, Table, cell
 from spectraldb.selection import Selection
-from spectraldb.values import selected_statuses
 
 
 def _png(fig) -> bytes:
@@ -42,10 +41,7 @@ def _table(name, caption, answer, rows=None) -> Table:
 
 def _varied(con, sel: Selection, factor: str) -> list:
     """The distinct values of a runs column among the selected runs (a factor from the vocabulary)."""
-    statuses = selected_statuses(sel.include_diverged)
-    return [v for (v,) in con.execute(
-        f"SELECT DISTINCT {factor} FROM runs WHERE status IN (SELECT unnest(?)) AND {check_where(con, sel.runs)} "
-        "ORDER BY 1", [statuses]).fetchall()]
+    return sorted(v for v, _ in catalog.factor_counts(con, factor, sel.runs, sel.include_diverged))
 
 
 def shown_where(sel: Selection) -> str:
@@ -60,12 +56,9 @@ def narrowed(con, sel: Selection, factors) -> tuple[Selection, str]:
     """`sel` with each of `factors` that varies among its runs held at its most common value
     (ties: the smallest): the study's baseline, against which one factor at a time is varied.
     Returns the selection and a description of what was held."""
-    statuses = selected_statuses(sel.include_diverged)
     held = []
     for f in factors:
-        counts = con.execute(f"SELECT {f}, count(*) FROM runs WHERE status IN (SELECT unnest(?)) AND "
-                             f"{check_where(con, sel.runs)} AND {f} IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1",
-                             [statuses]).fetchall()
+        counts = catalog.factor_counts(con, f, sel.runs, sel.include_diverged)
         if len(counts) > 1:
             held.append((f, counts[0][0]))
     if not held:

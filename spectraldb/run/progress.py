@@ -4,7 +4,6 @@ file other processes read: spectraldb.sidecar.progress)."""
 from __future__ import annotations
 
 import sys
-import time
 
 
 class PlainReporter:
