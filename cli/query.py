@@ -34,13 +34,12 @@ StratumOpt, SiteOpt, DivergedOpt, WhereOpt = (typer_option(SELECTION[name])[1]
 def _ask(verb: Verb, fmt: str, db, values: dict) -> None:
     """Ask the declared question of the store; print rows (stdout) and notes (stderr)."""
     from spectraldb.bounds import ReadLimits
-    from spectraldb.store import connect
+    from spectraldb.reader import Reader
 
     check_format(fmt)
     with translated(values.get("where")):
-        with capped_memory(ReadLimits.from_env().process_bytes), \
-                connect(db or DEFAULT_DB, read_only=True, time_limit_s=cli_time_limit()) as con:
-            answer = verb.ask(con, values)
+        with capped_memory(ReadLimits.from_env().process_bytes):
+            answer = Reader(db or DEFAULT_DB, cli_time_limit(), check=False).ask(verb, values)
     render(answer.rows, fmt, list(verb.columns) if verb.columns else answer.columns)
     for note in answer.all_notes():
         typer.echo(note, err=True)

@@ -6,13 +6,14 @@
     db.beta(strata="tail", by="optimizer,n_head").to_pandas()
 
 Every call opens the store read-only for as long as it runs (so a sweep can commit between
-calls) and passes a `Selection` (spectraldb.selection) to the same function the CLI and the
-service call; answers carry `.rows`, `.notes`, `.groups` (the fits: `PowerLaw` with intercept)
+calls; `with db:` holds one connection for many) and asks the declared question
+(spectraldb.verbs) exactly as the CLI and the service do — they read through this object too; answers carry `.rows`, `.notes`, `.groups` (the fits: `PowerLaw` with intercept)
 and `.to_arrow()` / `.to_pandas()`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from spectraldb import catalog
@@ -20,25 +21,48 @@ from spectraldb.answer import Answer
 from spectraldb.bounds import CLI_TIME_S, ReadLimits
 from spectraldb.errors import StoreError
 from spectraldb.store import connect
-from spectraldb.verbs import VERBS
+from spectraldb.verbs import BY_NAME, VERBS
+
 
 class Reader:
-    """A store, read-only. One method per question declared in spectraldb/verbs.py (`beta`,
+    """A store, read-only: the one object every edge reads through (the notebook, `specdb query`,
+    the service's routes). One method per question declared in spectraldb/verbs.py (`beta`,
     `dynamics`, `trajectories`, `depth`, `matched`, `delta`, `renyi`), each taking that question's
     options as keywords (`stratum`, or the Selection's name `strata`; `site`, `where`, `by`, …),
-    a required one also by position (`renyi(4)`)."""
+    a required one also by position (`renyi(4)`). Each call opens the store for as long as it
+    runs; inside `with reader:` one connection serves every call (a predicate is then checked once
+    for all of them)."""
 
-    def __init__(self, path: str | Path, time_limit_s: float | None = None):
+    def __init__(self, path: str | Path, time_limit_s: float | None = None, *, check: bool = True):
         self.path = Path(path)
-        if not self.path.is_file():
+        if check and not self.path.is_file():
             raise StoreError(f"{self.path}: no such store (run `specdb run SPEC` first)")
         self.time_limit_s = time_limit_s if time_limit_s is not None else ReadLimits.from_env(CLI_TIME_S).time_s
+        self._held = None
 
     def __repr__(self) -> str:
         return f"Reader({str(self.path)!r})"
 
+    def __enter__(self) -> "Reader":
+        self._stack = contextlib.ExitStack()
+        self._held = self._stack.enter_context(connect(self.path, read_only=True, time_limit_s=self.time_limit_s))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._held = None
+        self._stack.close()
+
     def _connect(self):
+        if self._held is not None:
+            return contextlib.nullcontext(self._held)
         return connect(self.path, read_only=True, time_limit_s=self.time_limit_s)
+
+    def ask(self, verb, values: dict) -> Answer:
+        """The answer to one declared question (a `Verb` or its name) for `values` (its options by
+        name; missing ones take their defaults): what every edge calls."""
+        verb = BY_NAME[verb] if isinstance(verb, str) else verb
+        with self._connect() as con:
+            return verb.ask(con, values)
 
     def status(self) -> Answer:
         """Runs by status with the eigenvalue MiB they hold (`specdb status`)."""
@@ -82,8 +106,7 @@ def _question(verb):
         missing = [name for name in required if values.get(name) is None]
         if missing:
             raise TypeError(f"{verb.name}() needs {missing[0]}=")
-        with self._connect() as con:
-            return verb.ask(con, values)
+        return self.ask(verb, values)
 
     ask.__name__ = ask.__qualname__ = verb.name
     ask.__doc__ = f"{verb.help}\n\n(`specdb query {verb.name}`; options: {', '.join(o.name for o in verb.options)})"

@@ -26,6 +26,7 @@ from spectraldb.sidecar.progress import read_sidecar
 from spectraldb.selection import Selection, split
 from spectraldb.service import assets, guard
 from spectraldb.service.cache import AnswerCache
+from spectraldb.reader import Reader
 from spectraldb.verbs import VERBS
 
 log = logging.getLogger("specdb.service")
@@ -100,8 +101,7 @@ def create_app(db: str | Path, token: str | None = None, allowed_hosts=(), limit
         """`GET /api/NAME` of one declared question: its options as query parameters."""
 
         def endpoint(**values):
-            with reader() as con:
-                result = verb.ask(con, values)
+            result = Reader(db, limits.time_s, check=False).ask(verb, values)
             return body({"rows": records(result.rows), "notes": result.all_notes()})
 
         params = []

@@ -181,3 +181,22 @@ def test_held_values_are_bound_never_written_into_the_sql(db):
         assert queries.beta(con, held).rows == queries.beta(con, same).rows
         with pytest.raises(QueryError, match="^held: unknown factor 'colour'"):
             queries.beta(con, Selection(held=(("colour", "red"),)))
+
+
+def test_one_reader_holds_one_connection_for_many_questions(db, monkeypatch):
+    """`with spectraldb.open(path) as r:` asks every question on one read-only connection: the
+    predicate is checked once for all of them, and the same rows come back as without it."""
+    from spectraldb import predicates
+
+    checked = []
+    real = predicates._check_where
+    monkeypatch.setattr(predicates, "_check_where", lambda con, where: checked.append(where) or real(con, where))
+    reader = spectraldb.open(db)
+    alone = [reader.beta(where="seed = 1").rows, reader.depth(where="seed = 1").rows]
+    assert checked == ["seed = 1", "seed = 1"]
+    checked.clear()
+    with reader as held:
+        together = [held.beta(where="seed = 1").rows, held.depth(where="seed = 1").rows,
+                    held.ask("dynamics", {"where": "seed = 1"}).rows]
+    assert checked == ["seed = 1"] and together[:2] == alone and together[2]
+    assert reader.beta(where="seed = 1").rows == alone[0]  # closed again: a call opens its own
