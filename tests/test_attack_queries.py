@@ -15,6 +15,7 @@ from spectraldb import queries, store
 from spectraldb.selection import Selection
 from spectraldb.store import opening
 from spectraldb.errors import QueryError, SpecError, StoreError
+from spectraldb.verbs import BY_NAME, VERBS
 from tests.conftest import planting
 
 runner = CliRunner()
@@ -69,15 +70,24 @@ def beta_rows(db, *extra):
     return json.loads(result.stdout), result.stderr
 
 
-@pytest.mark.parametrize("verb", [["beta"], ["dynamics"], ["depth"], ["matched"], ["delta"]])
+@pytest.mark.parametrize("verb", [v.name for v in VERBS])
 def test_a_parenthesis_escape_is_refused_by_every_verb(db, verb):
-    """'TRUE) OR (TRUE' parses only inside the parentheses a verb adds (delta added `AND protocol
-    = N` after them): an unbalanced predicate is refused in one line, whichever verb gets it."""
+    """'TRUE) OR (TRUE' parses only inside the parentheses a verb adds: an unbalanced predicate is
+    refused in one line by every declared question, at the CLI and at its HTTP route alike."""
     plain, plain_err = beta_rows(db)
     assert plain[0]["beta_hard"] == pytest.approx(1.0, abs=1e-6) and "excluded 1 diverged run" in plain_err
-    result = cli(db, "query", *verb, "--where", "TRUE) OR (TRUE")
+    required = {o.name: 1.0 for o in BY_NAME[verb].options if o.required}
+    args = [a for name, v in required.items() for a in (f"--{name.replace('_', '-')}", str(v))]
+    result = cli(db, "query", verb, *args, "--where", "TRUE) OR (TRUE")
     assert result.exit_code == 2 and "parentheses must balance" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    from fastapi.testclient import TestClient
+
+    from spectraldb.service import create_app
+
+    response = TestClient(create_app(db), base_url="http://localhost").get(
+        f"/api/{verb}", params={"where": "TRUE) OR (TRUE", **required})
+    assert response.status_code == 400 and "parentheses must balance" in response.json()["detail"]
 
 
 def test_excluded_diverged_counts_only_what_the_predicate_selects(db):
