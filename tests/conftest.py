@@ -13,7 +13,7 @@ import pytest
 
 from spectraldb import store
 from spectraldb.spec import RunSpec
-from tests.builders import evaluations, result, spectrum
+from tests.builders import evaluations, flat, result, spectrum  # noqa: F401 - flat: the planting API
 
 
 def make_corpus(folder: Path, n_docs: int = 40, words_per_doc: int = 400, seed: int = 0) -> Path:
@@ -85,20 +85,6 @@ def tiny(tmp_path, corpus):
 
 
 # ---------------------------------------------------------------- planted stores (no training)
-
-def flat(rank: float, dim: int) -> np.ndarray:
-    """k ones and one x ∈ [0, 1): hard rank (k + x)²/(k + x²) = `rank` exactly (a real rank ≤ dim)."""
-    k = int(np.floor(rank))
-    eig = np.full(dim, 1e-12)
-    eig[:k] = 1.0
-    r = float(rank)
-    if r > k and k < dim:  # (1 − r)x² + 2k·x + (k² − r·k) = 0, the root in [0, 1)
-        a, b, c = 1 - r, 2 * k, k * k - r * k
-        x = (-b + np.sqrt(b * b - 4 * a * c)) / (2 * a)
-        x = x if 0 <= x < 1 else (-b - np.sqrt(b * b - 4 * a * c)) / (2 * a)
-        eig[k] = max(x, 1e-12)
-    return eig
-
 
 def planted_run(*, optimizer="adamw", mult=1, seed=0, steps=300, n_head=4, rank_of=None, ppl=50.0, layers=2,
             stratum="all", status="done", n_per_dim=50, strata=None, measured=(100, 200, 300)):

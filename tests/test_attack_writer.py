@@ -21,7 +21,7 @@ from spectraldb.sidecar.progress import SidecarReporter
 from spectraldb.spec import RunSpec, load_spec
 from spectraldb.sidecar.lock import WriterLock
 from spectraldb.sidecar.spool import Spool
-from tests.builders import evaluations, result, spectrum
+from tests.builders import decaying
 from tests.conftest import start_sweep, tiny_spec
 
 runner = CliRunner()
@@ -30,13 +30,6 @@ runner = CliRunner()
 def a_run(**train):
     return RunSpec.model_validate({"model": {"ffn_mult": 1, "d_model": 32}, "train": {"steps": 30, **train},
                                    "measure": {"every": 10, "last_k": 2}})
-
-
-def a_result(status="done", n_steps=3):
-    steps = [10 * (i + 1) for i in range(n_steps)]
-    spectra = [spectrum(s, 0, site, "all", np.linspace(1.0, 0.01, 32), 320, min_eigenvalue=-1e-9)
-               for s in steps for site in ("pre", "post")]
-    return result(status, spectra, evaluations(steps, 4.0, 4.1, 60.3), None if status == "done" else "boom")
 
 
 def create(db):
@@ -55,11 +48,11 @@ def counts(db):
 
 def test_a_done_run_is_never_replaced_by_a_failed_or_diverged_one(tmp_path):
     db, run = tmp_path / "s.duckdb", a_run()
-    assert store.write_run(db, run, a_result("done"), {}) == "done"
+    assert store.write_run(db, run, decaying("done"), {}) == "done"
     for status in ("failed", "diverged"):
-        assert store.write_run(db, run, a_result(status, n_steps=1), {}) == "done"
+        assert store.write_run(db, run, decaying(status, n_steps=1), {}) == "done"
     assert counts(db) == ({run.run_id: "done"}, 3)
-    assert store.write_run(db, run, a_result("done", n_steps=2), {}) == "done"  # done replaces done
+    assert store.write_run(db, run, decaying("done", n_steps=2), {}) == "done"  # done replaces done
     assert counts(db)[1] == 2
 
 
@@ -90,7 +83,7 @@ def test_a_second_driver_is_refused_and_nothing_is_trained_twice(tmp_path, corpu
 
 
 def test_spool_round_trip_is_exact(tmp_path):
-    run, res = a_run(seed=7), a_result()
+    run, res = a_run(seed=7), decaying()
     spool = Spool(tmp_path / "s.duckdb")
     path = spool.put(run.run_id, run.config(), res, {"host": "h"}, "spec", 300)
     back = Spool.load(path)
@@ -186,7 +179,7 @@ def test_a_full_disk_during_a_commit_keeps_the_result(tmp_path, monkeypatch):
 
     plan = type("P", (), {"spec_name": "t"})()
     sink = sinks.Sink(plan, db, {}, Capture(), sweep.SweepResult(1, 0), Spool(db))
-    sink.put(run, a_result(), 4096)
+    sink.put(run, decaying(), 4096)
     assert "No space left on device" in lines[-1] and "kept in" in lines[-1]
     monkeypatch.undo()
     assert sink.finish() == []
@@ -199,7 +192,7 @@ def test_rollback_after_an_aborted_transaction_does_not_hide_the_cause(tmp_path,
     from spectraldb.store import write as store_write
 
     db, run = tmp_path / "s.duckdb", a_run()
-    assert store.write_run(db, run, a_result("failed", n_steps=1), {}) == "failed"
+    assert store.write_run(db, run, decaying("failed", n_steps=1), {}) == "failed"
     real = store_write._insert
 
     def abort_then_fail(con, table, batch):
@@ -209,7 +202,7 @@ def test_rollback_after_an_aborted_transaction_does_not_hide_the_cause(tmp_path,
 
     monkeypatch.setattr(store_write, "_insert", abort_then_fail)
     with pytest.raises(duckdb.ConstraintException, match="NOT NULL constraint failed"):
-        store.write_run(db, run, a_result("done"), {})
+        store.write_run(db, run, decaying("done"), {})
     assert counts(db) == ({run.run_id: "failed"}, 1)  # the earlier rows, untouched
 
 

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from cli.main import app
 from spectraldb import store
 from spectraldb.spec import RunSpec, load_spec
-from tests.builders import evaluations, result, spectrum
-from tests.conftest import flat, put, tiny_spec
+from tests.builders import ranked
+from tests.conftest import put, tiny_spec
 from workers.data import prepare
 from workers.measurement import measure
 from workers.model import GPT, GPTConfig
@@ -25,9 +25,8 @@ runner = CliRunner()
 
 def series_result(ranks: dict, dim: int = 32):
     """ranks: (step, stratum) → hard rank of layer 0's post spectrum (None = stratum skipped)."""
-    spectra = [spectrum(step, 0, "post", stratum, None if r is None else flat(r, dim), 50 * dim, dim)
-               for (step, stratum), r in ranks.items()]
-    return result("done", spectra, evaluations(sorted({s for s, _ in ranks}), 3.0, 3.0, 20.0))
+    return ranked({(step, 0, stratum): r for (step, stratum), r in ranks.items()}, dim, sites=("post",), n_per_dim=50,
+                  ppl=20.0)
 
 
 def test_the_window_takes_each_series_last_k_measured_values(tmp_path):

@@ -8,7 +8,7 @@ from spectraldb.store import rows as store_rows
 from spectraldb.errors import StoreError
 from spectraldb.spec import RunSpec
 from contract.metrics import hard_rank
-from tests.builders import evaluations, result, spectrum
+from tests.builders import evaluations, ranked, result, spectrum
 from tests.conftest import flat
 
 runner = CliRunner()
@@ -50,9 +50,8 @@ def test_migrations_create_exactly_these_columns(tmp_path):
 
 
 def fake_result(ranks_by_step_layer: dict, dim: int, status="done"):
-    spectra = [spectrum(step, layer, site, "all", flat(r, dim), 10 * dim)
-               for (step, layer), r in ranks_by_step_layer.items() for site in ("pre", "post")]
-    return result(status, spectra, evaluations(sorted({s for s, _ in ranks_by_step_layer}), 5.0, 5.0, 148.4))
+    """(step, layer) → the `all` stratum's hard rank at both sites."""
+    return ranked({(step, layer, "all"): r for (step, layer), r in ranks_by_step_layer.items()}, dim, status=status)
 
 
 def test_points_view_takes_median_of_last_k_steps_then_over_layers(tmp_path):
