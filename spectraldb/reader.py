@@ -20,6 +20,7 @@ from spectraldb import catalog
 from spectraldb.answer import Answer
 from spectraldb.bounds import CLI_TIME_S, ReadLimits
 from spectraldb.errors import StoreError
+from spectraldb.plots import scaling_series
 from spectraldb.store import connect
 from spectraldb.verbs import BY_NAME, VERBS
 
@@ -74,6 +75,21 @@ class Reader:
         """Runs with their factors and final perplexity (`GET /api/runs`)."""
         with self._connect() as con:
             return catalog.list_runs(con, status=status, optimizer=optimizer, where=where, limit=limit, offset=offset)
+
+    def count_runs(self, *, status: str | None = None, optimizer: str | None = None, where: str | None = None) -> int:
+        """How many runs `runs` would list without its paging (`GET /api/runs`' total)."""
+        with self._connect() as con:
+            return catalog.count_runs(con, status=status, optimizer=optimizer, where=where)
+
+    def has_run(self, run_id: str) -> bool:
+        with self._connect() as con:
+            return catalog.has_run(con, run_id)
+
+    def scaling(self, selection) -> tuple[dict, list[str]]:
+        """The main figure as data (`specdb plot scaling`, `GET /api/scaling`): per group, the
+        seed-mean points, β with its interval, the fitted line with its 95% band; and the notes."""
+        with self._connect() as con:
+            return scaling_series(con, selection)
 
     def run(self, run_id: str) -> dict | None:
         """One run: its row, evaluations and ranks (None: no such run)."""

@@ -94,14 +94,15 @@ def create_app(db: str | Path, token: str | None = None, allowed_hosts=(), limit
                              "cap; narrow it (where=, limit=) or raise SPECDB_RESPONSE_MB")
         return Response(data, media_type="application/json")
 
-    def reader():
-        return store.connect(db, read_only=True, time_limit_s=limits.time_s)
+    def reader() -> Reader:
+        """The store as every route reads it: `with reader() as r:` holds one connection."""
+        return Reader(db, limits.time_s, check=False)
 
     def route(verb):
         """`GET /api/NAME` of one declared question: its options as query parameters."""
 
         def endpoint(**values):
-            result = Reader(db, limits.time_s, check=False).ask(verb, values)
+            result = reader().ask(verb, values)
             return body({"rows": records(result.rows), "notes": result.all_notes()})
 
         params = []
@@ -126,10 +127,7 @@ def create_app(db: str | Path, token: str | None = None, allowed_hosts=(), limit
                 by: list[str] | None = Query(None), where: str | None = None):
         """The study's main figure as data: per group, the seed-mean points, β with its interval
         and the fitted line with its 95% band, for hard and soft rank (as `specdb plot scaling`)."""
-        from spectraldb.plots import scaling_series
-
-        with reader() as con:
-            data, notes = scaling_series(con, Selection(stratum, site, where, include_diverged, split(by)))
+        data, notes = reader().scaling(Selection(stratum, site, where, include_diverged, split(by)))
         return body({"series": json.loads(json.dumps(data)), "notes": notes})
 
     @app.get("/", include_in_schema=False)
@@ -151,9 +149,9 @@ def create_app(db: str | Path, token: str | None = None, allowed_hosts=(), limit
     def runs(status: str | None = None, optimizer: str | None = None, where: str | None = None,
              limit: int = Query(100, ge=1, le=10_000), offset: int = Query(0, ge=0)):
         """Runs with their factors and final perplexity, filtered and paged."""
-        with reader() as con:
-            found = catalog.list_runs(con, status=status, optimizer=optimizer, where=where, limit=limit, offset=offset)
-            total = catalog.count_runs(con, status=status, optimizer=optimizer, where=where)
+        with reader() as r:
+            found = r.runs(status=status, optimizer=optimizer, where=where, limit=limit, offset=offset)
+            total = r.count_runs(status=status, optimizer=optimizer, where=where)
         return body({"rows": records(found.rows), "total": total, "limit": limit, "offset": offset})
 
     def public(info: dict) -> dict:
@@ -174,8 +172,7 @@ def create_app(db: str | Path, token: str | None = None, allowed_hosts=(), limit
     def run(run_id: str):
         """One run: its row (config parsed; a failed run's error as its exception line), evaluations,
         and ranks at every measured step."""
-        with reader() as con:
-            found = catalog.run(con, run_id)
+        found = reader().run(run_id)
         if found is None:
             raise no_run(run_id)
         return body({"run": records([public(found["run"])])[0], "evals": records(found["evals"]),
@@ -184,10 +181,10 @@ def create_app(db: str | Path, token: str | None = None, allowed_hosts=(), limit
     @app.get("/api/runs/{run_id}/spectrum")
     def spectrum(run_id: str, step: int | None = None, layer: int = 0, site: str = "post", stratum: str = "all"):
         """The eigenvalues (descending) of one spectrum; step defaults to the run's last measured one."""
-        with reader() as con:
-            if not catalog.has_run(con, run_id):
+        with reader() as r:
+            if not r.has_run(run_id):
                 raise no_run(run_id)
-            found = catalog.spectrum(con, run_id, step=step, layer=layer, site=site, stratum=stratum)
+            found = r.spectrum(run_id, step=step, layer=layer, site=site, stratum=stratum)
         if found is None:
             raise HTTPException(status_code=404, detail=f"run {run_id[:80]}: no spectrum at step={step} layer={layer} "
                                                         f"site={site} stratum={stratum}")
