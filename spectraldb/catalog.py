@@ -13,6 +13,7 @@ from spectraldb.answer import Answer
 from spectraldb.errors import QueryError
 from spectraldb.predicates import check_site, check_strata, check_where
 from spectraldb.store import connect
+from spectraldb.values import selected_statuses
 
 RUN_COLUMNS = ("run_id", "optimizer", "optimizer_name", "ffn_mult", "ffn_width", "d_model", "n_layer", "n_head",
                "seed", "steps", "status", "final_val_ppl AS val_ppl", "protocol", "duration_s")
@@ -149,4 +150,4 @@ def factor_counts(con, factor: str, runs, include_diverged: bool = False) -> lis
         raise QueryError(f"{factor!r} is not a factor of runs (expected one of: {', '.join(FACTORS)})")
     return con.execute(f"SELECT {factor}, count(*) FROM runs WHERE status IN (SELECT unnest(?)) AND "
                        f"{check_where(con, runs)} AND {factor} IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1",
-                       [list(FINISHED) if include_diverged else ["done"]]).fetchall()
+                       [selected_statuses(include_diverged)]).fetchall()

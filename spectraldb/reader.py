@@ -7,8 +7,9 @@
 
 Every call opens the store read-only for as long as it runs (so a sweep can commit between
 calls; `with db:` holds one connection for many) and asks the declared question
-(spectraldb.verbs) exactly as the CLI and the service do — they read through this object too; answers carry `.rows`, `.notes`, `.groups` (the fits: `PowerLaw` with intercept)
-and `.to_arrow()` / `.to_pandas()`.
+(spectraldb.verbs) exactly as the CLI and the service do — they read through this object too;
+answers carry `.rows`, `.notes`, `.groups` (the fits: `PowerLaw` with intercept) and
+`.to_arrow()` / `.to_pandas()`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from spectraldb import catalog
 from spectraldb.answer import Answer
 from spectraldb.bounds import CLI_TIME_S, ReadLimits
-from spectraldb.errors import StoreError
+from spectraldb.errors import QueryError, StoreError
 from spectraldb.plots import scaling_series
 from spectraldb.store import connect
 from spectraldb.verbs import BY_NAME, VERBS
@@ -61,7 +62,10 @@ class Reader:
     def ask(self, verb, values: dict) -> Answer:
         """The answer to one declared question (a `Verb` or its name) for `values` (its options by
         name; missing ones take their defaults): what every edge calls."""
-        verb = BY_NAME[verb] if isinstance(verb, str) else verb
+        if isinstance(verb, str):
+            if verb not in BY_NAME:
+                raise QueryError(f"{verb!r} is not a question (expected one of: {', '.join(BY_NAME)})")
+            verb = BY_NAME[verb]
         with self._connect() as con:
             return verb.ask(con, values)
 

@@ -124,7 +124,7 @@ def measure(*, documents: list[str], path: str | None = None, model_id: str | No
     """Load, measure and release one checkpoint, on `device` (auto: CUDA when visible), in the
     forward `dtype` (auto, stored, float32, bfloat16 or float16; the covariances fold in float64):
     a contract.records.CheckpointResult. Raises CheckpointError, or NonFiniteActivations."""
-    where = pick_device(device)
+    started, where = time.time(), pick_device(device)
     tokenizer, model = load(path, model_id, revision, forward_dtype(dtype, where))
     model = model.to(where)
     try:
@@ -147,7 +147,7 @@ def measure(*, documents: list[str], path: str | None = None, model_id: str | No
                 if part == 0:
                     loss += float(out.loss) * x.numel()
                     n += x.numel()
-        return CheckpointResult("done", time.time(), **model_shape(model, probe), gated=probe.gated,
+        return CheckpointResult("done", started, **model_shape(model, probe), gated=probe.gated,
                                 config=model_config(model), spectra=probe.compute(step),
                                 val_loss=loss / n if n and math.isfinite(loss) else math.nan, vocab_size=vocab, tokens=n,
                                 passes=probe.plan.n_passes, device=str(where),

@@ -18,7 +18,6 @@ from workers.muon import (NS_SCHEDULES, Muon, NorMuon, lr_scale, muon_update,  #
                           normuon_normalize, orthogonalize)
 
 
-
 def lion_update(grad, exp_avg, beta1: float, beta2: float) -> torch.Tensor:
     """sign(β1·m + (1−β1)·g), then m ← β2·m + (1−β2)·g (dion's scalar_opts.lion_update)."""
     update = exp_avg.lerp(grad, 1 - beta1).sign_()

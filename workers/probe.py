@@ -150,9 +150,10 @@ class Probe:
             self.order = None
 
     def _label(self, input_ids, attention_mask, limit: int | None = None, all_limit: int | None = None) -> None:
-        if self.token_strata is not None and self.token_strata.device != torch.as_tensor(input_ids).device:
-            self.token_strata = self.token_strata.to(torch.as_tensor(input_ids).device)
-        labels = label(input_ids, self.token_strata, attention_mask, limit, all_limit)
+        ids = torch.as_tensor(input_ids)
+        if self.token_strata is not None and self.token_strata.device != ids.device:
+            self.token_strata = self.token_strata.to(ids.device)
+        labels = label(ids, self.token_strata, attention_mask, limit, all_limit)
         self.shape, self.positions = labels.shape, labels.positions
         self.order, self.counts, self.n_pad, self.counted = labels.order, labels.counts, labels.n_pad, labels.counted
 

@@ -163,7 +163,7 @@ class RunSpec(Section):
     def worker_config(self) -> worker.RunConfig:
         """The typed record a worker receives (contract/config.py), every value resolved here."""
         o, ms, doc = self.optimizer, self.measure, self.model_dump(mode="json")
-        resolved = {"scalar_lr": getattr(o, "scalar_lr", None) or o.lr} if hasattr(o, "scalar_lr") else {}
+        resolved = {"scalar_lr": o.scalar_lr or o.lr} if hasattr(o, "scalar_lr") else {}
         return worker.RunConfig(
             data=worker.record(worker.DataConfig, doc["data"]), model=worker.record(worker.ModelConfig, doc["model"]),
             train=worker.record(worker.TrainConfig, doc["train"]),

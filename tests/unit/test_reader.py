@@ -200,3 +200,8 @@ def test_one_reader_holds_one_connection_for_many_questions(db, monkeypatch):
                     held.ask("dynamics", {"where": "seed = 1"}).rows]
     assert checked == ["seed = 1"] and together[:2] == alone and together[2]
     assert reader.beta(where="seed = 1").rows == alone[0]  # closed again: a call opens its own
+
+
+def test_asking_a_question_that_is_not_declared_is_one_line(db):
+    with pytest.raises(QueryError, match=r"^'betta' is not a question \(expected one of: beta, dynamics"):
+        spectraldb.open(db).ask("betta", {})
