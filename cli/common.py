@@ -44,11 +44,13 @@ def capped_memory(limit_bytes: int):
         resource.setrlimit(resource.RLIMIT_AS, before)
 
 
-def cli_time_limit() -> float:
-    """A query's time limit at the terminal (SPECDB_READ_TIME_S; default bounds.CLI_TIME_S)."""
-    from spectraldb.bounds import CLI_TIME_S, ReadLimits
+def reader(db: str | None, **options):
+    """The store every read command reads through (spectraldb.reader.Reader), with the terminal's
+    time limit (SPECDB_READ_TIME_S; default bounds.CLI_TIME_S); a missing store is refused when
+    opened, naming --db."""
+    from spectraldb.reader import Reader
 
-    return ReadLimits.from_env(CLI_TIME_S).time_s
+    return Reader(db or DEFAULT_DB, check=False, **options)
 
 
 EXTRAS = {"train": ("torch", "ray", "tokenizers"), "hf": ("torch", "ray", "transformers"),

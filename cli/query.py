@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import DEFAULT_DB, DbOpt, FormatOpt, capped_memory, check_format, cli_time_limit, translated
+from cli.common import DbOpt, FormatOpt, capped_memory, check_format, reader, translated
 from cli.output import render
 from spectraldb.verbs import SELECTION, VERBS, Option, Verb
 
@@ -34,12 +34,11 @@ StratumOpt, SiteOpt, DivergedOpt, WhereOpt = (typer_option(SELECTION[name])[1]
 def _ask(verb: Verb, fmt: str, db, values: dict) -> None:
     """Ask the declared question of the store; print rows (stdout) and notes (stderr)."""
     from spectraldb.bounds import ReadLimits
-    from spectraldb.reader import Reader
 
     check_format(fmt)
     with translated(values.get("where")):
         with capped_memory(ReadLimits.from_env().process_bytes):
-            answer = Reader(db or DEFAULT_DB, cli_time_limit(), check=False).ask(verb, values)
+            answer = reader(db).ask(verb, values)
     render(answer.rows, fmt, list(verb.columns) if verb.columns else answer.columns)
     for note in answer.all_notes():
         typer.echo(note, err=True)

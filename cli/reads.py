@@ -8,8 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import (DEFAULT_DB, DbOpt, FormatOpt, capped_memory, check_format, cli_time_limit, fail,
-                        need_extra, translated)
+from cli.common import DEFAULT_DB, DbOpt, FormatOpt, capped_memory, check_format, fail, need_extra, reader, translated
 from cli.output import printable, render_stream
 from cli.query import DivergedOpt, SiteOpt, WhereOpt
 from spectraldb.verbs import PLOTS
@@ -32,7 +31,6 @@ def sql(query: Optional[str] = typer.Argument(None, help='A SELECT statement, or
       echo "SELECT count(*) FROM runs" | specdb sql -
     """
     from spectraldb.bounds import CLI_TIME_S, ReadLimits
-    from spectraldb.sqlshell import run_sql
 
     check_format(fmt)
     if file is not None:
@@ -47,8 +45,8 @@ def sql(query: Optional[str] = typer.Argument(None, help='A SELECT statement, or
     with translated():
         limits = ReadLimits.from_env(CLI_TIME_S)
         with capped_memory(limits.process_bytes):
-            run_sql(db or DEFAULT_DB, text, limits.time_s,
-                    lambda cols, rows: notes.append(render_stream(cols, rows, fmt)))
+            reader(db, time_limit_s=limits.time_s).stream_sql(
+                text, lambda cols, rows: notes.append(render_stream(cols, rows, fmt)))
     for note in notes:
         if note:
             typer.echo(note, err=True)
@@ -105,9 +103,7 @@ def plot(kind: str = typer.Argument(..., help=" | ".join(PLOTS)),
 
       specdb plot renyi --ffn-mult 4 -o renyi.svg
     """
-    from spectraldb import plots
     from spectraldb.selection import Selection
-    from spectraldb.store import connect
 
     if kind not in PLOTS:
         fail(f"plot: unknown figure {kind!r} (expected one of: {', '.join(PLOTS)})", 2)
@@ -117,8 +113,7 @@ def plot(kind: str = typer.Argument(..., help=" | ".join(PLOTS)),
         sel = Selection(stratum, site, where, include_diverged, step=step if kind == "renyi" else None)
         if kind == "renyi" and ffn_mult is None:
             fail("--ffn-mult: the renyi figure needs a width (e.g. --ffn-mult 4)", 2)
-        with connect(db or DEFAULT_DB, read_only=True, time_limit_s=cli_time_limit()) as con:
-            fig = getattr(plots, kind)(con, sel, **({"ffn_mult": ffn_mult} if kind == "renyi" else {}))
+        fig = reader(db).figure(kind, sel, **({"ffn_mult": ffn_mult} if kind == "renyi" else {}))
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=130)
     typer.echo(f"wrote {output}", err=True)
@@ -140,7 +135,6 @@ def report(output: Path = typer.Option(..., "-o", "--output", help="FILE.html (o
     """
     from spectraldb import report as study
     from spectraldb.selection import Selection
-    from spectraldb.store import connect
 
     html = output.suffix.lower() in (".html", ".htm")
     parent = output.parent if html else output.absolute().parent
@@ -150,11 +144,8 @@ def report(output: Path = typer.Option(..., "-o", "--output", help="FILE.html (o
         fail(f"-o: {output} is a folder; name an .html file, or a folder without the .html suffix", 2)
     if not html and output.exists() and not output.is_dir():
         fail(f"-o: {output} is a file; name an .html file or a folder for Markdown", 2)
-    path = db or DEFAULT_DB
     with translated(where):
-        sel = Selection(where=where, include_diverged=include_diverged)
-        with connect(path, read_only=True, time_limit_s=cli_time_limit()) as con:
-            built = study.build(con, sel, store=str(path))
+        built = reader(db).report(Selection(where=where, include_diverged=include_diverged))
     if html:
         study.write_html(built, output)
     else:
@@ -207,11 +198,9 @@ def serve(db: Optional[str] = DbOpt, host: str = typer.Option("127.0.0.1", help=
         names.append(f"[{host}]" if ":" in host else host)
     if not path.is_file():
         fail(f"{path}: no such store (run `specdb run SPEC` first, or pass --db)", 2)
-    from spectraldb.store import connect
-
     with translated():  # an outdated or damaged store is refused now, not on every request
         limits = ReadLimits.from_env(SERVICE_TIME_S)
-        with connect(path, read_only=True):
+        with reader(str(path)):
             pass
     shown = "localhost" if host in LOOPBACK else (names[0] if names else host)
     typer.echo(f"serving {path} on http://{shown}:{port} (docs at /docs"

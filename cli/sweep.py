@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import DEFAULT_DB, DbOpt, FormatOpt, SetOpt, check_format, fail, need_extra, translated
+from cli.common import DEFAULT_DB, DbOpt, FormatOpt, SetOpt, check_format, fail, need_extra, reader, translated
 from cli.output import printable, render
 from contract.vocabulary import PLAN_STATUSES, STATUSES
 
@@ -119,10 +119,8 @@ def status(spec: Optional[Path] = typer.Argument(None, help="A spec: count its r
     Examples: specdb status · specdb status experiments.yaml · specdb status --runs --format csv
     """
     from contract.vocabulary import PROTOCOL
-    from spectraldb import catalog
     from spectraldb.sidecar.progress import read_sidecar
     from spectraldb.sidecar.spool import Spool
-    from spectraldb.store import connect
 
     check_format(fmt)
     if spec is not None:
@@ -147,10 +145,10 @@ def status(spec: Optional[Path] = typer.Argument(None, help="A spec: count its r
             return
     path = Path(db or DEFAULT_DB)
     with translated():
-        with connect(path, read_only=True, verify=True) as con:
-            table = catalog.run_sizes(con) if runs else catalog.status_summary(con)
-            unfinished = catalog.unfinished(con)
-            protocols = catalog.protocols(con)
+        with reader(str(path), verify=True) as store:
+            table = store.run_sizes() if runs else store.status()
+            unfinished = store.unfinished()
+            protocols = store.protocols()
     if spec is None:
         render(table.rows, fmt, table.columns)
     typer.echo(f"store {path}: {path.stat().st_size / 1048576:.1f} MiB on disk", err=True)

@@ -19,27 +19,32 @@ from pathlib import Path
 
 from spectraldb import catalog
 from spectraldb.answer import Answer
-from spectraldb.bounds import CLI_TIME_S, ReadLimits
+from spectraldb.bounds import CLI_TIME_S, Deadline, ReadLimits
 from spectraldb.errors import QueryError, StoreError
 from spectraldb.plots import scaling_series
 from spectraldb.store import connect
-from spectraldb.verbs import BY_NAME, VERBS
+from spectraldb.verbs import BY_NAME, PLOTS, VERBS
 
 
 class Reader:
     """A store, read-only: the one object every edge reads through (the notebook, `specdb query`,
-    the service's routes). One method per question declared in spectraldb/verbs.py (`beta`,
+    the service's routes, `specdb plot`, `report`, `sql` and `status`, and the driver's look at
+    what is stored). One method per question declared in spectraldb/verbs.py (`beta`,
     `dynamics`, `trajectories`, `depth`, `matched`, `delta`, `renyi`), each taking that question's
     options as keywords (`stratum`, or the Selection's name `strata`; `site`, `where`, `by`, …),
     a required one also by position (`renyi(4)`). Each call opens the store for as long as it
     runs; inside `with reader:` one connection serves every call (a predicate is then checked once
     for all of them)."""
 
-    def __init__(self, path: str | Path, time_limit_s: float | None = None, *, check: bool = True):
+    def __init__(self, path: str | Path, time_limit_s: float | None = None, *, check: bool = True,
+                 verify: bool = False, wait_s: float | None = None):
+        """`verify`: also check the file holds every block its tables use (a truncated store is not
+        "all done"); `wait_s`: how long to wait while a commit holds the store (0: refuse at once)."""
         self.path = Path(path)
         if check and not self.path.is_file():
             raise StoreError(f"{self.path}: no such store (run `specdb run SPEC` first)")
         self.time_limit_s = time_limit_s if time_limit_s is not None else ReadLimits.from_env(CLI_TIME_S).time_s
+        self._options = {"verify": verify, **({"wait_s": wait_s} if wait_s is not None else {})}
         self._held = None
 
     def __repr__(self) -> str:
@@ -47,17 +52,18 @@ class Reader:
 
     def __enter__(self) -> "Reader":
         self._stack = contextlib.ExitStack()
-        self._held = self._stack.enter_context(connect(self.path, read_only=True, time_limit_s=self.time_limit_s))
+        self._held = self._stack.enter_context(self._open())
         return self
 
     def __exit__(self, *exc) -> None:
         self._held = None
         self._stack.close()
 
+    def _open(self):
+        return connect(self.path, read_only=True, time_limit_s=self.time_limit_s, **self._options)
+
     def _connect(self):
-        if self._held is not None:
-            return contextlib.nullcontext(self._held)
-        return connect(self.path, read_only=True, time_limit_s=self.time_limit_s)
+        return contextlib.nullcontext(self._held) if self._held is not None else self._open()
 
     def ask(self, verb, values: dict) -> Answer:
         """The answer to one declared question (a `Verb` or its name) for `values` (its options by
@@ -73,6 +79,31 @@ class Reader:
         """Runs by status with the eigenvalue MiB they hold (`specdb status`)."""
         with self._connect() as con:
             return catalog.status_summary(con)
+
+    def status_counts(self) -> dict[str, int]:
+        """status → number of runs (`GET /api/status`)."""
+        with self._connect() as con:
+            return catalog.status_counts(con)
+
+    def statuses(self) -> dict[str, str]:
+        """run_id → status of every run (what the driver skips or resumes)."""
+        with self._connect() as con:
+            return catalog.statuses(con)
+
+    def run_sizes(self) -> Answer:
+        """Each run with the MiB of eigenvalues it holds (`specdb status --runs`)."""
+        with self._connect() as con:
+            return catalog.run_sizes(con)
+
+    def unfinished(self) -> list[dict]:
+        """Runs that started and did not finish, with their last error line (`specdb status`)."""
+        with self._connect() as con:
+            return catalog.unfinished(con)
+
+    def protocols(self) -> dict[int, int]:
+        """measurement protocol → number of runs measured under it."""
+        with self._connect() as con:
+            return catalog.protocols(con)
 
     def runs(self, *, status: str | None = None, optimizer: str | None = None, where: str | None = None,
              limit: int = 100_000, offset: int = 0) -> Answer:
@@ -105,6 +136,24 @@ class Reader:
         with self._connect() as con:
             return catalog.spectrum(con, run_id, **kw)
 
+    def figure(self, kind: str, selection, **options):
+        """One of the study's figures (a matplotlib Figure; `specdb plot KIND`): a declared
+        question's plot (spectraldb.verbs.PLOTS) or `scaling`; `options`: the figure's own, such as
+        renyi's `ffn_mult`."""
+        from spectraldb import plots
+
+        if kind not in PLOTS:
+            raise QueryError(f"plot: unknown figure {kind!r} (expected one of: {', '.join(PLOTS)})")
+        with self._connect() as con:
+            return getattr(plots, kind)(con, selection, **options)
+
+    def report(self, selection):
+        """The study assembled (`specdb report`): a `spectraldb.report.Report` to render."""
+        from spectraldb import report
+
+        with self._connect() as con:
+            return report.build(con, selection, store=str(self.path))
+
     def sql(self, text: str):
         """One read-only query (SELECT, or EXPLAIN of one) as a pyarrow Table."""
         from spectraldb.sqlshell import check_statement
@@ -112,6 +161,23 @@ class Reader:
         with self._connect() as con:
             check_statement(con, text)
             return con.sql(text).to_arrow_table()
+
+    def stream_sql(self, text: str, consume) -> None:
+        """One read-only query handed to `consume(columns, rows)` as it streams (`specdb sql`,
+        `POST /api/sql`); `consume` must finish with the rows before this returns. Python's side
+        of the time limit runs beside the connection's own."""
+        from spectraldb.sqlshell import stream
+
+        with self._connect() as con:
+            consume(*stream(con, text, Deadline(self.time_limit_s)))
+
+
+def stored_statuses(path: str | Path) -> dict[str, str]:
+    """run_id → status of every run in the store at `path` ({} while there is none): what the
+    driver skips or resumes. The file is verified whole: a truncated store is not "all done"."""
+    if not Path(path).exists():
+        return {}
+    return Reader(path, check=False, verify=True).statuses()
 
 
 def _question(verb):

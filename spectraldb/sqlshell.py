@@ -15,7 +15,6 @@ import duckdb
 
 from spectraldb.bounds import Deadline
 from spectraldb.errors import QueryError
-from spectraldb.store import connect
 
 CHUNK_ROWS = 64  # rows fetched at a time: wide rows (200 kB strings) stay a few MB in flight
 
@@ -118,12 +117,3 @@ def stream(con, text: str, deadline: Deadline) -> tuple[list[str], Iterator[tupl
             yield from chunk
 
     return cols, rows()
-
-
-def run_sql(path, text: str, time_limit_s: float, consume) -> None:
-    """Run one query on a bounded read-only connection and hand (columns, row iterator) to
-    `consume`, which must finish with the rows before the connection closes."""
-    with connect(path, read_only=True, time_limit_s=time_limit_s) as con:
-        deadline = Deadline(time_limit_s)  # Python's side of the connection's own limit
-        cols, rows = stream(con, text, deadline)
-        consume(cols, rows)

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import textwrap
 from pathlib import Path
 
-import duckdb
-import numpy as np
+# pytest-xdist's workers share the cores: each BLAS/OpenMP pool (torch's included, read when torch is
+# first imported, after this) gets its share, or the pools oversubscribe the cores. Two workers on 2
+# cores ran the fast loop in 42 s with two threads each and 36 s with one (docs/benchmarks.md).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
+
+import duckdb  # noqa: E402 - after the thread counts above
+import numpy as np  # noqa: E402
 import pytest
 
 from spectraldb import store

@@ -216,3 +216,23 @@ def test_the_questions_hold_no_sql_of_their_own():
                  *files("spectraldb/report")]:
         text = path.read_text(encoding="utf-8")
         assert ".execute(" not in text and "SELECT " not in text, path.name
+
+
+def read_only_opens(path: Path) -> list[int]:
+    """Lines of `path` that open a store read-only: a call to `connect`/`*.connect` with `read_only=True`."""
+    return [node.lineno for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "connect"
+            and any(k.arg == "read_only" and getattr(k.value, "value", None) is True for k in node.keywords)]
+
+
+def test_every_read_goes_through_the_reader(tmp_path):
+    """The Reader (spectraldb/reader.py) is the one place a read opens the store: the CLI, the
+    service, the report and the driver's look at what is stored all go through it. Only the store
+    itself (and `export`, whose COPY writes files) opens a read-only connection of its own."""
+    allowed = {ROOT / "spectraldb" / "reader.py", *files("spectraldb/store")}
+    opens = {str(path.relative_to(ROOT)): lines for package in ("spectraldb", "cli", "integrations")
+             for path in files(package) if path not in allowed and (lines := read_only_opens(path))}
+    assert not opens, opens
+    planted = tmp_path / "planted.py"
+    planted.write_text("from spectraldb import store\nwith store.connect(\n    Path(p), read_only=True) as c:\n    pass\n")
+    assert read_only_opens(planted) == [2]

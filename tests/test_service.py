@@ -15,6 +15,7 @@ from cli.main import app as cli_app
 from spectraldb import service
 from spectraldb.errors import QueryError
 from spectraldb.bounds import ReadLimits
+from spectraldb.reader import Reader
 from spectraldb.service import create_app, sql_body
 from tests.conftest import planting, put, start_server, stop_server
 
@@ -28,7 +29,8 @@ def limits(**kw) -> ReadLimits:
 
 
 def sql(db, text, **kw) -> dict:
-    return json.loads(sql_body(db, text, limits(**kw)))
+    bounds = limits(**kw)
+    return json.loads(sql_body(Reader(db, bounds.time_s), text, bounds))
 
 
 @pytest.fixture(scope="module")

@@ -36,33 +36,49 @@ def _spectra(probe):
     return {(r.layer, r.site, r.stratum): (r.n_tokens, r.eigenvalues, r.metrics) for r in probe.compute()}
 
 
+def _split_ffns(mesh):
+    """The tiny GPT in float64 with every block's FFN split over `mesh` (torch.distributed.tensor):
+    c_fc column-parallel, c_proj row-parallel."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    model = tiny_model().double()
+    for block in model.transformer.h:
+        parallelize_module(block.mlp, mesh, {"c_fc": ColwiseParallel(), "c_proj": RowwiseParallel()})
+    return model
+
+
+def _forward(model, probe, ids=IDS):
+    with torch.no_grad(), probe.measuring(ids):
+        model.hidden(ids)
+
+
+def _outcome(call) -> str:
+    """"measured", or the line the probe refused it with."""
+    try:
+        call()
+        return "measured"
+    except ProbeError as exc:
+        return str(exc)
+
+
 def _tp_rank(rank, world, out_dir):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     from tests.megatron import MegatronGPT
 
     dist.init_process_group("gloo", init_method=f"file://{out_dir / 'rendezvous'}", rank=rank, world_size=world)
     try:
         mesh = init_device_mesh("cpu", (world,))
-        model = tiny_model().double()
-        for block in model.transformer.h:
-            parallelize_module(block.mlp, mesh, {"c_fc": ColwiseParallel(), "c_proj": RowwiseParallel()})
+        model = _split_ffns(mesh)
         messages, results = [], {}
         for measure in (("pre",), ("post",), ("pre", "post")):  # nothing declared: a local slice is refused
             probe = attach(model, strata=("all",), min_tokens=2, measure=measure)
-            try:
-                with torch.no_grad(), probe.measuring(IDS):
-                    model.hidden(IDS)
-                messages.append("measured")
-            except ProbeError as exc:
-                messages.append(str(exc))
+            messages.append(_outcome(lambda: _forward(model, probe)))
         for shard in (False, True):  # declared: the slices are gathered into the whole features
             probe = attach(model, token_strata=STRATA, min_tokens=2, tensor_parallel=mesh, shard=shard)
             for ids in (IDS[:3], IDS[3:]):  # two forwards merge
-                with torch.no_grad(), probe.measuring(ids):
-                    model.hidden(ids)
+                _forward(model, probe, ids)
             results[f"torch shard={shard}"] = _spectra(probe)
         # Megatron's layout: no DTensor, gate and up fused per rank, sequence-first
         megatron = MegatronGPT(gated=True, tp_rank=rank, tp_size=world, group=dist.group.WORLD).double()
@@ -71,10 +87,32 @@ def _tp_rank(rank, world, out_dir):
             megatron(IDS)
         results["megatron"] = _spectra(probe)
         (out_dir / f"messages-{rank}.txt").write_text("\n".join(messages))
+        (out_dir / f"refusals-{rank}.txt").write_text("\n".join(_dtensor_refusals(world)))
         torch.save(results, out_dir / f"spectra-{rank}.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _dtensor_refusals(world) -> list[str]:
+    """A DTensor whose own mesh is not the declared group, and one on a 2-D mesh (full_tensor would
+    hand every data-parallel rank the whole batch): each refused, never counted twice."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    from workers.layouts import whole_features
+    from workers.sites import Site
+
+    solo = init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "tp"))  # each rank its own TP group
+    model = _split_ffns(solo["tp"])
+    probe = attach(model, strata=("all",), min_tokens=2, measure=("post",), tensor_parallel=dist.group.WORLD)
+    refusals = [_outcome(lambda: _forward(model, probe))]
+    grid = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+    act = DTensor.from_local(torch.ones(2, 3, 4, dtype=torch.float64), grid, [Replicate(), Shard(2)])
+    site = Site(0, "c_fc", "c_proj", False)
+    return refusals + [_outcome(lambda: whole_features(site, "post", act, declared, "mlp.c_proj"))
+                       for declared in (None, grid["tp"].get_group())]
 
 
 @pytest.mark.slow  # two processes
@@ -105,6 +143,12 @@ def test_tensor_parallel_ffns_are_refused_undeclared_and_equal_the_unsharded_mod
                               "module declares 64: a tensor-parallel (sharded) FFN"), pre
         assert post == "measured", post  # c_proj's input arrives as a DTensor: it carries its own layout
         assert both.startswith("site pre of layer 0"), both
+        mismatch, *grid = (tmp_path / f"refusals-{rank}.txt").read_text().splitlines()
+        assert mismatch == (f"site post of layer 0 (transformer.h.0.mlp.c_proj): a DTensor on ranks [{rank}], but "
+                            "tensor_parallel= declares ranks [0, 1]; declare its own mesh, or none"), mismatch
+        assert grid == ["site post of layer 0 (mlp.c_proj): a DTensor on a 2-D mesh (1, 2); parallelize the FFN "
+                        "over its 1-D tensor-parallel submesh (parallelize_module(block, mesh['tp'], …)) so only the "
+                        "features are sharded"] * 2, grid
         got = torch.load(tmp_path / f"spectra-{rank}.pt", weights_only=False)
         for name, spectra in got.items():
             reference = want[name.split()[0]]

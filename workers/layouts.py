@@ -35,17 +35,31 @@ def whole_features(where: Site, site: str, act, group, name: str) -> tuple[torch
         if where.fused == "per_rank":
             act = first_half(act)
     if type(act).__name__ == "DTensor":
-        if group is None:
-            if act.device_mesh.ndim != 1:
-                raise ProbeError(f"site {site} of layer {where.layer} ({name}): a DTensor on a "
-                                 f"{act.device_mesh.ndim}-D mesh; pass tensor_parallel= (its tensor-parallel group)")
-            group = act.device_mesh.get_group()
+        group = _dtensor_group(act.device_mesh, group, f"site {site} of layer {where.layer} ({name})")
         act = act.full_tensor()
     elif group is not None and _world(group) > 1:
         act = gather_features(act, group)
     if site == "pre" and where.fused == "whole":
         act = first_half(act)
     return act, ((_rank(group), _world(group)) if group is not None and _world(group) > 1 else (0, 1))
+
+
+def _dtensor_group(mesh, declared, where: str):
+    """The tensor-parallel group of a DTensor activation: its own 1-D mesh. `full_tensor` gathers
+    across every mesh dimension, so on a 2-D (data × tensor) mesh each data-parallel rank would
+    hold, and count, the whole batch; and a declared group other than the mesh would split the
+    positions among the wrong ranks. Both are refused rather than counted twice."""
+    import torch.distributed as dist
+
+    if mesh.ndim != 1:
+        raise ProbeError(f"{where}: a DTensor on a {mesh.ndim}-D mesh {tuple(mesh.shape)}; parallelize the FFN over "
+                         "its 1-D tensor-parallel submesh (parallelize_module(block, mesh['tp'], …)) so only the "
+                         "features are sharded")
+    own = mesh.get_group()
+    if declared is not None and dist.get_process_group_ranks(declared) != dist.get_process_group_ranks(own):
+        raise ProbeError(f"{where}: a DTensor on ranks {dist.get_process_group_ranks(own)}, but tensor_parallel= "
+                         f"declares ranks {dist.get_process_group_ranks(declared)}; declare its own mesh, or none")
+    return own
 
 
 def check_unsharded(act: torch.Tensor, want: int | None, layer: int, site: str, name: str) -> None:

@@ -19,9 +19,10 @@ from pathlib import Path
 from contract.memory import MemoryBudgetError, default_budget, uniform_plan
 from contract.records import CheckpointResult, Evaluation, RunResult, perplexity
 from contract.vocabulary import FINISHED
-from spectraldb import catalog, store
+from spectraldb import store
 from spectraldb.errors import SpecError, one_line
 from spectraldb.provenance import provenance
+from spectraldb.reader import stored_statuses
 from spectraldb.run import executors
 from spectraldb.sidecar.lock import WriterLock
 from spectraldb.sidecar.files import check_store_folder
@@ -83,7 +84,7 @@ def memory_plans(spec: CheckpointsSpec) -> list:
 
 
 def plan_rows(spec: CheckpointsSpec, runs: list[TrackedSpec], db) -> list[dict]:
-    known = catalog.statuses(db)
+    known = stored_statuses(db)
     return [{"run_id": r.run_id, "checkpoint": e.ref, "optimizer": e.optimizer, "step": e.step,
              "tokens_seen": e.tokens_seen, "ffn_width": (declared_shape(e) or (None, None))[1],
              "measure_gib": None if p is None else round(p.peak / 2**30, 3), "passes": None if p is None else p.n_passes,
@@ -125,7 +126,7 @@ def measure_checkpoints(spec: CheckpointsSpec, runs: list[TrackedSpec], db: str 
         spool = Spool(db)
         damaged: list[str] = []
         recovered, _ = drain(spool, db, store.LOCK_WAIT_S, damaged) if spool.pending() else (0, [])
-        known = catalog.statuses(db)
+        known = stored_statuses(db)
         skip = FINISHED if retry_failed else FINISHED + ("failed",)
         spooled = spool.run_ids()  # measured, waiting for a commit: never measured again
         todo = [(e, r) for e, r in zip(spec.checkpoints, runs)

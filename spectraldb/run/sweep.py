@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contract.vocabulary import FINISHED
-from spectraldb import catalog, store
+from spectraldb import store
 from spectraldb.errors import SpecError
 from spectraldb.provenance import provenance
+from spectraldb.reader import stored_statuses
 from spectraldb.run import executors
 from spectraldb.run.executors import prepare_data
 from spectraldb.sidecar.lock import WriterLock
@@ -29,7 +30,7 @@ def plan_rows(plan: Plan, db: str | Path) -> list[dict]:
     """Every run of the plan with its status in the store: new, done, diverged, failed, or spooled
     (finished, its verified result waiting in the spool to be committed); `est_mem_gib` is per
     worker (rank) of a data-parallel run."""
-    known = catalog.statuses(db)
+    known = stored_statuses(db)
     spooled = Spool(db).run_ids()
     return [{"run_id": r.run_id, "optimizer": r.label, "ffn_mult": r.model.ffn_mult,
              "ffn_width": r.model.ffn_width, "seed": r.train.seed, "steps": r.train.steps,
@@ -40,7 +41,7 @@ def plan_rows(plan: Plan, db: str | Path) -> list[dict]:
 
 def todo(plan: Plan, db: str | Path, retry_failed: bool = False) -> list[RunSpec]:
     store.migrate(db)  # an older store is upgraded by the next `specdb run`
-    known = catalog.statuses(db)
+    known = stored_statuses(db)
     spooled = Spool(db).run_ids()  # finished, waiting for a commit: never trained again
     skip = FINISHED if retry_failed else FINISHED + ("failed",)
     return [r for r in plan.runs if known.get(r.run_id) not in skip and r.run_id not in spooled]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from spectraldb import catalog, errors, store
+from spectraldb import errors, store
 from spectraldb.bounds import SERVICE_TIME_S, Deadline, ReadLimits
 from spectraldb.errors import QueryError, StoreLocked
 from spectraldb.sidecar.progress import read_sidecar
@@ -94,9 +94,9 @@ def create_app(db: str | Path, token: str | None = None, allowed_hosts=(), limit
                              "cap; narrow it (where=, limit=) or raise SPECDB_RESPONSE_MB")
         return Response(data, media_type="application/json")
 
-    def reader() -> Reader:
+    def reader(**options) -> Reader:
         """The store as every route reads it: `with reader() as r:` holds one connection."""
-        return Reader(db, limits.time_s, check=False)
+        return Reader(db, limits.time_s, check=False, **options)
 
     def route(verb):
         """`GET /api/NAME` of one declared question: its options as query parameters."""
@@ -195,9 +195,7 @@ def create_app(db: str | Path, token: str | None = None, allowed_hosts=(), limit
     def count_runs() -> None:
         try:
             stamp = store.stamp(db)
-            with store.connect(db, read_only=True, wait_s=0 if counted else store.LOCK_WAIT_S,
-                               time_limit_s=limits.time_s) as con:
-                counts = catalog.status_counts(con)
+            counts = reader(wait_s=0 if counted else store.LOCK_WAIT_S).status_counts()
             counted.update(runs=counts, at=time.time(), stamp=stamp)
         except StoreLocked:
             if not counted:
@@ -227,16 +225,14 @@ def create_app(db: str | Path, token: str | None = None, allowed_hosts=(), limit
         """One query (SELECT, or EXPLAIN of one), read-only, with a time limit covering its encoding,
         a row cap and a byte cap (each reported in `notes` when hit); duplicate column names are
         kept apart (a, a_2)."""
-        return Response(sql_body(db, request.query, limits), media_type="application/json")
+        return Response(sql_body(reader(), request.query, limits), media_type="application/json")
 
     return app
 
 
-def sql_body(db, text: str, limits: ReadLimits) -> bytes:
+def sql_body(source: Reader, text: str, limits: ReadLimits) -> bytes:
     """`{"columns", "rows", "notes"}` encoded row by row in the calling thread, stopping at the
     row cap, the byte cap or the deadline (execution and encoding share one time limit)."""
-    from spectraldb.sqlshell import run_sql
-
     out: dict = {}
 
     def consume(cols, rows):
@@ -258,6 +254,6 @@ def sql_body(db, text: str, limits: ReadLimits) -> bytes:
                 deadline.check()
         out.update(cols=cols, rows=encoded, notes=notes)
 
-    run_sql(db, text, limits.time_s, consume)
+    source.stream_sql(text, consume)
     return (b'{"columns":' + json.dumps(out["cols"]).encode() + b',"rows":[' + b",".join(out["rows"])
             + b'],"notes":' + json.dumps(out["notes"]).encode() + b"}")

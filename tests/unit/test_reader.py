@@ -143,10 +143,10 @@ def test_the_notebook_example_prints_tail_beta(db):
     assert "ln(hard rank) ≈" in out.stdout
 
 
-def test_a_predicate_is_checked_once_per_question_and_once_per_report(db, monkeypatch):
+def test_a_predicate_is_checked_once_per_question(db, monkeypatch):
     """Checking a predicate parses it twice and binds it (three statements): a question checks it
-    once, a report of many sections once per distinct predicate; a writer re-checks every time."""
-    from spectraldb import predicates, report
+    once; a writer re-checks every time (the report's count: tests/test_report.py)."""
+    from spectraldb import predicates
     from spectraldb.verbs import VERBS
 
     checked = []
@@ -157,10 +157,6 @@ def test_a_predicate_is_checked_once_per_question_and_once_per_report(db, monkey
         checked.clear()
         getattr(reader, verb.name)(**{o.name: 2.0 for o in verb.options if o.required}, where="seed = 0")
         assert checked == ["seed = 0"], verb.name
-    checked.clear()
-    with store.connect(db, read_only=True) as con:
-        report.build(con, Selection(where="seed = 0"), store=str(db))
-    assert sorted(checked) == sorted(set(checked)) and checked and len(checked) <= 3, checked
     checked.clear()
     with store.connect(db) as con:  # a writer's runs may change between checks
         predicates.check_where(con, "seed = 0")
@@ -205,3 +201,22 @@ def test_one_reader_holds_one_connection_for_many_questions(db, monkeypatch):
 def test_asking_a_question_that_is_not_declared_is_one_line(db):
     with pytest.raises(QueryError, match=r"^'betta' is not a question \(expected one of: beta, dynamics"):
         spectraldb.open(db).ask("betta", {})
+
+
+def test_the_driver_reads_what_is_stored_through_the_reader(db, tmp_path):
+    """`stored_statuses` (what `specdb run` skips): every run's status, {} before a store exists,
+    and a folder in the store's place refused in one line rather than read as "nothing stored"."""
+    from spectraldb.reader import stored_statuses
+
+    found = stored_statuses(db)
+    assert len(found) == 16 and set(found.values()) == {"done"}
+    assert found == spectraldb.open(db).statuses()
+    assert sum(spectraldb.open(db).status_counts().values()) == 16
+    assert stored_statuses(tmp_path / "none.duckdb") == {}
+    with pytest.raises(StoreError, match="is a folder"):
+        stored_statuses(tmp_path)
+
+
+def test_a_figure_the_store_does_not_draw_is_refused_in_one_line(db):
+    with pytest.raises(QueryError, match=r"^plot: unknown figure 'pie' \(expected one of: scaling, "):
+        spectraldb.open(db).figure("pie", Selection())
