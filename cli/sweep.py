@@ -44,18 +44,24 @@ def run(spec: Path = typer.Argument(..., help="Spec file, e.g. experiments.yaml"
         path = db or plan.store
         result = run_sweep(plan, path, executor=executor, address=address, retry_failed=retry_failed,
                            reporter=reporter_for(sys.stderr), cache_dir=cache_dir, max_in_flight=max_in_flight)
+    _say_stored(result, spec, path, "runs", "finished run(s)", "`specdb run`")
+
+
+def _say_stored(result, spec, path, noun: str, waiting: str, next_: str) -> None:
+    """What `run` or `measure` stored, in the same words: exit 1 while finished results wait in the
+    spool, 3 when a run failed or diverged."""
     for line in result.damaged:
         typer.echo(f"damaged spool entry {printable(line)}", err=True)
     if result.recovered:
         typer.echo(f"committed {result.recovered} finished run(s) from {path}.spool", err=True)
     if not result.statuses:
-        typer.echo(f"nothing to do: all {result.total} runs of {spec} are already in {path}", err=True)
+        typer.echo(f"nothing to do: all {result.total} {noun} of {spec} are already in {path}", err=True)
         return
     if result.waiting:
-        fail(f"{len(result.waiting)} finished run(s) could not be committed and wait in {path}.spool "
-             f"(the next `specdb run` commits them; first: {result.waiting[0]})", 1)
+        fail(f"{len(result.waiting)} {waiting} could not be committed and wait in {path}.spool "
+             f"(the next {next_} commits them; first: {result.waiting[0]})", 1)
     counts = {s: list(result.statuses.values()).count(s) for s in sorted(set(result.statuses.values()))}
-    typer.echo(f"stored {len(result.statuses)} runs in {path} ({', '.join(f'{n} {s}' for s, n in counts.items())};"
+    typer.echo(f"stored {len(result.statuses)} {noun} in {path} ({', '.join(f'{n} {s}' for s, n in counts.items())};"
                f" {result.skipped} already there)", err=True)
     if not result.ok:
         raise typer.Exit(3)
@@ -222,18 +228,4 @@ def measure(spec: Path = typer.Argument(..., help="A checkpoints spec, e.g. exam
         path = db or cspec.store
         result = measure_checkpoints(cspec, runs, path, reporter=reporter_for(sys.stderr), retry_failed=retry_failed,
                                      executor=executor, address=address)
-    for line in result.damaged:
-        typer.echo(f"damaged spool entry {printable(line)}", err=True)
-    if result.recovered:
-        typer.echo(f"committed {result.recovered} finished run(s) from {path}.spool", err=True)
-    if not result.statuses:
-        typer.echo(f"nothing to do: all {result.total} checkpoints of {spec} are already in {path}", err=True)
-        return
-    if result.waiting:
-        fail(f"{len(result.waiting)} measured checkpoint(s) could not be committed and wait in {path}.spool "
-             f"(the next `specdb measure` or `specdb run` commits them; first: {result.waiting[0]})", 1)
-    counts = {s: list(result.statuses.values()).count(s) for s in sorted(set(result.statuses.values()))}
-    typer.echo(f"stored {len(result.statuses)} checkpoints in {path} "
-               f"({', '.join(f'{n} {s}' for s, n in counts.items())}; {result.skipped} already there)", err=True)
-    if not result.ok:
-        raise typer.Exit(3)
+    _say_stored(result, spec, path, "checkpoints", "measured checkpoint(s)", "`specdb measure` or `specdb run`")

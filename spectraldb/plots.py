@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-
 from spectraldb import queries
 from spectraldb.fits import natural
 from spectraldb.selection import Selection
 
 METRIC_TITLES = {"hard": "hard rank (participation ratio)", "soft": "soft rank (exp entropy)"}
+
+
+def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Every panel's axes, title, grid (minor lines too, on log axes) and legend, alike."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def _figure(nrows: int, ncols: int, **kw):
@@ -62,11 +70,7 @@ def scaling(con, sel: Selection = Selection()):
                 ax.fill_between(line["x"], line["lo"], line["hi"], color=color, alpha=0.15, lw=0)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_xlabel("FFN width D")
-            ax.set_ylabel(METRIC_TITLES[metric])
-            ax.set_title(f"{metric} rank vs width — {stratum} tokens, {site}")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            _label(ax, "FFN width D", METRIC_TITLES[metric], f"{metric} rank vs width — {stratum} tokens, {site}")
     fig.tight_layout()
     return fig
 
@@ -86,11 +90,7 @@ def _beta_lines(rows, x_key, xlabel, title):
             lo = [p[2] if p[2] is not None else p[1] for p in pts]
             hi = [p[3] if p[3] is not None else p[1] for p in pts]
             ax.fill_between(x, lo, hi, color=f"C{i}", alpha=0.12, lw=0)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"β_{metric}")
-        ax.set_title(f"{title}: β_{metric}")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        _label(ax, xlabel, f"β_{metric}", f"{title}: β_{metric}")
     fig.tight_layout()
     return fig
 
@@ -123,11 +123,7 @@ def renyi(con, sel: Selection = Selection(), *, ffn_mult: float):
         for i, (opt, per_alpha) in enumerate(sorted(by.items())):
             ax.plot(range(len(order)), [per_alpha[a][key] for a in order], marker="o", color=f"C{i}", label=opt)
         ax.set_xticks(range(len(order)), [("∞" if a == "inf" else a) for a in order])
-        ax.set_xlabel("Rényi order α")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{ylabel.split(' ')[0]} — ffn_mult {ffn_mult:g}, {stratum}")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        _label(ax, "Rényi order α", ylabel, f"{ylabel.split(' ')[0]} — ffn_mult {ffn_mult:g}, {stratum}")
     fig.tight_layout()
     return fig
 
@@ -147,11 +143,7 @@ def trajectories(con, sel: Selection = Selection()):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{j}", label=f"ffn_mult {mult:g}")
         ax.set_yscale("log")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("hard rank")
-        ax.set_title(f"{key[0]}, {key[1]} steps ({sel.stratum}, {sel.site})")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        _label(ax, "training step", "hard rank", f"{key[0]}, {key[1]} steps ({sel.stratum}, {sel.site})")
     for k in range(len(keys), len(axes) * cols):
         axes[k // cols][k % cols].set_visible(False)
     fig.tight_layout()

@@ -44,6 +44,16 @@ def _varied(con, sel: Selection, factor: str) -> list:
     return sorted(v for v, _ in catalog.factor_counts(con, factor, sel.runs, sel.include_diverged))
 
 
+def _labels(con, sel: Selection, name: str) -> dict[str, int]:
+    """Runs per optimizer label of one optimizer (a store may hold several arms of it: Dion at
+    several rank fractions, AdamW at several learning rates)."""
+    counts: dict[str, int] = {}
+    for r in catalog.list_runs(con, where=sel.runs, limit=100_000).rows:
+        if r["optimizer_name"] == name:
+            counts[r["optimizer"]] = counts.get(r["optimizer"], 0) + 1
+    return counts
+
+
 def shown_where(sel: Selection) -> str:
     """The selection as a `--where` a reader can paste (display only: the report's own queries
     bind the held values, never this text)."""
@@ -149,8 +159,7 @@ def rank_fraction_section(con, scope: Scope) -> Section:
     sel = scope.base
     s = Section("Dion's rank fraction", "β per Dion rank fraction (TAIL and all tokens; the full-rank "
                                         "optimizers are in the first section)." + _held(scope.base_note))
-    dion = {r["optimizer"] for r in catalog.list_runs(con, where=sel.runs, limit=100_000).rows
-            if r["optimizer_name"] == "dion"}
+    dion = set(_labels(con, sel, "dion"))
     if len(dion) < 2:
         s.missing = ("needs Dion at two or more rank fractions: `optimizer: {dion: {rank_fraction: [0.5, 0.0625]}}` "
                      "(examples/cpu_reproduction.yaml, examples/paper_160m_dion_rank_sweep.yaml)")
@@ -175,10 +184,7 @@ def architecture_section(con, scope: Scope) -> Section:
                      "`model.postln_frac` beside the optimizers (examples/paper_160m_architecture_vs_optimizer.yaml)")
         return s
     # the baseline: the AdamW label with the most runs (a store may hold several AdamW arms)
-    labels = {}
-    for r in catalog.list_runs(con, where=sel.runs, limit=100_000).rows:
-        if r["optimizer_name"] == "adamw":
-            labels[r["optimizer"]] = labels.get(r["optimizer"], 0) + 1
+    labels = _labels(con, sel, "adamw")
     if not labels:
         s.missing = "no AdamW runs to measure the optimizer gain from: add `adamw` to the optimizers"
         return s
