@@ -9,12 +9,13 @@ import textwrap
 from pathlib import Path
 
 # pytest-xdist's workers share the cores: each BLAS/OpenMP pool (torch's included, read when torch is
-# first imported, after this) gets its share, or the pools oversubscribe the cores. Two workers on 2
-# cores ran the fast loop in 42 s with two threads each and 36 s with one (docs/benchmarks.md).
+# first imported, after this) gets its share, or the pools oversubscribe the cores (the fast loop on
+# 2 cores: 29.6-31.8 s with one thread per worker, 36.9-40.6 s with two: benchmarks/tiers.py).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _WORKERS > 1:
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:  # a count you set wins
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(_var, str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
+        os.environ.setdefault(_var, str(max(1, _CORES // _WORKERS)))
 
 import duckdb  # noqa: E402 - after the thread counts above
 import numpy as np  # noqa: E402
