@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from spectraldb import queries
+from spectraldb.errors import QueryError
 from spectraldb.fits import natural
 from spectraldb.selection import Selection
 
@@ -17,7 +18,22 @@ def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a panel with nothing drawn gets no (empty) legend
+        ax.legend(fontsize=7)
+
+
+def _drawn(answer, kind: str, has=lambda row: True) -> list[dict]:
+    """The rows a figure draws. None to draw is one line saying why (with the question's own
+    notes), never an empty picture or matplotlib's traceback."""
+    if not answer.rows:
+        raise QueryError(f"plot {kind}: nothing to draw: {'; '.join(answer.all_notes()) or 'no run matches'}")
+    if not any(has(r) for r in answer.rows):
+        raise QueryError(f"plot {kind}: nothing to draw: no group has a fit (a fit needs {queries.MIN_WIDTHS} widths)")
+    return answer.rows
+
+
+def _fitted(row) -> bool:
+    return row.get("beta_hard") is not None or row.get("beta_soft") is not None
 
 
 def _figure(nrows: int, ncols: int, **kw):
@@ -53,11 +69,19 @@ def scaling(con, sel: Selection = Selection()):
     95% confidence band of the fit and β in the legend — the same fits, floor and numbers as
     the query: a group with fewer than 3 widths gets its points but no line."""
     strata, site = sel.strata or ("all",), sel.site
+    drawn = [scaling_series(con, sel.but(strata=(stratum,))) for stratum in strata]
+    if not any(series for data, _ in drawn for series in data.values()):
+        raise QueryError(f"plot scaling: nothing to draw: {'; '.join(drawn[0][1]) or 'no run matches'}")
     fig, axes = _figure(len(strata), 2)
-    for row, stratum in enumerate(strata):
-        data, _ = scaling_series(con, sel.but(strata=(stratum,)))
+    for row, (stratum, (data, _)) in enumerate(zip(strata, drawn)):
         for col, metric in enumerate(("hard", "soft")):
             ax = axes[row][col]
+            if not any(v is not None for s in data[metric] for v in s["values"]):  # log axes need a value
+                hint = " (`measure.metrics: hard_only` stores the hard rank alone)" if metric == "soft" else ""
+                ax.text(0.5, 0.5, f"no {metric} ranks among these runs{hint}", ha="center", va="center",
+                        wrap=True, transform=ax.transAxes)
+                ax.set_axis_off()
+                continue
             for i, s in enumerate(data[metric]):
                 color = f"C{i}"
                 ax.scatter(s["widths"], s["values"], color=color, s=22, zorder=3)
@@ -97,19 +121,19 @@ def _beta_lines(rows, x_key, xlabel, title):
 
 def dynamics(con, sel: Selection = Selection()):
     """β_hard and β_soft over training steps, one line per optimizer (band: 95% t-interval)."""
-    rows = queries.dynamics(con, sel).rows
+    rows = _drawn(queries.dynamics(con, sel), "dynamics", _fitted)
     return _beta_lines(rows, "step", "training step", f"β over training ({sel.stratum}, {sel.site})")
 
 
 def depth(con, sel: Selection = Selection()):
     """β per layer, one line per optimizer."""
-    rows = queries.depth(con, sel).rows
+    rows = _drawn(queries.depth(con, sel), "depth", _fitted)
     return _beta_lines(rows, "layer", "layer", f"β by depth ({sel.stratum}, {sel.site})")
 
 
 def renyi(con, sel: Selection = Selection(), *, ffn_mult: float):
     """R_α at pre and post and ρ_α = R_α(post)/R_α(pre) against α, one line per optimizer."""
-    rows = queries.renyi(con, sel, ffn_mult=ffn_mult).rows
+    rows = _drawn(queries.renyi(con, sel, ffn_mult=ffn_mult), "renyi")
     stratum = sel.stratum
     fig, axes = _figure(1, 3)
     alphas = [r["alpha"] for r in rows]
@@ -130,7 +154,7 @@ def renyi(con, sel: Selection = Selection(), *, ffn_mult: float):
 
 def trajectories(con, sel: Selection = Selection()):
     """Hard rank over training, one panel per optimizer × training length, one line per width."""
-    rows = queries.trajectories(con, sel).rows
+    rows = _drawn(queries.trajectories(con, sel), "trajectories")
     by = defaultdict(lambda: defaultdict(list))
     for r in rows:
         by[(r["optimizer"], r["steps"])][r["ffn_mult"]].append((r["step"], r["hard"]))

@@ -18,7 +18,7 @@ from spectraldb.errors import QueryError
 from spectraldb.fits import MIN_WIDTHS, fit_groups, natural, rows  # noqa: F401 - MIN_WIDTHS is part of this API
 from spectraldb.predicates import check_metric, check_strata, check_where  # noqa: F401 - the API's checks
 from spectraldb.selection import Selection
-from spectraldb.catalog import optimizer_names
+from spectraldb.catalog import factor_counts, optimizer_names
 from spectraldb.values import (Point, excluded_diverged, flag_low_n, renyi_medians, run_factors, run_values,
                                selected_protocols, split_protocols, width_means)
 
@@ -83,9 +83,15 @@ def trajectories(con, sel: Selection = Selection()) -> Answer:
     for v in vals:
         groups[(v.factors["optimizer"], v.factors["steps"], v.factors["ffn_mult"], v.step)].append(v.values)
     out = [{"optimizer": o, "steps": steps, "ffn_mult": mult, "step": step, "runs": len(vs),
-            "hard": float(np.mean([x["hard"] for x in vs])), "soft": float(np.mean([x["soft"] for x in vs]))}
+            "hard": _seed_mean(x["hard"] for x in vs), "soft": _seed_mean(x["soft"] for x in vs)}
            for (o, steps, mult, step), vs in sorted(groups.items(), key=lambda kv: natural(kv[0]))]
     return answered(con, sel, out, [])
+
+
+def _seed_mean(values) -> float | None:
+    """The mean over the seeds that hold a value (a `hard_only` run stores no soft rank): None if none does."""
+    held = [v for v in values if v is not None]
+    return float(np.mean(held)) if held else None
 
 
 def depth(con, sel: Selection = Selection()) -> Answer:
@@ -111,7 +117,16 @@ def renyi(con, sel: Selection = Selection(), *, ffn_mult: float) -> Answer:
                         "post": value.get((o, f"renyi:{name}", "post")), "rho": stats[3 * i],
                         "rho_min": stats[3 * i + 1], "rho_max": stats[3 * i + 2], "js_divergence": js,
                         "n_layers": n_layers})
-    return answered(con, sel, out, [])
+    notes = []
+    if not out:
+        widths = sorted(w for w, _ in factor_counts(con, "ffn_mult", sel.runs, sel.include_diverged))
+        if ffn_mult in widths:
+            notes.append(f"the runs at ffn_mult {ffn_mult:g} hold no Rényi ranks (a run measured with "
+                         "`measure.metrics: hard_only` stores the hard rank alone)")
+        else:
+            notes.append(f"no finished run at ffn_mult {ffn_mult:g} in this selection"
+                         + (f" (its widths: {', '.join(f'{w:g}' for w in widths)})" if widths else ""))
+    return answered(con, sel, out, notes)
 
 
 def _label(key) -> str:

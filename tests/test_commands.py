@@ -71,6 +71,20 @@ def test_plots_have_the_expected_series(planted_factors, tmp_path):
     assert svg.read_text().lstrip().startswith("<?xml")
 
 
+@pytest.mark.parametrize("kind, args, why", [
+    ("scaling", ["--where", "seed = 99"], "no run matches"),
+    ("dynamics", ["--where", "seed = 99"], "no run matches"),
+    ("trajectories", ["--where", "seed = 99"], "no run matches"),
+    ("depth", ["--where", "seed = 99"], "no run matches"),
+    ("dynamics", ["--where", "ffn_mult <= 2"], "no group has a fit (a fit needs 3 widths)"),
+    ("renyi", ["--ffn-mult", "3"], "no finished run at ffn_mult 3 in this selection (its widths: 1, 2, 4, 8)")])
+def test_a_figure_with_nothing_to_draw_is_one_line_and_no_file(planted_factors, tmp_path, kind, args, why):
+    out = tmp_path / "x.png"
+    result = runner.invoke(app, ["plot", kind, "-o", str(out), "--db", str(planted_factors), *args])
+    assert result.exit_code == 2 and result.stderr == f"plot {kind}: nothing to draw: {why}\n", result.output
+    assert not out.exists()
+
+
 def test_the_scaling_plot_shows_query_betas_numbers_and_floor(tmp_path):
     db = tmp_path / "p.duckdb"
     with planting(db) as plant:

@@ -61,3 +61,18 @@ def test_a_hard_only_run_stores_hard_ranks_and_fits_beta_hard_alone(tmp_path, co
         betas[which], = json.loads(out.stdout)
     assert betas["hard_only"]["beta_hard"] == pytest.approx(betas["full"]["beta_hard"], rel=1e-7)
     assert betas["full"]["beta_soft"] is not None and betas["hard_only"]["beta_soft"] is None
+    page = tmp_path / "report.html"  # the report says what hard_only cannot show, never fails on it
+    out = runner.invoke(app, ["report", "-o", str(page), "--db", str(stores["hard_only"])])
+    assert out.exit_code == 0, out.output
+    assert "no Rényi ranks at ffn_mult 4: measure with" in page.read_text(encoding="utf-8")
+    for verb in ("trajectories", "depth", "dynamics", "matched"):  # every question answers, soft left empty
+        out = runner.invoke(app, ["query", verb, "--db", str(stores["hard_only"]), "--format", "json"])
+        assert out.exit_code == 0 and (verb == "matched" or json.loads(out.stdout)), (verb, out.output)
+    out = runner.invoke(app, ["plot", "renyi", "--ffn-mult", "4", "-o", str(tmp_path / "r.png"),
+                              "--db", str(stores["hard_only"])])
+    assert out.exit_code == 2 and out.stderr == ("plot renyi: nothing to draw: the runs at ffn_mult 4 hold no Rényi "
+                                                 "ranks (a run measured with `measure.metrics: hard_only` stores the "
+                                                 "hard rank alone)\n")
+    for kind in ("scaling", "trajectories"):  # the soft panel says why it is empty
+        assert runner.invoke(app, ["plot", kind, "-o", str(tmp_path / f"{kind}.png"),
+                                   "--db", str(stores["hard_only"])]).exit_code == 0

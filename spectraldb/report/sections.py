@@ -218,6 +218,9 @@ def renyi_section(con, scope: Scope) -> Section:
         return s
     answer = queries.renyi(con, sel, ffn_mult=widths[-1])
     s.tables.append(_table("renyi", f"ffn_mult {cell(widths[-1])}, all tokens, final step", answer))
+    if not answer.rows:  # e.g. runs measured with `metrics: hard_only` store no Rényi ranks
+        s.missing = f"no Rényi ranks at ffn_mult {cell(widths[-1])}: measure with `measure.metrics: full`"
+        return s
     s.figures.append(Figure("renyi", f"R_α and ρ_α against α at ffn_mult {cell(widths[-1])} (`specdb plot renyi`)",
                             _png(plots.renyi(con, sel, ffn_mult=widths[-1]))))
     return s
@@ -230,6 +233,8 @@ def depth_section(con, scope: Scope) -> Section:
     s.tables.append(_table("depth", "β per optimizer × layer (all tokens)", answer))
     if len({r.get("layer") for r in answer.rows}) < 2:
         s.missing = "one layer only: a depth profile needs `model.n_layer` ≥ 2"
+    elif not any(r.get("beta_hard") is not None or r.get("beta_soft") is not None for r in answer.rows):
+        s.missing = "no layer has a fit: sweep `model.ffn_mult` over at least 3 values"
     else:
         s.figures.append(Figure("depth", "β by layer (`specdb plot depth`)", _png(plots.depth(con, sel))))
     return s
