@@ -174,8 +174,9 @@ def status(spec: Optional[Path] = typer.Argument(None, help="A spec: count its r
         typer.echo(printable(f"in flight {rid} {info['label']}: step {info['step']}/{info['steps']}"), err=True)
     for row in unfinished:
         last = (row["error"] or "").strip().splitlines()[-1:] or [""]
-        typer.echo(printable(f"{row['status']} {row['run_id']} {row['optimizer']} ffn_mult={row['ffn_mult']:g}: "
-                             f"{last[0]}"), err=True)
+        what = [f"ffn_mult={row['ffn_mult']:g}" if row["ffn_mult"] is not None else "", row["checkpoint"] or ""]
+        typer.echo(printable(" ".join(filter(None, [row["status"], row["run_id"], row["optimizer"], *what]))
+                             + f": {last[0]}"), err=True)
 
 
 def ingest(db: Optional[str] = DbOpt):

@@ -56,9 +56,10 @@ def run_sizes(con) -> Answer:
 
 
 def unfinished(con) -> list[dict]:
-    """Runs not done (failed or diverged), with their error (a traceback for failed runs)."""
-    return _dicts(con.execute("SELECT run_id, optimizer, ffn_mult, status, error FROM runs "
-                              "WHERE status <> 'done' ORDER BY run_id"))
+    """Runs not done (failed or diverged), with their error (a traceback for failed runs) and the
+    checkpoint a measured one came from (its width is unknown when it failed to load)."""
+    return _dicts(con.execute("SELECT run_id, optimizer, ffn_mult, json_extract_string(config, '$.checkpoint') "
+                              "AS checkpoint, status, error FROM runs WHERE status <> 'done' ORDER BY run_id"))
 
 
 def protocols(con) -> dict[int, int]:

@@ -144,6 +144,10 @@ def test_a_revision_in_the_local_hf_cache_is_measured_offline(tmp_path, corpus):
         con.close()
     assert got == [(1000, "done", "tiny/gpt2-suite@step1000"), (2000, "done", "tiny/gpt2-suite@step2000"),
                    (3000, "failed", "tiny/gpt2-suite@step3000")]
+    status = runner.invoke(app, ["status", "--db", str(store)])  # a checkpoint that never loaded has no width
+    assert status.exit_code == 0, status.output
+    failed, = [line for line in status.stderr.splitlines() if line.startswith("failed ")]
+    assert failed.split(": ", 1)[0].endswith(" AdamW tiny/gpt2-suite@step3000"), failed
 
 
 def test_token_counts_of_a_corpus_read_by_a_models_tokenizer(tmp_path, corpus):
