@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -144,14 +145,33 @@ def report(output: Path = typer.Option(..., "-o", "--output", help="FILE.html (o
         fail(f"-o: {output} is a folder; name an .html file, or a folder without the .html suffix", 2)
     if not html and output.exists() and not output.is_dir():
         fail(f"-o: {output} is a file; name an .html file or a folder for Markdown", 2)
-    with translated(where):
-        built = reader(db).report(Selection(where=where, include_diverged=include_diverged))
+    with translated(where), _progress_line(sys.stderr) as progress:
+        built = reader(db).report(Selection(where=where, include_diverged=include_diverged), progress)
     if html:
         study.write_html(built, output)
     else:
         study.write_markdown(built, output)
     missing = sum(1 for s in built.sections if s.missing)
     typer.echo(f"wrote {output}: {len(built.sections)} sections ({missing} need runs this store lacks)", err=True)
+
+
+@contextlib.contextmanager
+def _progress_line(stream):
+    """On a terminal, one line rewritten in place as each section is built (`[3/9] β over
+    training`) and cleared at the end; elsewhere (a log, a pipe) nothing."""
+    if not stream.isatty():
+        yield None
+        return
+
+    def show(done: int, total: int, title: str) -> None:
+        stream.write(f"\r\x1b[2K[{done}/{total}] {printable(title)}")
+        stream.flush()
+
+    try:
+        yield show
+    finally:
+        stream.write("\r\x1b[2K")
+        stream.flush()
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

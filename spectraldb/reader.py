@@ -147,12 +147,13 @@ class Reader:
         with self._connect() as con:
             return getattr(plots, kind)(con, selection, **options)
 
-    def report(self, selection):
-        """The study assembled (`specdb report`): a `spectraldb.report.Report` to render."""
+    def report(self, selection, progress=None):
+        """The study assembled (`specdb report`): a `spectraldb.report.Report` to render;
+        `progress(done, total, title)` hears of each section as it is built."""
         from spectraldb import report
 
         with self._connect() as con:
-            return report.build(con, selection, store=str(self.path))
+            return report.build(con, selection, store=str(self.path), progress=progress)
 
     def sql(self, text: str):
         """One read-only query (SELECT, or EXPLAIN of one) as a pyarrow Table."""

@@ -17,6 +17,7 @@ from spectraldb.predicates import (check_factors, check_metric, check_site, chec
                                    declared_factors, runs_relation)
 
 LOW_N = 4  # tokens per dimension under which a rank is capped by N rather than by the spectrum (as view `points`)
+LOW_N_NOTES = 3  # past this many groups, one note says which groups are under LOW_N instead of one note each
 N_TOKENS = "_n_tokens"  # rides in run_values' value dicts: the fewest tokens behind a run's point
 
 
@@ -194,13 +195,22 @@ def flag_low_n(rows, pts, key_names, notes) -> None:
             ratio = n / width
             if key not in worst or ratio < worst[key][0]:
                 worst[key] = (ratio, width)
+    low = []
     for row in rows:
         key = tuple(row[k] for k in key_names)
         ratio, width = worst.get(key, (None, None))
         row["min_n_over_d"] = ratio
         if ratio is not None and ratio < LOW_N:
-            notes.append(f"{' / '.join(map(str, key))}: a point has only {ratio:.1f} tokens per dimension "
-                         f"(width {width}; under {LOW_N}, its rank is capped by N, not by the spectrum)")
+            low.append((" / ".join(map(str, key)), ratio, width))
+    why = f"under {LOW_N}, its rank is capped by N, not by the spectrum"
+    if len(low) <= LOW_N_NOTES:
+        notes += [f"{name}: a point has only {ratio:.1f} tokens per dimension (width {width}; {why})"
+                  for name, ratio, width in low]
+    else:  # one line, not one per group × layer: which groups, and the worst point among them
+        name, ratio, width = min(low, key=lambda g: g[1])
+        shown = ", ".join(g[0] for g in low[:LOW_N_NOTES])
+        notes.append(f"{len(low)} groups have a point under {LOW_N} tokens per dimension ({shown}, …; min_n_over_d "
+                     f"per row); the fewest: {name}, {ratio:.1f} at width {width} ({why})")
 
 
 def renyi_medians(con, runs, stratum: str, ffn_mult: float, step: int | None, include_diverged: bool):

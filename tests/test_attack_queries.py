@@ -16,7 +16,7 @@ from spectraldb.selection import Selection
 from spectraldb.store import opening
 from spectraldb.errors import QueryError, SpecError, StoreError
 from spectraldb.verbs import BY_NAME, VERBS
-from tests.conftest import planting
+from tests.conftest import planting, query
 
 runner = CliRunner()
 SECRET = "TOP-SECRET-4711"
@@ -191,6 +191,15 @@ def test_fits_resting_on_few_tokens_per_dimension_say_so(tmp_path):
     for args in (["--layer", "each"], ["--window", "1"]):  # the slow path carries it too
         rows, err = beta_rows(db, *args)
         assert all(r["min_n_over_d"] == pytest.approx(2.0) for r in rows) and "tokens per dimension" in err
+    with planting(db) as plant:  # a second optimizer: 2 × 2 layers are 4 groups under the floor, one line
+        for mult in (1, 2, 4):
+            plant(optimizer="muon", mult=mult, rank_of=lambda D, step, layer: D / 4, n_per_dim=2 if mult == 4 else 50)
+    rows, err = query(db, "depth")
+    low = [line for line in err.splitlines() if "tokens per dimension" in line]
+    assert len(rows) == 4 and all(r["min_n_over_d"] == pytest.approx(2.0) for r in rows)
+    assert low == ["4 groups have a point under 4 tokens per dimension (AdamW / 0, AdamW / 1, Muon / 0, …; "
+                   "min_n_over_d per row); the fewest: AdamW / 0, 2.0 at width 128 (under 4, its rank is capped by N, "
+                   "not by the spectrum)"], low
     db2 = tmp_path / "ok.duckdb"
     with planting(db2) as plant:
         for mult in (1, 2, 4):

@@ -275,17 +275,3 @@ def test_the_default_sweeps_report_opens_offline(tmp_path, browser):
                                             "--format", "json"]).stdout)
     assert [{c: stored(v) for c, (_, v) in zip(got["header"], row)} for row in got["rows"]] == expect
     assert [r["optimizer"] for r in expect] == ["AdamW", "Muon"]
-
-
-def test_a_report_checks_each_distinct_predicate_once(study, monkeypatch):
-    """A report asks every section's questions on one read-only connection: each distinct
-    predicate (the user's, and the narrowed ones it builds from it) is checked once."""
-    from spectraldb import predicates, report
-    from spectraldb.selection import Selection
-
-    checked = []
-    real = predicates._check_where
-    monkeypatch.setattr(predicates, "_check_where", lambda con, where: checked.append(where) or real(con, where))
-    with store.connect(study, read_only=True) as con:
-        report.build(con, Selection(where="seed = 0"), store=str(study))
-    assert checked and sorted(checked) == sorted(set(checked)) and len(checked) <= 3, checked

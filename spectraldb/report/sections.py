@@ -273,9 +273,10 @@ SECTIONS = (beta_section, matched_section, dynamics_section, trajectories_sectio
             architecture_section, renyi_section, depth_section, trainability_section)
 
 
-def build(con, sel: Selection = Selection(), *, store: str) -> Report:
+def build(con, sel: Selection = Selection(), *, store: str, progress=None) -> Report:
     """Every section of the study the selected runs can answer. Raises QueryError when the
-    store holds no runs or the selection selects none (nothing to report)."""
+    store holds no runs or the selection selects none (nothing to report). `progress(done,
+    total, title)` is called as each section is built (a large store takes seconds a section)."""
     check_where(con, sel.where)
     total = catalog.count_runs(con)
     if not total:
@@ -283,6 +284,11 @@ def build(con, sel: Selection = Selection(), *, store: str) -> Report:
     if not catalog.count_runs(con, where=sel.where):
         raise QueryError(f"--where: selects none of the store's {total} runs")
     scope = Scope.of(con, sel)
+    sections = []
+    for make in SECTIONS:
+        sections.append(make(con, scope))
+        if progress is not None:
+            progress(len(sections), len(SECTIONS), sections[-1].title)
     return Report(store=store, where=sel.where, version=_version(), protocols=catalog.protocols(con),
                   runs=catalog.status_counts(con), generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                  sections=[make(con, scope) for make in SECTIONS])
+                  sections=sections)
