@@ -23,10 +23,10 @@ def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
 
 
 def _drawn(answer, kind: str, has=lambda row: True) -> list[dict]:
-    """The rows a figure draws. None to draw is one line saying why (with the question's own
-    notes), never an empty picture or matplotlib's traceback."""
+    """The rows a figure draws. None to draw is one line saying why (the question's own notes:
+    an empty answer always has one), never an empty picture or matplotlib's traceback."""
     if not answer.rows:
-        raise QueryError(f"plot {kind}: nothing to draw: {'; '.join(answer.all_notes()) or 'no run matches'}")
+        raise QueryError(f"plot {kind}: nothing to draw: {'; '.join(answer.all_notes())}")
     if not any(has(r) for r in answer.rows):
         raise QueryError(f"plot {kind}: nothing to draw: no group has a fit (a fit needs {queries.MIN_WIDTHS} widths)")
     return answer.rows
@@ -71,7 +71,7 @@ def scaling(con, sel: Selection = Selection()):
     strata, site = sel.strata or ("all",), sel.site
     drawn = [scaling_series(con, sel.but(strata=(stratum,))) for stratum in strata]
     if not any(series for data, _ in drawn for series in data.values()):
-        raise QueryError(f"plot scaling: nothing to draw: {'; '.join(drawn[0][1]) or 'no run matches'}")
+        raise QueryError(f"plot scaling: nothing to draw: {'; '.join(drawn[0][1])}")
     fig, axes = _figure(len(strata), 2)
     for row, (stratum, (data, _)) in enumerate(zip(strata, drawn)):
         for col, metric in enumerate(("hard", "soft")):

@@ -18,13 +18,18 @@ from spectraldb.errors import QueryError
 from spectraldb.fits import MIN_WIDTHS, fit_groups, natural, rows  # noqa: F401 - MIN_WIDTHS is part of this API
 from spectraldb.predicates import check_metric, check_strata, check_where  # noqa: F401 - the API's checks
 from spectraldb.selection import Selection
-from spectraldb.catalog import factor_counts, optimizer_names
+from spectraldb.catalog import count_runs, factor_counts, optimizer_names
 from spectraldb.values import (Point, excluded_diverged, flag_low_n, renyi_medians, run_factors, run_values,
                                selected_protocols, split_protocols, width_means)
 
 
 def answered(con, sel: Selection, rows_, notes, groups=()) -> Answer:
     excluded = 0 if sel.include_diverged else excluded_diverged(con, sel.runs)
+    if not rows_ and not notes:  # an empty table alone reads like a broken command
+        total = count_runs(con)
+        notes = [f"no finished run of the store's {total} has values for this selection (stratum {sel.stratum}, "
+                 f"site {sel.site}{', where ' + sel.where if sel.where else ''})" if total else
+                 "the store holds no runs (run `specdb run SPEC` first)"]
     return Answer(rows_, notes, excluded, list(groups))
 
 

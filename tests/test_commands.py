@@ -71,11 +71,14 @@ def test_plots_have_the_expected_series(planted_factors, tmp_path):
     assert svg.read_text().lstrip().startswith("<?xml")
 
 
+NONE_MATCH = "no finished run of the store's 16 has values for this selection (stratum all, site post, where seed = 99)"
+
+
 @pytest.mark.parametrize("kind, args, why", [
-    ("scaling", ["--where", "seed = 99"], "no run matches"),
-    ("dynamics", ["--where", "seed = 99"], "no run matches"),
-    ("trajectories", ["--where", "seed = 99"], "no run matches"),
-    ("depth", ["--where", "seed = 99"], "no run matches"),
+    ("scaling", ["--where", "seed = 99"], NONE_MATCH),
+    ("dynamics", ["--where", "seed = 99"], NONE_MATCH),
+    ("trajectories", ["--where", "seed = 99"], NONE_MATCH),
+    ("depth", ["--where", "seed = 99"], NONE_MATCH),
     ("dynamics", ["--where", "ffn_mult <= 2"], "no group has a fit (a fit needs 3 widths)"),
     ("renyi", ["--ffn-mult", "3"], "no finished run at ffn_mult 3 in this selection (its widths: 1, 2, 4, 8)")])
 def test_a_figure_with_nothing_to_draw_is_one_line_and_no_file(planted_factors, tmp_path, kind, args, why):

@@ -220,3 +220,16 @@ def test_the_driver_reads_what_is_stored_through_the_reader(db, tmp_path):
 def test_a_figure_the_store_does_not_draw_is_refused_in_one_line(db):
     with pytest.raises(QueryError, match=r"^plot: unknown figure 'pie' \(expected one of: scaling, "):
         spectraldb.open(db).figure("pie", Selection())
+
+
+def test_an_empty_answer_says_why(db, tmp_path):
+    """An empty table alone reads like a broken command: the answer's note says what was asked of
+    how many runs, or that the store holds none."""
+    answer = spectraldb.open(db).beta(where="seed = 9", strata="tail")
+    assert answer.rows == [] and answer.notes == ["no finished run of the store's 16 has values for this selection "
+                                                  "(stratum tail, site post, where seed = 9)"]
+    with store.connect(tmp_path / "empty.duckdb"):
+        pass
+    for verb in ("beta", "dynamics", "trajectories", "depth"):
+        assert getattr(spectraldb.open(tmp_path / "empty.duckdb"), verb)().notes == [
+            "the store holds no runs (run `specdb run SPEC` first)"], verb
