@@ -194,6 +194,17 @@ def confidence_band(lx, ly, lgrid, fit: PowerLaw):
     return centre - half, centre + half
 
 
+NOTES_EACH = 3  # past this many groups saying the same, one line names them instead of one line each
+
+
+def grouped_notes(why: str, names: list[str]) -> list[str]:
+    """`name: why` for each group, or past NOTES_EACH groups one line naming the first of them (a
+    question per step × layer would otherwise repeat one note dozens of times)."""
+    if len(names) <= NOTES_EACH:
+        return [f"{name}: {why}" for name in names]
+    return [f"{len(names)} groups: {why} ({', '.join(names[:NOTES_EACH])}, …)"]
+
+
 def fit_groups(points, metrics, key_names, notes, label=lambda k: " / ".join(map(str, k)),
                bootstrap: bool = True) -> list[GroupFit]:
     """points: (key tuple, width, seed, {metric: value}) → one GroupFit per key (with a
@@ -202,17 +213,17 @@ def fit_groups(points, metrics, key_names, notes, label=lambda k: " / ".join(map
     for key, width, seed, values in sorted(points, key=lambda p: (str(p[0]), p[1], str(p[2]), repr(sorted(p[3].items())))):
         series[key][width].append(values)  # seeds in a fixed order: the bootstrap never depends on SQL's row order
     rng = np.random.default_rng(0)
-    groups = []
+    groups, floor = [], defaultdict(list)
     for key in sorted(series, key=lambda k: tuple(str(x) for x in k)):
         by_width = dict(sorted(series[key].items()))
         widths = list(by_width)
         multi_seed = bootstrap and any(len(v) > 1 for v in by_width.values())
         draws = [_resample_counts(rng, len(by_width[w])) for w in widths] if multi_seed else None
         if len(widths) < MIN_WIDTHS:
-            notes.append(f"{label(key)}: {len(widths)} width{'s' if len(widths) != 1 else ''}; "
-                         f"a fit needs at least {MIN_WIDTHS} (refused)")
+            floor[f"{len(widths)} width{'s' if len(widths) != 1 else ''}; a fit needs at least {MIN_WIDTHS} "
+                  "(refused)"].append(label(key))
         elif len(widths) == MIN_WIDTHS:
-            notes.append(f"{label(key)}: fit on only {MIN_WIDTHS} widths")
+            floor[f"fit on only {MIN_WIDTHS} widths"].append(label(key))
         fits, means, boot = {}, {}, ({} if multi_seed else None)
         for m in metrics:
             seeds = [[v[m] for v in by_width[w] if v[m] is not None] for w in widths]
@@ -225,6 +236,8 @@ def fit_groups(points, metrics, key_names, notes, label=lambda k: " / ".join(map
                 boot[m] = _bootstrap(widths, seeds, draws) if fit else (None, None)
         n_seeds = max(len(v) for v in by_width.values()) if any(len(v) > 1 for v in by_width.values()) else None
         groups.append(GroupFit(dict(zip(key_names, key)), widths, means, fits, boot, n_seeds))
+    for why, names in floor.items():
+        notes += grouped_notes(why, names)
     # computed in the fixed text order above (it fixes the bootstrap's draws); shown in natural
     # order, so steps and layers read 1, 200, 1000 rather than 1, 1000, 200
     return sorted(groups, key=lambda g: natural(tuple(g.key.values())))

@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from contract.vocabulary import FACTORS, FINISHED, RENYI_ALPHAS, alpha_name
+from spectraldb.fits import NOTES_EACH
 from spectraldb.points import point_ctes
 from spectraldb.predicates import (check_factors, check_metric, check_site, check_strata, check_where,
                                    declared_factors, runs_relation)
 
 LOW_N = 4  # tokens per dimension under which a rank is capped by N rather than by the spectrum (as view `points`)
-LOW_N_NOTES = 3  # past this many groups, one note says which groups are under LOW_N instead of one note each
 N_TOKENS = "_n_tokens"  # rides in run_values' value dicts: the fewest tokens behind a run's point
 
 
@@ -203,12 +203,12 @@ def flag_low_n(rows, pts, key_names, notes) -> None:
         if ratio is not None and ratio < LOW_N:
             low.append((" / ".join(map(str, key)), ratio, width))
     why = f"under {LOW_N}, its rank is capped by N, not by the spectrum"
-    if len(low) <= LOW_N_NOTES:
+    if len(low) <= NOTES_EACH:
         notes += [f"{name}: a point has only {ratio:.1f} tokens per dimension (width {width}; {why})"
                   for name, ratio, width in low]
     else:  # one line, not one per group × layer: which groups, and the worst point among them
         name, ratio, width = min(low, key=lambda g: g[1])
-        shown = ", ".join(g[0] for g in low[:LOW_N_NOTES])
+        shown = ", ".join(g[0] for g in low[:NOTES_EACH])
         notes.append(f"{len(low)} groups have a point under {LOW_N} tokens per dimension ({shown}, …; min_n_over_d "
                      f"per row); the fewest: {name}, {ratio:.1f} at width {width} ({why})")
 

@@ -38,3 +38,18 @@ def test_two_points_give_a_line_without_interval():
 def test_needs_two_distinct_widths():
     with pytest.raises(ValueError):
         power_law([4, 4], [1, 2])
+
+
+def test_a_note_many_groups_share_is_one_line():
+    """A question per step or layer can put dozens of groups under the width floor: past three the
+    note is one line naming the first of them; up to three, one line each, as before."""
+    from spectraldb.fits import fit_groups
+
+    def points(names, widths):
+        return [((name,), w, 0, {"hard": float(w)}) for name in names for w in widths]
+
+    notes = []
+    fit_groups(points(["s1", "s2", "s3", "s4", "s5"], (1, 2, 4)) + points(["x", "y"], (1, 2)), ("hard",),
+               ("step",), notes)
+    assert notes == ["5 groups: fit on only 3 widths (s1, s2, s3, …)",
+                     "x: 2 widths; a fit needs at least 3 (refused)", "y: 2 widths; a fit needs at least 3 (refused)"]
