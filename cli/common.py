@@ -6,7 +6,7 @@ import contextlib
 
 import typer
 
-from cli.output import FORMATS
+from cli.output import FORMATS, printable
 from contract.vocabulary import DEFAULT_STORE as DEFAULT_DB
 DbOpt = typer.Option(None, "--db", envvar="SPECDB_DB", help="Store file (default: specdb.duckdb, "
                      "or the spec's `store` for run/plan).")
@@ -68,8 +68,9 @@ def need_extra(command: str, extra: str) -> None:
 
 
 def fail(message: str, code: int) -> None:
-    """Diagnostics go to stderr as one line; data never does."""
-    typer.echo(message, err=True)
+    """Diagnostics go to stderr as one line; data never does (a newline or control character that
+    a predicate, a label or a path brought in is shown escaped)."""
+    typer.echo(printable(message), err=True)
     raise typer.Exit(code)
 
 

@@ -12,7 +12,7 @@ from typing import List, Optional
 import typer
 
 from cli.common import DbOpt, FormatOpt, capped_memory, check_format, reader, translated
-from cli.output import render
+from cli.output import printable, render
 from spectraldb.verbs import SELECTION, VERBS, Option, Verb
 
 query_app = typer.Typer(no_args_is_help=True, help="The study's questions, answered from the store.")
@@ -40,8 +40,8 @@ def _ask(verb: Verb, fmt: str, db, values: dict) -> None:
         with capped_memory(ReadLimits.from_env().process_bytes):
             answer = reader(db).ask(verb, values)
     render(answer.rows, fmt, list(verb.columns) if verb.columns else answer.columns)
-    for note in answer.all_notes():
-        typer.echo(note, err=True)
+    for note in answer.all_notes():  # a note can quote the predicate or a stored label
+        typer.echo(printable(note), err=True)
 
 
 def command(verb: Verb):

@@ -284,3 +284,13 @@ def test_specdb_sql_streams_rows_in_flat_memory(db, tmp_path):
     assert done.returncode == 0, done.stderr
     with open(out) as f:
         assert sum(1 for _ in f) == 5_000_001
+
+
+def test_a_predicate_quoted_back_stays_one_escaped_line(db, tmp_path):
+    """An empty answer's note and a figure's refusal quote the predicate: a newline or a control
+    character in one of its string literals is shown escaped, never as a second line or a bell."""
+    where = "optimizer = 'a\nb\x07'"
+    result = cli(db, "query", "beta", "--where", where)
+    assert result.exit_code == 0 and result.stderr.endswith("where optimizer = 'a\\x0ab\\x07')\n"), result.stderr
+    result = cli(db, "plot", "dynamics", "-o", str(tmp_path / "d.png"), "--where", where)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "'a\\x0ab\\x07'" in result.stderr
